@@ -1,0 +1,1 @@
+"""Data: sources (folders, file names, manifests), safe image decoding, transforms, loaders."""

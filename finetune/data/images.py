@@ -1,0 +1,103 @@
+"""Safe image discovery and decoding: odd modes converted, broken files reported, never fatal."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from finetune.errors import FinetuneError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "SkippedImage",
+    "is_image_file",
+    "list_images",
+    "load_rgb",
+    "check_images",
+]
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+
+
+@dataclass(frozen=True)
+class SkippedImage:
+    """A file that could not be used, and why."""
+
+    path: Path
+    reason: str
+
+
+def is_image_file(path: Path) -> bool:
+    """True for a visible file with an image extension (case-insensitive)."""
+    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def list_images(folder: Path, recursive: bool = False) -> list[Path]:
+    """Image files in `folder`, sorted; hidden files and folders are ignored."""
+    if not folder.is_dir():
+        raise FinetuneError(f"image folder not found: {folder}")
+    candidates: Iterable[Path] = folder.rglob("*") if recursive else folder.iterdir()
+    found = []
+    for path in candidates:
+        relative = path.relative_to(folder)
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        if is_image_file(path):
+            found.append(path)
+    return sorted(found)
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """Scale 16-bit / 32-bit / float single-channel images into 8-bit grayscale."""
+    array = np.asarray(image, dtype=np.float64)
+    lo, hi = float(array.min()), float(array.max())
+    if image.mode.startswith("I;16") or (image.mode == "I" and hi > 255):
+        scale = 65535.0 if hi > 255 else 255.0
+        array = array / scale * 255.0
+    elif image.mode == "F":
+        array = (array - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(array)
+    return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), mode="L")
+
+
+def load_rgb(path: Path) -> np.ndarray:
+    """Decode an image as an HxWx3 uint8 RGB array (EXIF-rotated; alpha over white).
+
+    Raises FinetuneError when the file is empty, truncated or not an image.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            image = ImageOps.exif_transpose(image) or image
+            if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+                image = _to_8bit(image)
+            if image.mode in ("P", "PA"):
+                image = image.convert("RGBA")
+            if image.mode in ("RGBA", "LA", "La", "RGBa"):
+                rgba = image.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                image = Image.alpha_composite(background, rgba)
+            rgb = image.convert("RGB")
+            return np.asarray(rgb, dtype=np.uint8).copy()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        reason = "empty file" if path.exists() and path.stat().st_size == 0 else str(err) or type(err).__name__
+        raise FinetuneError(f"cannot read image {path}: {reason}") from None
+
+
+def _check_one(path: Path) -> Optional[SkippedImage]:
+    try:
+        load_rgb(path)
+    except FinetuneError as err:
+        return SkippedImage(path, str(err).split(": ", 1)[-1])
+    return None
+
+
+def check_images(paths: list[Path], workers: int = 4) -> list[SkippedImage]:
+    """Decode every image once (threads: PIL releases the GIL) and return those that fail."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(_check_one, paths, chunksize=64)
+        return [r for r in results if r is not None]

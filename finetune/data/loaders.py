@@ -1,0 +1,91 @@
+"""Datasets and DataLoaders: the one place that decides sampling, batching and workers."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from finetune.data.images import load_rgb
+from finetune.data.sources import Sample
+
+__all__ = ["ImageDataset", "class_counts", "make_loader", "balanced_sampler", "unlabeled_samples"]
+
+
+class ImageDataset(Dataset):
+    """Decodes samples with `load_rgb` and applies an albumentations transform.
+
+    Items are (image tensor, label); unlabeled samples get label -1.
+    """
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        sample = self.samples[index]
+        image = load_rgb(sample.path)
+        tensor = self.transform(image=image)["image"]
+        return tensor, -1 if sample.label is None else sample.label
+
+
+def class_counts(samples: Sequence[Sample], num_classes: int) -> list[int]:
+    """Number of samples per class index."""
+    counts = Counter(s.label for s in samples)
+    return [counts.get(i, 0) for i in range(num_classes)]
+
+
+def balanced_sampler(samples: Sequence[Sample], num_classes: int, seed: int) -> WeightedRandomSampler:
+    """Draw each class equally often (inverse-frequency weights, with replacement)."""
+    counts = np.asarray(class_counts(samples, num_classes), dtype=np.float64)
+    weights = 1.0 / np.maximum(counts, 1.0)
+    sample_weights = torch.as_tensor([weights[s.label] for s in samples], dtype=torch.double)
+    generator = torch.Generator().manual_seed(seed)
+    return WeightedRandomSampler(sample_weights, num_samples=len(samples), replacement=True, generator=generator)
+
+
+def _seed_worker(worker_id: int) -> None:
+    # Albumentations draws from numpy/random: give every worker a distinct, reproducible stream.
+    import random
+
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    sampler: Optional[torch.utils.data.Sampler] = None,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A DataLoader with seeded shuffling and per-worker seeds."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=drop_last,
+        worker_init_fn=_seed_worker,
+        generator=generator,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def unlabeled_samples(paths: Sequence[Path]) -> list[Sample]:
+    """Samples without labels, for prediction."""
+    return [Sample(Path(p)) for p in paths]
+

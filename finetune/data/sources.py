@@ -1,0 +1,235 @@
+"""Dataset sources: class folders, labels in file names (HW03), CSV manifests → labelled samples."""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from finetune.data.images import SkippedImage, list_images
+from finetune.errors import FinetuneError
+from finetune.recipe import DataConfig
+
+__all__ = [
+    "Sample",
+    "LabelledSet",
+    "DatasetSplits",
+    "discover",
+    "drop_unreadable",
+    "read_labelled_folder",
+    "read_manifest",
+    "sort_class_names",
+]
+
+TRAIN_NAMES = ("train", "training")
+VAL_NAMES = ("val", "validation", "valid")
+TEST_NAMES = ("test", "testing")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image and its class index (None when unlabeled)."""
+
+    path: Path
+    label: Optional[int] = None
+
+
+@dataclass
+class LabelledSet:
+    """Images with class names before they are mapped to indices."""
+
+    items: list[tuple[Path, str]]
+    skipped: list[SkippedImage] = field(default_factory=list)
+
+
+@dataclass
+class DatasetSplits:
+    """What `discover` found: class names, train/val samples, the test folder, skipped files."""
+
+    classes: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    val_source: str  # "folder" or "split"
+    test_dir: Optional[Path]
+    skipped: list[SkippedImage]
+
+
+def sort_class_names(names: set[str]) -> list[str]:
+    """Numeric order when every name is an integer (HW03: 0..10), else alphabetical."""
+    if names and all(n.lstrip("-").isdigit() for n in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+def _find_child(root: Path, wanted: Optional[str], defaults: tuple[str, ...]) -> Optional[Path]:
+    if wanted is None:
+        return None
+    if wanted != "auto":
+        path = root / wanted
+        if not path.is_dir():
+            raise FinetuneError(f"folder {path} not found (set in the recipe's data section)")
+        return path
+    for name in defaults:
+        for candidate in (root / name, root / name.capitalize()):
+            if candidate.is_dir():
+                return candidate
+    return None
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _detect_layout(folder: Path) -> str:
+    if _class_dirs(folder):
+        return "folder"
+    if list_images(folder):
+        return "filename"
+    raise FinetuneError(
+        f"no images found in {folder}: expected class sub-folders (train/<class>/*.jpg) "
+        "or images named like 3_120.jpg"
+    )
+
+
+def read_labelled_folder(folder: Path, layout: str, label_regex: str) -> LabelledSet:
+    """Read (path, class name) pairs from a class-per-subfolder or label-in-filename folder."""
+    if layout == "auto":
+        layout = _detect_layout(folder)
+    if layout == "folder":
+        items: list[tuple[Path, str]] = []
+        class_dirs = _class_dirs(folder)
+        if not class_dirs:
+            raise FinetuneError(f"{folder} has no class sub-folders; expected {folder}/<class>/<image>")
+        for class_dir in class_dirs:
+            images = list_images(class_dir, recursive=True)
+            if not images:
+                raise FinetuneError(
+                    f"class '{class_dir.name}' has no images in {class_dir}; add images or remove the folder"
+                )
+            items.extend((path, class_dir.name) for path in images)
+        return LabelledSet(items)
+    try:
+        pattern = re.compile(label_regex)
+    except re.error as err:
+        raise FinetuneError(f"data.label_regex {label_regex!r} is not a valid regex: {err}") from None
+    if pattern.groups < 1:
+        raise FinetuneError(f"data.label_regex {label_regex!r} needs one group that captures the label")
+    items, skipped = [], []
+    for path in list_images(folder):
+        match = pattern.search(path.name)
+        if match:
+            items.append((path, match.group(1)))
+        else:
+            skipped.append(SkippedImage(path, f"file name does not match label_regex {label_regex!r}"))
+    if not items:
+        raise FinetuneError(
+            f"no file in {folder} matches data.label_regex {label_regex!r} (e.g. '3_120.jpg' → class 3)"
+        )
+    return LabelledSet(items, skipped)
+
+
+def _resolve_manifest_path(value: str, image_dir: Path, by_stem: dict[str, Path]) -> Optional[Path]:
+    candidate = image_dir / value
+    if candidate.is_file():
+        return candidate
+    return by_stem.get(value)
+
+
+def read_manifest(cfg: DataConfig, root: Path) -> LabelledSet:
+    """Read a CSV manifest: a path (or Kaggle id) column and a label column."""
+    manifest = Path(cfg.csv).expanduser()
+    if not manifest.is_absolute():
+        manifest = root / manifest
+    if not manifest.is_file():
+        raise FinetuneError(f"CSV manifest not found: {manifest}")
+    image_dir = Path(cfg.csv_image_dir).expanduser() if cfg.csv_image_dir else manifest.parent
+    if not image_dir.is_absolute():
+        image_dir = root / image_dir
+    with manifest.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = reader.fieldnames or []
+        if len(columns) < 2:
+            raise FinetuneError(f"{manifest} needs at least two columns (path or id, label); found {columns}")
+        id_col = cfg.csv_id_column or columns[0]
+        label_col = cfg.csv_label_column or columns[1]
+        for col in (id_col, label_col):
+            if col not in columns:
+                raise FinetuneError(f"column '{col}' not in {manifest}; columns are {', '.join(columns)}")
+        rows = list(reader)
+    by_stem = {p.stem: p for p in list_images(image_dir, recursive=True)} if image_dir.is_dir() else {}
+    items, skipped = [], []
+    for row in rows:
+        value, label = (row[id_col] or "").strip(), (row[label_col] or "").strip()
+        path = _resolve_manifest_path(value, image_dir, by_stem)
+        if path is None:
+            skipped.append(SkippedImage(image_dir / value, "listed in the manifest but no such image file"))
+        elif not label:
+            skipped.append(SkippedImage(path, "empty label in the manifest"))
+        else:
+            items.append((path, label))
+    if not items:
+        raise FinetuneError(f"no manifest row of {manifest} points to an image in {image_dir}")
+    return LabelledSet(items, skipped)
+
+
+def _to_samples(labelled: LabelledSet, classes: list[str]) -> list[Sample]:
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = sorted({name for _, name in labelled.items if name not in index})
+    if unknown:
+        raise FinetuneError(
+            f"validation classes {unknown} do not appear in the training data; classes are {classes}"
+        )
+    return [Sample(path, index[name]) for path, name in labelled.items]
+
+
+def _stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    from sklearn.model_selection import train_test_split
+
+    labels = [s.label for s in samples]
+    counts: dict[int, int] = {}
+    for label in labels:
+        counts[label] = counts.get(label, 0) + 1
+    if min(counts.values()) < 2:
+        raise FinetuneError(
+            "a class has a single image, too few to hold one out for validation; "
+            "add images, give a validation folder, or remove the class"
+        )
+    n_val = max(len(counts), round(len(samples) * fraction))
+    if len(samples) - n_val < len(counts):
+        raise FinetuneError(f"only {len(samples)} images for {len(counts)} classes: too few to split; add images")
+    train, val = train_test_split(samples, test_size=n_val, stratify=labels, random_state=seed)
+    return list(train), list(val)
+
+
+def discover(cfg: DataConfig, seed: int = 0) -> DatasetSplits:
+    """Find the training/validation/test images that `cfg` describes."""
+    if not cfg.root:
+        raise FinetuneError("no dataset folder: pass --data DIR or set data.root in the recipe")
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise FinetuneError(f"dataset folder not found: {root}")
+    test_dir = _find_child(root, cfg.test, TEST_NAMES)
+    if cfg.layout == "csv":
+        train_set, val_set = read_manifest(cfg, root), None
+    else:
+        train_dir = _find_child(root, cfg.train, TRAIN_NAMES) or root
+        val_dir = _find_child(root, cfg.val, VAL_NAMES)
+        train_set = read_labelled_folder(train_dir, cfg.layout, cfg.label_regex)
+        val_set = read_labelled_folder(val_dir, cfg.layout, cfg.label_regex) if val_dir else None
+    classes = sort_class_names({name for _, name in train_set.items})
+    if len(classes) < 2:
+        raise FinetuneError(f"found only one class ({classes[0]}) in {root}; a classifier needs at least two")
+    skipped = list(train_set.skipped) + (list(val_set.skipped) if val_set else [])
+    train = _to_samples(train_set, classes)
+    if val_set is not None:
+        return DatasetSplits(classes, train, _to_samples(val_set, classes), "folder", test_dir, skipped)
+    train, val = _stratified_split(train, cfg.val_fraction, seed)
+    return DatasetSplits(classes, train, val, "split", test_dir, skipped)
+
+
+def drop_unreadable(samples: list[Sample], bad: set[Path]) -> list[Sample]:
+    """Samples whose file decoded fine."""
+    return [s for s in samples if s.path not in bad]
+

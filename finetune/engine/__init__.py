@@ -1,0 +1,1 @@
+"""Engine: the fit loop, optimiser and schedule, self-contained checkpoints."""

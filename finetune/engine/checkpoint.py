@@ -1,0 +1,59 @@
+"""Self-contained checkpoints: weights, classes, preprocessing, recipe and versions; atomic writes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+from finetune.errors import FinetuneError
+
+__all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "read_checkpoint", "library_versions"]
+
+CHECKPOINT_FORMAT = "finetune-checkpoint-v1"
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries a checkpoint was made with."""
+    import timm
+    import torchvision
+
+    from finetune import __version__
+
+    # str(): torch.__version__ is a TorchVersion, which weights_only loading refuses.
+    return {"finetune": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+            "timm": str(timm.__version__)}
+
+
+def save_checkpoint(path: Union[str, Path], payload: dict[str, Any]) -> None:
+    """Write `payload` to `path` atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    payload = {"format": CHECKPOINT_FORMAT, "versions": library_versions(), **payload}
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
+    """Load a finetune checkpoint safely (weights_only) and check it is one."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FinetuneError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt, truncated or foreign pickles raise many types
+        raise FinetuneError(f"{path} is not a readable checkpoint: {str(err).splitlines()[0]}") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise FinetuneError(
+            f"{path} is not a finetune checkpoint (use best.pt or last.pt from a run folder; "
+            "plain weights go in the recipe's model.weights)"
+        )
+    return payload

@@ -1,0 +1,22 @@
+"""Models: backbones by name, local weights, the MLP head and stage-wise freezing."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from finetune.data.transforms import Preprocessing
+from finetune.models.backbones import Backbone, create_backbone
+from finetune.models.freezing import Classifier, apply_freeze, format_summary, resolve_trainable, stage_summary
+from finetune.models.heads import create_head
+from finetune.recipe import ModelConfig
+
+__all__ = ["build_model", "Classifier", "Backbone", "format_summary", "stage_summary", "apply_freeze", "resolve_trainable"]
+
+
+def build_model(cfg: ModelConfig, num_classes: int, image_size: Optional[int] = None) -> tuple[Classifier, Preprocessing]:
+    """Backbone + MLP head for `num_classes`, frozen as `cfg.trainable` says."""
+    backbone = create_backbone(cfg, image_size)
+    head = create_head(backbone.num_features, num_classes, cfg.head.hidden, cfg.head.dropout, cfg.head.batchnorm)
+    model = Classifier(backbone.body, head, backbone.stages)
+    apply_freeze(model, resolve_trainable(model, cfg.trainable), cfg.bn)
+    return model, backbone.preprocessing

@@ -1,0 +1,273 @@
+"""Recipe: the typed, validated description of one fine-tuning run, read from YAML.
+
+Each section is a dataclass; unknown keys and wrong types are rejected with the key's dotted
+name, and ``--set data.batch_size=16`` style overrides are applied before validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from finetune.errors import FinetuneError
+
+__all__ = [
+    "DataConfig",
+    "HeadConfig",
+    "ModelConfig",
+    "AugmentConfig",
+    "TrainConfig",
+    "Recipe",
+    "load_recipe",
+    "apply_overrides",
+]
+
+LAYOUTS = ("auto", "folder", "filename", "csv")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "constant")
+BN_POLICIES = ("frozen", "train")
+POOLS = ("avg", "max", "avgmax", "catavgmax")
+BALANCE = ("none", "sampler", "loss")
+
+
+def _choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise FinetuneError(f"recipe key '{key}' is {value!r}; valid choices: {', '.join(map(str, choices))}")
+
+
+@dataclass
+class DataConfig:
+    """Where the images are and how labels are read from them."""
+
+    root: Optional[str] = None  # dataset folder; `--data DIR` overrides it
+    layout: str = "auto"  # auto | folder (train/<class>/) | filename (3_120.jpg) | csv (manifest)
+    train: str = "auto"  # sub-folder holding training images ("auto": train/ or training/, else root)
+    val: Optional[str] = "auto"  # sub-folder with validation images; "auto" finds val/validation/valid
+    test: Optional[str] = "auto"  # unlabeled test folder, used by `predict` when --images is not given
+    label_regex: str = r"^(\d+)_"  # filename layout: first group of this regex is the label
+    csv: Optional[str] = None  # csv layout: manifest file with columns path|id and label
+    csv_image_dir: Optional[str] = None  # csv layout: folder the ids/paths are relative to
+    csv_id_column: Optional[str] = None  # csv layout: column holding the path or id (default: first)
+    csv_label_column: Optional[str] = None  # csv layout: column holding the label (default: second)
+    val_fraction: float = 0.2  # stratified hold-out when no validation folder exists
+    image_size: Optional[int] = None  # training/eval size; None = the backbone's pretrained size
+    batch_size: int = 32
+    num_workers: int = 2
+    balance: str = "none"  # none | sampler (weighted sampling) | loss (class-weighted loss)
+
+    def validate(self) -> None:
+        _choice("data.layout", self.layout, LAYOUTS)
+        _choice("data.balance", self.balance, BALANCE)
+        if not 0.0 < self.val_fraction < 1.0:
+            raise FinetuneError("recipe key 'data.val_fraction' must be between 0 and 1 (e.g. 0.2)")
+        if self.batch_size < 1:
+            raise FinetuneError("recipe key 'data.batch_size' must be at least 1")
+        if self.num_workers < 0:
+            raise FinetuneError("recipe key 'data.num_workers' must be 0 or more")
+        if self.image_size is not None and self.image_size < 8:
+            raise FinetuneError("recipe key 'data.image_size' must be at least 8 pixels")
+        if self.layout == "csv" and not self.csv:
+            raise FinetuneError("data.layout is 'csv' but 'data.csv' (the manifest file) is not set")
+
+
+@dataclass
+class HeadConfig:
+    """The MLP that replaces the backbone's classifier."""
+
+    hidden: list[int] = field(default_factory=list)  # e.g. [1024, 512]; [] = a single Linear layer
+    dropout: float = 0.2  # dropout before each Linear layer of the MLP
+    batchnorm: bool = True  # BatchNorm1d after each hidden Linear layer
+    pool: str = "avg"  # global pooling of the feature map: avg | max | avgmax | catavgmax
+
+    def validate(self) -> None:
+        _choice("model.head.pool", self.pool, POOLS)
+        if not 0.0 <= self.dropout < 1.0:
+            raise FinetuneError("recipe key 'model.head.dropout' must be in [0, 1)")
+        if any(h < 1 for h in self.hidden):
+            raise FinetuneError("recipe key 'model.head.hidden' must list positive layer widths")
+
+
+@dataclass
+class ModelConfig:
+    """Which backbone, which weights, and what is trained."""
+
+    backbone: str = "resnet18"  # timm name, `tv/<name>` for torchvision, or a classic (lenet, nin, hw03net)
+    pretrained: bool = False  # download pretrained weights from the hub (needs network)
+    weights: Optional[str] = None  # local weights file: a state dict or a finetune checkpoint
+    trainable: Optional[list[str]] = None  # stages/modules left trainable; None = everything
+    bn: str = "frozen"  # BatchNorm in frozen stages: frozen (eval, stats fixed) | train
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+    def validate(self) -> None:
+        _choice("model.bn", self.bn, BN_POLICIES)
+        if self.pretrained and self.weights:
+            raise FinetuneError("set either 'model.pretrained: true' or 'model.weights: PATH', not both")
+        self.head.validate()
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation (albumentations)."""
+
+    preset: str = "light"  # none | light | medium | heavy | hw03
+    ops: Optional[list[dict]] = None  # explicit albumentations list, e.g. [{name: HorizontalFlip, p: 0.5}]
+
+    def validate(self) -> None:
+        from finetune.data.transforms import PRESETS  # local import: transforms pull in albumentations
+
+        _choice("augment.preset", self.preset, tuple(PRESETS))
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and the loop."""
+
+    epochs: int = 10
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    momentum: float = 0.9  # sgd only
+    schedule: str = "cosine"  # cosine | constant (after warmup)
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    grad_clip: Optional[float] = None  # max gradient norm; None = no clipping
+    amp: bool = True  # mixed precision when running on CUDA
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    channels_last: bool = True  # faster convolutions on CPU and GPU
+
+    def validate(self) -> None:
+        _choice("train.optimizer", self.optimizer, OPTIMIZERS)
+        _choice("train.schedule", self.schedule, SCHEDULES)
+        if self.epochs < 1:
+            raise FinetuneError("recipe key 'train.epochs' must be at least 1")
+        if self.lr <= 0:
+            raise FinetuneError("recipe key 'train.lr' must be positive")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise FinetuneError("recipe key 'train.label_smoothing' must be in [0, 1)")
+        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
+            raise FinetuneError("recipe key 'train.warmup_epochs' must be >= 0 and below train.epochs")
+
+
+@dataclass
+class Recipe:
+    """A whole run: data, model, augmentation and training settings."""
+
+    name: str = "run"  # the run folder is <output>/<name> (suffixed -2, -3... if it exists)
+    output: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "Recipe":
+        """Reject settings that are out of range or conflict; returns self."""
+        if not self.name or "/" in self.name or "\\" in self.name:
+            raise FinetuneError("recipe key 'name' must be a non-empty name without slashes")
+        self.data.validate()
+        self.model.validate()
+        self.augment.validate()
+        self.train.validate()
+        return self
+
+    def to_dict(self) -> dict:
+        """A plain dict, ready for YAML."""
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: Union[str, Path]) -> None:
+        """Write the resolved recipe as YAML."""
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Recipe":
+        """Build and validate a recipe from a nested dict (as read from YAML)."""
+        return _build(cls, raw, prefix="").validate()
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against annotation `tp`, allowing int→float; raise naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except FinetuneError as err:
+                errors.append(err)
+        raise errors[0]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise FinetuneError(f"recipe key '{key}' must be a mapping of settings, got {value!r}")
+        return _build(tp, value, prefix=key + ".")
+    if origin is list:
+        if not isinstance(value, list):
+            raise FinetuneError(f"recipe key '{key}' must be a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is dict and isinstance(value, dict):
+        return value
+    if tp in (int, float, str, bool) and type(value) is tp:
+        return value
+    raise FinetuneError(f"recipe key '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls: type, raw: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in raw if k not in names]
+    if unknown:
+        raise FinetuneError(
+            f"unknown recipe key '{prefix}{unknown[0]}'; valid keys here: {', '.join(prefix + n for n in names)}"
+        )
+    kwargs = {k: _coerce(prefix + k, v, hints[k]) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise FinetuneError(f"override {item!r} must look like key=value, e.g. train.epochs=5")
+        key, text = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise FinetuneError(f"override {item!r}: '{part}' is not a section")
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    return raw
+
+
+def load_recipe(path: Optional[Union[str, Path]] = None, overrides: Optional[list[str]] = None) -> Recipe:
+    """Read a recipe YAML (or start from defaults), apply overrides and validate."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise FinetuneError(f"recipe file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise FinetuneError(f"recipe {path} is not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise FinetuneError(f"recipe {path} must be a mapping of sections (data:, model:, train:)")
+    apply_overrides(raw, list(overrides or []))
+    return Recipe.from_dict(raw)

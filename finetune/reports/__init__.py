@@ -1,0 +1,1 @@
+"""Reports: figures (confusion matrices, training curves)."""
