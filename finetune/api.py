@@ -21,6 +21,7 @@ from finetune.errors import FinetuneError
 from finetune.evaluate import format_report, write_evaluation
 from finetune.inference import LoadedModel, load_model, predict_probs, resolve_device
 from finetune.models import build_model, format_summary, stage_summary
+from finetune.models.backbones import check_backbone_name
 from finetune.predict import write_submission
 from finetune.recipe import Recipe, apply_overrides, load_recipe
 from finetune.reports.plots import plot_curves
@@ -109,6 +110,7 @@ def train(
     recipe = _as_recipe(recipe, overrides)
     if data is not None:
         recipe.data.root = str(Path(data).expanduser().resolve())
+    check_backbone_name(recipe.model.backbone)  # fail before scanning thousands of images
     seed_everything(recipe.train.seed)
     splits = discover(recipe.data, recipe.train.seed)
     classes = splits.classes
