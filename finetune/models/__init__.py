@@ -1,4 +1,4 @@
-"""Models: backbones by name, local weights, the MLP head and stage-wise freezing."""
+"""Models: backbones by name, local weights, the MLP head, stage-wise freezing and unfreezing."""
 
 from __future__ import annotations
 
@@ -8,15 +8,29 @@ from finetune.data.transforms import Preprocessing
 from finetune.models.backbones import Backbone, create_backbone
 from finetune.models.freezing import Classifier, apply_freeze, format_summary, resolve_trainable, stage_summary
 from finetune.models.heads import create_head
+from finetune.models.unfreezing import UnfreezePlan, plan_unfreezing, stage_lr_multipliers
 from finetune.recipe import ModelConfig
 
-__all__ = ["build_model", "Classifier", "Backbone", "format_summary", "stage_summary", "apply_freeze", "resolve_trainable"]
+__all__ = [
+    "build_model",
+    "Classifier",
+    "Backbone",
+    "format_summary",
+    "stage_summary",
+    "apply_freeze",
+    "resolve_trainable",
+    "UnfreezePlan",
+    "plan_unfreezing",
+    "stage_lr_multipliers",
+]
 
 
-def build_model(cfg: ModelConfig, num_classes: int, image_size: Optional[int] = None) -> tuple[Classifier, Preprocessing]:
-    """Backbone + MLP head for `num_classes`, frozen as `cfg.trainable` says."""
+def build_model(
+    cfg: ModelConfig, num_classes: int, image_size: Optional[int] = None
+) -> tuple[Classifier, Preprocessing]:
+    """Backbone + MLP head for `num_classes`, frozen as `cfg.trainable` / `trainable_last` / `freeze_to` say."""
     backbone = create_backbone(cfg, image_size)
     head = create_head(backbone.num_features, num_classes, cfg.head.hidden, cfg.head.dropout, cfg.head.batchnorm)
     model = Classifier(backbone.body, head, backbone.stages)
-    apply_freeze(model, resolve_trainable(model, cfg.trainable), cfg.bn)
+    apply_freeze(model, resolve_trainable(model, cfg.trainable, cfg.trainable_last, cfg.freeze_to), cfg.bn)
     return model, backbone.preprocessing

@@ -1,8 +1,10 @@
 """Backbones by name: any timm model, torchvision models (`tv/<name>`) and the project's classics.
 
 A backbone is turned into a *body* that maps images to a pooled feature vector; the original
-classifier is dropped (the MLP head replaces it). Each body comes with named stages for freezing
-and with the preprocessing its weights expect.
+classifier is dropped (the MLP head replaces it): timm models through `reset_classifier(0,
+global_pool=model.head.pool)`, torchvision models and classics as torchvision_backbones.py says.
+Each body comes with named stages for freezing (timm's `group_matcher` for timm models) and with
+the preprocessing its weights expect.
 """
 
 from __future__ import annotations
@@ -18,10 +20,16 @@ from torch import nn
 from finetune.data.transforms import Preprocessing
 from finetune.errors import FinetuneError
 from finetune.models import torchvision_backbones
-from finetune.models.weights import host_reachable, load_matching, read_state_dict, remap_by_position, resolve_weights_path
+from finetune.models.weights import (
+    host_reachable,
+    load_matching,
+    read_state_dict,
+    remap_by_position,
+    resolve_weights_path,
+)
 from finetune.recipe import ModelConfig
 
-__all__ = ["Backbone", "create_backbone", "feature_dim"]
+__all__ = ["Backbone", "check_backbone_name", "create_backbone", "feature_dim", "imagenet_classifier"]
 
 TORCHVISION_PREFIXES = ("tv/", "torchvision/")
 
@@ -41,14 +49,25 @@ def feature_dim(body: nn.Module, size: int, in_chans: int = 3) -> int:
     """Length of the feature vector `body` produces, found by one dry forward pass."""
     was_training = body.training
     body.eval()
-    with torch.no_grad():
-        out = body(torch.zeros(2, in_chans, size, size))
-    body.train(was_training)
+    try:
+        with torch.no_grad():
+            out = body(torch.zeros(2, in_chans, size, size))
+    except RuntimeError as err:  # convolutions and pools refuse inputs smaller than their kernels
+        raise FinetuneError(
+            f"images of {size}px are too small for this backbone ({str(err).splitlines()[0]}); "
+            "set a larger data.image_size"
+        ) from None
+    finally:
+        body.train(was_training)
     return int(out.flatten(1).shape[1])
 
 
 def _timm_stages(model: nn.Module) -> dict[str, list[str]]:
-    """Stage name → parameter names, from timm's coarse `group_matcher`."""
+    """Stage name → parameter names, from timm's coarse `group_matcher`.
+
+    Parameters the matcher leaves out (e.g. ConvNeXt's `head.norm`, DenseNet's `norm5`) sit after
+    the last block, so they join the last stage, as timm's own layer-decay grouping does.
+    """
     names = [n for n, _ in model.named_parameters()]
     if not hasattr(model, "group_matcher"):
         return _top_level_stages(model)
@@ -69,17 +88,16 @@ def _timm_stages(model: nn.Module) -> dict[str, list[str]]:
         if isinstance(matcher.get("stem"), str) and re.match(matcher["stem"], first):
             label = "stem"
         else:
-            label = next(
-                (m.group(0).rstrip(".") for m in (re.match(p, first) for p in patterns[1:]) if m),
-                first.rsplit(".", 1)[0],
-            )
+            label = next((m.group(0).rstrip(".") for m in (re.match(p, first) for p in patterns[1:]) if m), None)
+            if label is None:
+                label = next(reversed(stages)) if stages else first.rsplit(".", 1)[0]
         stages.setdefault(label, []).extend(params)
     return stages
 
 
 def _top_level_stages(model: nn.Module) -> dict[str, list[str]]:
     stages: dict[str, list[str]] = {}
-    for name, param in model.named_parameters():
+    for name, _ in model.named_parameters():
         stages.setdefault(name.split(".")[0], []).append(name)
     return stages
 
@@ -121,14 +139,27 @@ def _timm_preprocessing(model: nn.Module, image_size: Optional[int]) -> Preproce
     )
 
 
-def _create_timm(cfg: ModelConfig, image_size: Optional[int]) -> Backbone:
+def check_backbone_name(name: str) -> str:
+    """Where a backbone name comes from (timm | torchvision | classic); unknown names raise."""
+    if name in torchvision_backbones.CLASSICS:
+        return "classic"
+    if name.startswith(TORCHVISION_PREFIXES):
+        return "torchvision"
+    bare = name.removeprefix("timm/")
+    if timm.is_model(bare):
+        return "timm"
+    if not name.startswith("timm/") and name in torchvision_backbones.names():
+        return "torchvision"
+    raise FinetuneError(
+        f"unknown backbone '{name}': not a timm model, a torchvision model (tv/<name>) or a "
+        f"classic ({', '.join(torchvision_backbones.CLASSICS)}). Close timm names: "
+        f"{', '.join(timm.list_models(f'*{bare[:5]}*')[:8]) or 'none'}"
+    )
+
+
+def _timm_model(cfg: ModelConfig, image_size: Optional[int], keep_classifier: bool = False) -> nn.Module:
+    """The timm model with its weights loaded; the classifier's weights too when `keep_classifier`."""
     name = cfg.backbone.removeprefix("timm/")
-    if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
-        raise FinetuneError(
-            f"unknown backbone '{cfg.backbone}': not a timm model, a torchvision model (tv/<name>) or a "
-            f"classic ({', '.join(torchvision_backbones.CLASSICS)}). Close timm names: "
-            f"{', '.join(timm.list_models(f'*{name[:5]}*')[:8]) or 'none'}"
-        )
     kwargs: dict = {}
     if cfg.pretrained:
         kwargs.update(_timm_pretrained_overlay(name))
@@ -150,26 +181,36 @@ def _create_timm(cfg: ModelConfig, image_size: Optional[int]) -> Backbone:
             if fits != name:
                 raise FinetuneError(f"weights '{cfg.weights}' fit backbone '{fits}', not '{name}'")
             state = remap_by_position(state, model)
-        load_matching(model, state, skip_prefixes=tuple(p + "." for p in prefixes))
+        skip = () if keep_classifier else tuple(p + "." for p in prefixes)
+        load_matching(model, state, skip_prefixes=skip)
+    return model
+
+
+def imagenet_classifier(cfg: ModelConfig, image_size: Optional[int] = None) -> tuple[nn.Module, Preprocessing]:
+    """The timm model named in `cfg` with its weights and its original (e.g. ImageNet) classifier kept."""
+    model = _timm_model(cfg, image_size, keep_classifier=True)
+    return model.eval(), _timm_preprocessing(model, image_size)
+
+
+def _create_timm(cfg: ModelConfig, image_size: Optional[int]) -> Backbone:
+    name = cfg.backbone.removeprefix("timm/")
+    model = _timm_model(cfg, image_size)
     preprocessing = _timm_preprocessing(model, image_size)
     try:
         model.reset_classifier(0, global_pool=cfg.head.pool)
-    except (AssertionError, ValueError, TypeError, KeyError):
-        raise FinetuneError(f"backbone '{name}' does not support head.pool '{cfg.head.pool}'; try avg") from None
+    except (AssertionError, ValueError, TypeError, KeyError) as err:
+        raise FinetuneError(
+            f"backbone '{name}' does not support model.head.pool '{cfg.head.pool}' ({err}); avg works for every "
+            "backbone, max and avgmax for most"
+        ) from None
     stages = _timm_stages(model)
     return Backbone(model, feature_dim(model, preprocessing.size), stages, preprocessing, "timm")
 
 
 def create_backbone(cfg: ModelConfig, image_size: Optional[int] = None) -> Backbone:
     """Build the backbone named in `cfg` with its weights, classifier removed."""
-    name = cfg.backbone
-    if name in torchvision_backbones.CLASSICS:
-        source = "classic"
-    elif name.startswith(TORCHVISION_PREFIXES):
-        source = "torchvision"
-    elif not name.startswith("timm/") and name not in timm.list_models() and name in torchvision_backbones.names():
-        source = "torchvision"
-    else:
+    source = check_backbone_name(cfg.backbone)
+    if source == "timm":
         return _create_timm(cfg, image_size)
     body, stages, preprocessing = torchvision_backbones.create(cfg, image_size)
     return Backbone(body, feature_dim(body, preprocessing.size), stages, preprocessing, source)

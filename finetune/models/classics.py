@@ -1,20 +1,25 @@
 """Classic from-scratch networks from the course material, written as feature extractors.
 
 Each returns a feature vector; the project's MLP head is the classifier. Layer names are the
-stage names a recipe's `trainable` list uses.
+stage names a recipe's `trainable` list uses. NiN and HW03Net end in a global pool that
+`model.head.pool` chooses; LeNet ends in fully connected layers, so no pool applies to it.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 
+from timm.layers import SelectAdaptivePool2d
 from torch import nn
 
 __all__ = ["LeNet", "NiN", "HW03Net", "CLASSIC_BUILDERS", "CLASSIC_STAGES"]
 
 
 class LeNet(nn.Sequential):
-    """LeNet-5 as in the source (sigmoid, average pooling); 84 features from a 1-channel image."""
+    """LeNet-5 as in the source (sigmoid, average pooling); 84 features from a 1-channel image.
+
+    The source's last Linear(84, 10) is the classifier; the MLP head replaces it.
+    """
 
     in_chans = 1
 
@@ -56,13 +61,14 @@ class NiN(nn.Sequential):
 
     in_chans = 3
 
-    def __init__(self) -> None:
+    def __init__(self, pool: str = "avg") -> None:
         super().__init__(
             OrderedDict(
                 block1=nn.Sequential(_nin_block(3, 96, 11, 4, 0), nn.MaxPool2d(3, stride=2)),
                 block2=nn.Sequential(_nin_block(96, 256, 5, 1, 2), nn.MaxPool2d(3, stride=2)),
+                # ceil_mode (the source floors) lets the net run from 51 px instead of 67 px.
                 block3=nn.Sequential(_nin_block(256, 384, 3, 1, 1), nn.MaxPool2d(3, stride=2, ceil_mode=True)),
-                pool=nn.Sequential(nn.Dropout(0.5), nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+                pool=nn.Sequential(nn.Dropout(0.5), SelectAdaptivePool2d(pool_type=pool, flatten=True)),
             )
         )
 
@@ -97,7 +103,7 @@ class HW03Net(nn.Sequential):
 
     in_chans = 3
 
-    def __init__(self) -> None:
+    def __init__(self, pool: str = "avg") -> None:
         super().__init__(
             OrderedDict(
                 stem=nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True)),
@@ -105,7 +111,7 @@ class HW03Net(nn.Sequential):
                 layer2=ResidualBlock(64, 128, 2),
                 layer3=ResidualBlock(128, 256, 2),
                 layer4=ResidualBlock(256, 512, 2),
-                pool=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+                pool=SelectAdaptivePool2d(pool_type=pool, flatten=True),
             )
         )
 

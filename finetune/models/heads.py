@@ -7,7 +7,9 @@ from torch import nn
 __all__ = ["create_head"]
 
 
-def create_head(in_features: int, num_classes: int, hidden: list[int], dropout: float, batchnorm: bool) -> nn.Sequential:
+def create_head(
+    in_features: int, num_classes: int, hidden: list[int], dropout: float, batchnorm: bool
+) -> nn.Sequential:
     """MLP head: for each hidden width Linear → BN → ReLU → Dropout, then Linear to the classes.
 
     Args:

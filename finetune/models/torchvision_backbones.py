@@ -1,9 +1,16 @@
 """torchvision models and the project's classics as backbones, with hand-mapped stages.
 
 Each family is cut where its classifier begins (fastai-style): the convolutional body keeps the
-original module names (so `layer4` and torchvision state-dict keys work), then a global pool.
-Auxiliary heads (GoogLeNet `aux1/aux2`, Inception-v3 `AuxLogits`) are dropped: they only serve
-the original from-scratch training loss and are not used at inference.
+original module names (so `layer4` and torchvision state-dict keys work), then the global pool
+that `model.head.pool` names, and the project's MLP head takes the classifier's place:
+
+- ResNet/ResNeXt/Wide-ResNet: `fc` is replaced.
+- AlexNet/VGG: the whole `classifier` Sequential (fc6, fc7 and the 1000-way layer) is replaced,
+  so the head sees the pooled 256/512 conv features instead of 4096-wide fc7 activations.
+- SqueezeNet: the classifier (Dropout → 1x1 conv → ReLU → average pool) is replaced.
+- GoogLeNet/Inception-v3: `fc` is replaced; the auxiliary heads (`aux1/aux2`, `AuxLogits`) are
+  dropped, as they only serve the original from-scratch training loss and are unused at inference.
+- EfficientNet/MobileNet: `classifier` is replaced.
 """
 
 from __future__ import annotations
@@ -198,7 +205,12 @@ def _create_torchvision(cfg: ModelConfig, image_size: Optional[int]):
 def _create_classic(cfg: ModelConfig, image_size: Optional[int]):
     if cfg.pretrained:
         raise FinetuneError(f"'{cfg.backbone}' is trained from scratch: it has no pretrained weights")
-    net = CLASSIC_BUILDERS[cfg.backbone]()
+    if cfg.backbone == "lenet":
+        if cfg.head.pool != "avg":
+            raise FinetuneError("lenet ends in fully connected layers, so model.head.pool does not apply; leave it avg")
+        net = CLASSIC_BUILDERS["lenet"]()
+    else:
+        net = CLASSIC_BUILDERS[cfg.backbone](pool=cfg.head.pool)
     if cfg.weights:
         load_matching(net, read_state_dict(resolve_weights_path(cfg.weights)[0]))
     stages = {name: [name] for name in CLASSIC_STAGES[cfg.backbone]}

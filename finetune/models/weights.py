@@ -90,7 +90,7 @@ def remap_by_position(state: dict[str, torch.Tensor], model: nn.Module) -> dict[
     if len(state) != len(target):
         raise FinetuneError(f"weights have {len(state)} tensors but the model has {len(target)}; they do not fit")
     renamed = {}
-    for (src_key, tensor), (dst_key, expected) in zip(state.items(), target.items()):
+    for (src_key, tensor), (dst_key, expected) in zip(state.items(), target.items(), strict=True):
         if tuple(tensor.shape) != tuple(expected.shape):
             raise FinetuneError(
                 f"weights tensor {src_key} {tuple(tensor.shape)} does not fit {dst_key} {tuple(expected.shape)}"

@@ -1,0 +1,91 @@
+"""Every recipe in recipes/ loads against the code and takes a training step, so none can rot.
+
+Weights are switched off (random init, no download) and images are tiny; each recipe still
+goes through its own data layout, augmentation, backbone, freezing, unfreezing schedule and
+learning-rate groups.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_folder_dataset, write_hw03_dataset
+from torch import nn
+
+from finetune.data.loaders import ImageDataset, make_loader
+from finetune.data.sources import discover
+from finetune.data.transforms import build_train_transform
+from finetune.engine.optim import create_optimizer, create_scheduler
+from finetune.models import build_model, plan_unfreezing
+from finetune.recipe import load_recipe
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+CHEAP = ["data.image_size=32", "data.batch_size=4", "data.num_workers=0", "model.pretrained=false",
+         "model.weights=null"]
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("recipe_data")
+    return {
+        "filename": write_hw03_dataset(root / "hw03", per_class=4, val_per_class=2, test=2),
+        "folder": write_folder_dataset(root / "folders", per_class=4, val_per_class=2, test=2),
+    }
+
+
+def test_there_are_recipes_for_the_classic_networks() -> None:
+    backbones = {load_recipe(path).model.backbone for path in RECIPES}
+    wanted = {"tv/resnet101", "tv/resnet50", "tv/vgg16_bn", "tv/densenet121", "squeezenet1_1",
+              "tf_efficientnet_lite0", "convnext_tiny", "hw03net"}
+    assert wanted <= backbones
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_recipe_header_says_how_to_run_it(path: Path) -> None:
+    text = path.read_text()
+    header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
+    assert text.startswith("#"), "a recipe starts with a comment header (big_vision style)"
+    assert f"recipes/{path.name}" in header, "the header gives the exact command"
+    assert re.search(r"hardware", header, re.IGNORECASE), "the header names the hardware and the result"
+    assert load_recipe(path).name == path.stem, "the run folder is named after the recipe file"
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_recipe_takes_a_training_step(path: Path, datasets: dict[str, Path]) -> None:
+    torch.manual_seed(0)
+    recipe = load_recipe(path, CHEAP)
+    recipe.data.root = str(datasets["filename" if recipe.data.layout == "filename" else "folder"])
+    splits = discover(recipe.data, recipe.train.seed)
+    model, preprocessing = build_model(recipe.model, len(splits.classes), recipe.data.image_size)
+    aug = recipe.augment
+    transform = build_train_transform(preprocessing, aug.preset, aug.ops, aug.policy, seed=recipe.train.seed)
+    loader = make_loader(ImageDataset(splits.train, transform), recipe.data.batch_size, 0, shuffle=True)
+    images, labels = next(iter(loader))
+
+    plan = plan_unfreezing(model, recipe.train)
+    optimizer = create_optimizer(model, recipe.train, plan.ever_trainable)
+    scheduler = create_scheduler(optimizer, recipe.train, steps_per_epoch=1)
+    named = dict(model.named_parameters())
+    for epoch in sorted(plan.steps):  # epoch 1, then every epoch where the schedule unfreezes more
+        plan.apply(model, epoch)
+        trainable = plan.trainable_at(epoch)
+        before = {n: p.detach().clone() for n, p in named.items()}
+        model.train()
+        logits = model(images)
+        loss = nn.functional.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+
+        assert logits.shape == (len(labels), len(splits.classes))
+        assert math.isfinite(loss.item())
+        changed = {n for n, p in named.items() if not torch.equal(before[n], p.detach())}
+        assert changed <= trainable, f"frozen parameters changed: {sorted(changed - trainable)[:3]}"
+        assert {n for n in named if n.startswith("head.")} <= changed
+        newly = trainable - plan.trainable_at(epoch - 1) if epoch > 1 else set()
+        assert not newly or newly & changed, f"epoch {epoch}: the unfrozen stages did not train"
