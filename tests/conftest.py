@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 # Three easy classes: the dominant colour channel decides the class.
@@ -67,6 +68,15 @@ TINY_OVERRIDES = [
     "train.lr=0.01",
     "augment.preset=light",
 ]
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Train on one intra-op thread: on 2 busy cores a second thread mostly waits (~10x slower steps)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture

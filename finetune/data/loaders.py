@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from finetune.data.images import load_rgb
 from finetune.data.sources import Sample
+from finetune.data.transforms import seed_transform
 
 __all__ = ["ImageDataset", "class_counts", "make_loader", "balanced_sampler", "unlabeled_samples"]
 
@@ -52,12 +53,16 @@ def balanced_sampler(samples: Sequence[Sample], num_classes: int, seed: int) -> 
 
 
 def _seed_worker(worker_id: int) -> None:
-    # Albumentations draws from numpy/random: give every worker a distinct, reproducible stream.
+    # Every worker gets a distinct, reproducible stream (torch seeds it from the loader's generator):
+    # albumentations 2 pipelines keep their own random state, which a fork would otherwise copy into
+    # every worker, so each would repeat the same augmentations; numpy/random for custom transforms.
     import random
 
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+    info = torch.utils.data.get_worker_info()
+    seed_transform(getattr(info.dataset, "transform", None), seed)
 
 
 def make_loader(

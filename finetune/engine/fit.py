@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -14,17 +15,24 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from finetune.data.mixing import BatchMixer, dominant_label
 from finetune.engine.checkpoint import save_checkpoint
+from finetune.engine.ema import WeightEma
 from finetune.engine.optim import create_optimizer, create_scheduler
+from finetune.engine.resume import capture_rng_state, check_resumable, restore_rng_state
+from finetune.errors import FinetuneError
+from finetune.models.unfreezing import plan_unfreezing
 from finetune.recipe import TrainConfig
 
-__all__ = ["EpochStats", "FitState", "train_one_epoch", "validate", "fit", "HISTORY_COLUMNS"]
+__all__ = ["EpochStats", "FitState", "Monitor", "train_one_epoch", "validate", "fit", "HISTORY_COLUMNS"]
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
 
 
 @dataclass
 class EpochStats:
+    """Mean loss and accuracy over one pass."""
+
     loss: float
     accuracy: float
 
@@ -40,6 +48,40 @@ class FitState:
     history: list[dict]
 
 
+@dataclass
+class Monitor:
+    """Tracks the best epoch by `metric` (val_acc up, val_loss down) and epochs since it improved."""
+
+    metric: str = "val_acc"
+    best: float = -math.inf
+    best_epoch: int = 0
+    best_accuracy: float = -1.0
+    bad_epochs: int = 0
+
+    def __post_init__(self) -> None:
+        if self.metric == "val_loss" and self.best == -math.inf:
+            self.best = math.inf
+
+    def update(self, epoch: int, val: EpochStats) -> bool:
+        """Record an epoch's validation result; True when it is the new best."""
+        value = val.accuracy if self.metric == "val_acc" else val.loss
+        improved = value > self.best if self.metric == "val_acc" else value < self.best
+        if improved:
+            self.best, self.best_epoch, self.best_accuracy, self.bad_epochs = value, epoch, val.accuracy, 0
+        else:
+            self.bad_epochs += 1
+        return improved
+
+    def exhausted(self, patience: Optional[int]) -> bool:
+        """True when `patience` epochs in a row brought no improvement."""
+        return patience is not None and self.bad_epochs >= patience
+
+    def state_dict(self) -> dict:
+        """Plain numbers, for last.pt."""
+        return {"metric": self.metric, "best": self.best, "best_epoch": self.best_epoch,
+                "best_accuracy": self.best_accuracy, "bad_epochs": self.bad_epochs}
+
+
 def _autocast(device: torch.device, enabled: bool):
     if enabled and device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.float16)
@@ -53,6 +95,21 @@ def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
     return images, labels.to(device, non_blocking=True)
 
 
+def _optimizer_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler], grad_clip: Optional[float]
+) -> None:
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    if grad_clip:
+        nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -63,33 +120,38 @@ def train_one_epoch(
     device: torch.device,
     cfg: TrainConfig,
     description: str,
+    mixer: Optional[BatchMixer] = None,
+    ema: Optional[WeightEma] = None,
 ) -> EpochStats:
-    """One pass over the training data; the schedule steps every batch."""
+    """One pass over the training data; optimiser, schedule and EMA step every cfg.accumulate batches."""
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
+    batches = len(loader)
+    optimizer.zero_grad(set_to_none=True)
     progress = tqdm(loader, desc=description, leave=False, disable=None, dynamic_ncols=True)
-    for images, labels in progress:
+    for index, (images, labels) in enumerate(progress):
         images, labels = _to_device(images, labels, device, cfg.channels_last)
+        targets = labels
+        if mixer is not None:
+            images, targets = mixer(images, labels)
         with _autocast(device, cfg.amp):
             logits = model(images)
-            loss = criterion(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if cfg.grad_clip:
-            nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        scheduler.step()
+            loss = criterion(logits, targets)
+        # Each batch contributes loss/group so an accumulated step uses the mean gradient of its group
+        # (the last group of an epoch may be shorter).
+        group_start = index - index % cfg.accumulate
+        group = min(cfg.accumulate, batches - group_start)
+        scaled = loss / group
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        if index + 1 == group_start + group:
+            _optimizer_step(model, optimizer, scaler, cfg.grad_clip)
+            scheduler.step()
+            if ema is not None:
+                ema.update(model)
         batch = labels.shape[0]
         total_loss += loss.item() * batch
-        correct += (logits.argmax(1) == labels).sum().item()
+        # With mixed targets, a prediction counts as right when it names the label with the larger share.
+        correct += (logits.argmax(1) == dominant_label(targets)).sum().item()
         seen += batch
         progress.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
     return EpochStats(total_loss / max(seen, 1), correct / max(seen, 1))
@@ -120,6 +182,42 @@ def _append_history(path: Path, row: dict) -> None:
         writer.writerow(row)
 
 
+def _write_history(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _restore(
+    resume: dict,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    scaler: Optional[torch.amp.GradScaler],
+    ema: Optional[WeightEma],
+    monitor: Monitor,
+    train_loader: DataLoader,
+) -> tuple[int, list[dict]]:
+    """Load a last.pt payload into the training objects; returns (next epoch, history so far)."""
+    state = resume["resume"]
+    if (state["ema_updates"] is not None) != (ema is not None):
+        raise FinetuneError("train.ema differs from the run being resumed; resume with the run's own setting")
+    live = state["model_state"] if state["model_state"] is not None else resume["model_state"]
+    model.load_state_dict(live)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    if ema is not None:
+        ema.load_state_dict({"model": resume["model_state"], "updates": state["ema_updates"]})
+    for key, value in state["monitor"].items():
+        if key != "metric":
+            setattr(monitor, key, value)
+    restore_rng_state(state["rng"], train_loader)
+    return int(resume["epoch"]) + 1, [dict(row) for row in state["history"]]
+
+
 def fit(
     model: nn.Module,
     train_loader: DataLoader,
@@ -131,46 +229,90 @@ def fit(
     checkpoint_extras: dict,
     on_epoch_end: Optional[Callable[[list[dict]], None]] = None,
     log: Callable[[str], None] = print,
+    mixer: Optional[BatchMixer] = None,
+    resume: Optional[dict] = None,
 ) -> FitState:
-    """Train for cfg.epochs; write history.csv, last.pt every epoch and best.pt on improvement."""
-    optimizer = create_optimizer(model, cfg)
-    scheduler = create_scheduler(optimizer, cfg, len(train_loader))
+    """Train up to cfg.epochs (fewer with early stopping), continuing from a last.pt payload if given.
+
+    Every epoch writes last.pt (with the state to resume), then its history.csv row; best.pt is
+    written when cfg.monitor improves. With EMA on, the averaged weights are validated and saved.
+    """
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.accumulate)
+    # Parameters that a later epoch unfreezes join the optimizer now; frozen, they get no gradient.
+    unfreezing = plan_unfreezing(model, cfg)
+    optimizer = create_optimizer(model, cfg, unfreezing.ever_trainable)
+    scheduler = create_scheduler(optimizer, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" else None
-    best_path, last_path = run_dir / "best.pt", run_dir / "last.pt"
-    history: list[dict] = []
-    best_accuracy, best_epoch = -1.0, 0
-    for epoch in range(1, cfg.epochs + 1):
-        start = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        train = train_one_epoch(
-            model, train_loader, criterion, optimizer, scheduler, scaler, device, cfg, f"epoch {epoch}/{cfg.epochs}"
-        )
-        val = validate(model, val_loader, criterion, device, cfg)
-        row = {
-            "epoch": epoch,
-            "train_loss": round(train.loss, 6),
-            "train_acc": round(train.accuracy, 6),
-            "val_loss": round(val.loss, 6),
-            "val_acc": round(val.accuracy, 6),
-            "lr": f"{lr:.6g}",
-            "seconds": round(time.perf_counter() - start, 2),
-        }
-        history.append(row)
-        _append_history(run_dir / "history.csv", row)
-        payload = {
-            **checkpoint_extras,
-            "model_state": model.state_dict(),
-            "epoch": epoch,
-            "metrics": {"val_acc": val.accuracy, "val_loss": val.loss},
-        }
-        if val.accuracy > best_accuracy:
-            best_accuracy, best_epoch = val.accuracy, epoch
-            save_checkpoint(best_path, payload)
-        save_checkpoint(last_path, {**payload, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
-        log(
-            f"epoch {epoch}/{cfg.epochs}  train loss {train.loss:.4f} acc {train.accuracy:.4f}  "
-            f"val loss {val.loss:.4f} acc {val.accuracy:.4f}  lr {lr:.2e}  {row['seconds']:.1f}s"
-        )
-        if on_epoch_end is not None:
-            on_epoch_end(history)
-    return FitState(best_path, last_path, best_accuracy, best_epoch, history)
+    ema = WeightEma(model, cfg.ema_decay) if cfg.ema else None
+    eval_model = ema.module if ema is not None else model
+    monitor = Monitor(cfg.monitor)
+    best_path, last_path, history_path = run_dir / "best.pt", run_dir / "last.pt", run_dir / "history.csv"
+    first_epoch, history = 1, []
+    if resume is not None:
+        check_resumable(resume, cfg)
+        first_epoch, history = _restore(resume, model, optimizer, scheduler, scaler, ema, monitor, train_loader)
+        # Rows the crash left after the last checkpoint would otherwise appear twice.
+        _write_history(history_path, history)
+        log(f"resuming {run_dir} at epoch {first_epoch}/{cfg.epochs}")
+    epoch, saved_epoch = first_epoch, first_epoch - 1
+    try:
+        for epoch in range(first_epoch, cfg.epochs + 1):
+            start = time.perf_counter()
+            trainable_now = unfreezing.apply(model, epoch)
+            if trainable_now:
+                log(f"epoch {epoch}: trainable stages now {', '.join(trainable_now)}")
+            lr = optimizer.param_groups[0]["lr"]
+            train = train_one_epoch(
+                model, train_loader, criterion, optimizer, scheduler, scaler, device, cfg,
+                f"epoch {epoch}/{cfg.epochs}", mixer, ema,
+            )
+            val = validate(eval_model, val_loader, criterion, device, cfg)
+            row = {
+                "epoch": epoch,
+                "train_loss": round(train.loss, 6),
+                "train_acc": round(train.accuracy, 6),
+                "val_loss": round(val.loss, 6),
+                "val_acc": round(val.accuracy, 6),
+                "lr": f"{lr:.6g}",
+                "seconds": round(time.perf_counter() - start, 2),
+            }
+            history.append(row)
+            payload = {
+                **checkpoint_extras,
+                "model_state": eval_model.state_dict(),
+                "epoch": epoch,
+                "metrics": {"val_acc": val.accuracy, "val_loss": val.loss, "ema": ema is not None},
+            }
+            if monitor.update(epoch, val):
+                save_checkpoint(best_path, payload)
+            save_checkpoint(last_path, {**payload, "resume": {
+                "model_state": model.state_dict() if ema is not None else None,  # else it is model_state
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "ema_updates": ema.updates if ema is not None else None,
+                "monitor": monitor.state_dict(),
+                "history": history,
+                "rng": capture_rng_state(train_loader),
+            }})
+            saved_epoch = epoch
+            if on_epoch_end is not None:
+                on_epoch_end(history)
+            # The row goes in last: a row in history.csv means its epoch's checkpoint and curves are on disk.
+            _append_history(history_path, row)
+            log(
+                f"epoch {epoch}/{cfg.epochs}  train loss {train.loss:.4f} acc {train.accuracy:.4f}  "
+                f"val loss {val.loss:.4f} acc {val.accuracy:.4f}  lr {lr:.2e}  {row['seconds']:.1f}s"
+            )
+            if monitor.exhausted(cfg.patience):
+                log(f"early stop: {cfg.monitor} has not improved for {cfg.patience} epoch(s); "
+                    f"best {monitor.best:.4f} at epoch {monitor.best_epoch}")
+                break
+    except KeyboardInterrupt:
+        if saved_epoch > 0:
+            log(f"interrupted in epoch {epoch}; {last_path} holds epoch {saved_epoch}. "
+                f"Continue with: finetune train --resume {run_dir}")
+        else:
+            log("interrupted before the first epoch finished; nothing was saved to resume from")
+        raise
+    return FitState(best_path, last_path, monitor.best_accuracy, monitor.best_epoch, history)

@@ -1,0 +1,90 @@
+"""What a run needs to continue after a crash: random state capture/restore and finding last.pt.
+
+Everything is stored as tensors, lists, dicts and plain numbers so that checkpoints load with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from finetune.data.transforms import set_transform_rng_state, transform_rng_state
+from finetune.errors import FinetuneError
+from finetune.recipe import TrainConfig
+
+__all__ = ["capture_rng_state", "restore_rng_state", "find_resume_checkpoint", "check_resumable"]
+
+
+def _sampler_generator(loader: DataLoader) -> Optional[torch.Generator]:
+    """The sampler's own generator (a balanced sampler's), when it is not the loader's."""
+    generator = getattr(loader.sampler, "generator", None)
+    return generator if generator is not None and generator is not loader.generator else None
+
+
+def capture_rng_state(loader: DataLoader) -> dict[str, Any]:
+    """Global torch/CUDA/numpy/python streams plus the training loader's shuffling and augmentation streams."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, py_gauss = random.getstate()
+    sampler_generator = _sampler_generator(loader)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "python": [version, list(internal), py_gauss],
+        "loader": loader.generator.get_state() if loader.generator is not None else None,
+        "sampler": sampler_generator.get_state() if sampler_generator is not None else None,
+        "transform": transform_rng_state(getattr(loader.dataset, "transform", None)),
+    }
+
+
+def restore_rng_state(state: dict[str, Any], loader: DataLoader) -> None:
+    """Put back what `capture_rng_state` saved, so the next epoch draws what it would have drawn."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, py_gauss = state["python"]
+    random.setstate((version, tuple(internal), py_gauss))
+    if state["loader"] is not None and loader.generator is not None:
+        loader.generator.set_state(state["loader"])
+    sampler_generator = _sampler_generator(loader)
+    if state["sampler"] is not None and sampler_generator is not None:
+        sampler_generator.set_state(state["sampler"])
+    set_transform_rng_state(getattr(loader.dataset, "transform", None), state["transform"])
+
+
+def find_resume_checkpoint(path: Union[str, Path]) -> Path:
+    """`path` itself when it is a checkpoint file, else `path/last.pt` for a run folder."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / "last.pt"
+        if not path.is_file():
+            raise FinetuneError(
+                f"no last.pt in {path.parent}: the run did not finish its first epoch, so there is nothing to "
+                "resume; start it again with `finetune train RECIPE`"
+            )
+    elif not path.is_file():
+        raise FinetuneError(f"--resume {path}: no such run folder or checkpoint file")
+    return path
+
+
+def check_resumable(payload: dict[str, Any], cfg: TrainConfig) -> None:
+    """Raise unless `payload` is a last.pt with training state and epochs left to train under `cfg`."""
+    state = payload.get("resume")
+    if not isinstance(state, dict):
+        raise FinetuneError("the checkpoint holds no training state (best.pt never does); "
+                            "pass the run folder or its last.pt to resume")
+    done = int(payload["epoch"])
+    stopped = cfg.patience is not None and state["monitor"]["bad_epochs"] >= cfg.patience
+    if done >= cfg.epochs or stopped:
+        raise FinetuneError(
+            f"the run already finished: {done} of {cfg.epochs} epoch(s){', stopped early' if stopped else ''}; "
+            "to train further, resume with --set train.epochs=N" + (" or a larger train.patience" if stopped else "")
+        )
