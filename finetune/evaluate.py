@@ -1,4 +1,5 @@
-"""Evaluation bundle: confusion matrix (PNG + CSV), per-class report, most-confused pairs."""
+"""Evaluation bundle: confusion matrix (PNG + CSV), per-class report, most-confused pairs, top-k accuracy,
+calibration (ECE + reliability diagram), the misclassified gallery and Grad-CAM of the worst mistakes."""
 
 from __future__ import annotations
 
@@ -8,11 +9,18 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-from sklearn.metrics import classification_report, confusion_matrix
+from sklearn.metrics import classification_report, confusion_matrix, top_k_accuracy_score
 
+from finetune.gradcam import grad_cam
+from finetune.inference import LoadedModel
+from finetune.reports.calibration import calibration_bins, plot_reliability
+from finetune.reports.gallery import Tile, plot_gallery, thumbnail, worst_mistakes
 from finetune.reports.plots import plot_confusion_matrix
 
-__all__ = ["most_confused", "write_evaluation", "format_report"]
+__all__ = ["most_confused", "top_k_accuracies", "write_evaluation", "format_report"]
+
+GALLERY_LIMIT = 36  # a 6 x 6 grid: enough to see a pattern, small enough to look at every one
+CAM_LIMIT = 12
 
 
 def most_confused(matrix: np.ndarray, classes: Sequence[str], limit: int = 10) -> list[tuple[str, str, int]]:
@@ -24,6 +32,45 @@ def most_confused(matrix: np.ndarray, classes: Sequence[str], limit: int = 10) -
         if i != j and matrix[i, j] > 0
     ]
     return sorted(pairs, key=lambda p: -p[2])[:limit]
+
+
+def top_k_accuracies(y_true: Sequence[int], probs: np.ndarray) -> dict[str, float]:
+    """Top-1, top-3 and top-5 accuracy, each only where there are more classes than k (top-1 always)."""
+    labels = list(range(probs.shape[1]))
+    if not len(y_true):
+        return {"top1": 0.0}
+    scores = {"top1": float((np.asarray(probs).argmax(1) == np.asarray(y_true)).mean())}
+    # k >= 3 < classes means a multiclass problem, where sklearn's scorer takes the (N, C) matrix as is.
+    scores.update({f"top{k}": float(top_k_accuracy_score(y_true, probs, k=k, labels=labels))
+                   for k in (3, 5) if k < len(labels)})
+    return scores
+
+
+def _write_gallery(y_true: np.ndarray, y_pred: np.ndarray, probs: np.ndarray, classes: Sequence[str],
+                   paths: Sequence[Path], out: Path) -> list[int]:
+    confidence = probs[np.arange(len(y_pred)), y_pred]
+    worst = worst_mistakes(y_true, y_pred, confidence, GALLERY_LIMIT)
+    if worst:
+        tiles = [Tile(thumbnail(paths[i]), f"{Path(paths[i]).name}\ntrue {classes[y_true[i]]} "
+                      f"({probs[i, y_true[i]]:.2f})\npred {classes[y_pred[i]]} ({confidence[i]:.2f})") for i in worst]
+        wrong = int((y_true != y_pred).sum())
+        plot_gallery(tiles, out, f"misclassified, most confident first ({len(worst)} of {wrong} mistakes)")
+    return worst
+
+
+def _write_gradcam(model: LoadedModel, worst: list[int], y_true: np.ndarray, y_pred: np.ndarray,
+                   classes: Sequence[str], paths: Sequence[Path], out: Path) -> bool:
+    chosen = worst[:CAM_LIMIT]
+    cams = grad_cam(model, [paths[i] for i in chosen], [int(y_pred[i]) for i in chosen])
+    if not cams:
+        return False
+    tiles = []
+    for i, cam in zip(chosen, cams):
+        caption = f"{Path(paths[i]).name}\ntrue {classes[y_true[i]]}\npred {classes[y_pred[i]]}"
+        tiles += [Tile(cam.image, caption), Tile(cam.image, f"Grad-CAM for {classes[y_pred[i]]}", cam.heat)]
+    plot_gallery(tiles, out, f"where the model looked for its wrong answer (Grad-CAM on {cams[0].layer})",
+                 columns=6)
+    return True
 
 
 def format_report(report: dict, classes: Sequence[str]) -> str:
@@ -46,8 +93,13 @@ def write_evaluation(
     out_dir: Path,
     probs: Optional[np.ndarray] = None,
     paths: Optional[Sequence[Path]] = None,
+    model: Optional[LoadedModel] = None,
 ) -> dict:
-    """Write the evaluation files into `out_dir` and return the metrics."""
+    """Write the evaluation files into `out_dir` and return the metrics.
+
+    With `probs`: top-k accuracy and calibration; with `probs` and `paths`: the misclassified
+    gallery; with `model` as well: Grad-CAM overlays of the worst mistakes.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = list(range(len(classes)))
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
@@ -75,9 +127,22 @@ def write_evaluation(
             for i, path in enumerate(paths):
                 confidence = float(probs[i, y_pred[i]]) if probs is not None else ""
                 writer.writerow([str(path), classes[y_true[i]], classes[y_pred[i]], confidence, int(y_true[i] == y_pred[i])])
+    summary: dict = {"images": int(len(y_true)), "classes": len(classes), "accuracy": report["accuracy"],
+                     "macro_f1": float(report["macro avg"]["f1-score"])}
+    if probs is not None and len(y_true):
+        summary["top_k"] = top_k_accuracies(y_true, probs)
+        bins = calibration_bins(probs, y_true)
+        summary["ece"] = bins.ece
+        summary["calibration_bins"] = bins.to_dict()
+        plot_reliability(bins, out_dir / "reliability.png")
+        if paths is not None:
+            worst = _write_gallery(y_true, y_pred, probs, classes, paths, out_dir / "misclassified.png")
+            if model is not None and worst:
+                summary["gradcam"] = _write_gradcam(model, worst, y_true, y_pred, classes, paths,
+                                                    out_dir / "gradcam.png")
+    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     return {
-        "accuracy": report["accuracy"],
-        "macro_f1": float(report["macro avg"]["f1-score"]),
+        **summary,
         "report": report,
         "most_confused": confused,
         "confusion_matrix": matrix.tolist(),

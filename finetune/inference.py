@@ -1,23 +1,26 @@
-"""Rebuild a model from its checkpoint and run batched, streaming inference."""
+"""Rebuild models from checkpoints and run batched, streaming inference (TTA and ensembles)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import AbstractSet, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
-from finetune.data.loaders import ImageDataset, make_loader
+from finetune.data.images import load_rgb
+from finetune.data.loaders import make_loader
 from finetune.data.sources import Sample
-from finetune.data.transforms import Preprocessing, build_eval_transform
+from finetune.data.transforms import Preprocessing
 from finetune.engine.checkpoint import read_checkpoint
 from finetune.errors import FinetuneError
 from finetune.models import Classifier, build_model
 from finetune.recipe import Recipe
+from finetune.tta import ViewTransform, average_views
 
-__all__ = ["LoadedModel", "load_model", "predict_probs", "resolve_device"]
+__all__ = ["LoadedModel", "load_model", "load_ensemble", "predict_probs", "stream_probs", "resolve_device"]
 
 
 @dataclass
@@ -57,21 +60,84 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu")
     return LoadedModel(model, classes, preprocessing, recipe, payload)
 
 
+def load_ensemble(paths: Sequence[Union[str, Path]], device: Union[str, torch.device] = "cpu") -> list[LoadedModel]:
+    """Load one or more checkpoints whose class lists must be identical (same names, same order)."""
+    if not paths:
+        raise FinetuneError("no checkpoint given; pass one best.pt, or several to average them as an ensemble")
+    models = [load_model(p, device) for p in paths]
+    first = models[0].classes
+    for path, loaded in zip(paths[1:], models[1:]):
+        if loaded.classes != first:
+            differ = sorted(set(first) ^ set(loaded.classes))
+            detail = f"classes only in one of them: {differ[:10]}" if differ else "same classes in a different order"
+            raise FinetuneError(
+                f"cannot ensemble {paths[0]} and {path}: their class lists differ ({detail}); "
+                "only average checkpoints trained on the same classes"
+            )
+    return models
+
+
+class _ViewsDataset(Dataset):
+    """Images decoded once and transformed for each distinct preprocessing among the models."""
+
+    def __init__(self, paths: Sequence[Path], transforms: list[ViewTransform], blank: AbstractSet[Path]) -> None:
+        self.paths = list(paths)
+        self.transforms = transforms
+        self.blank = blank
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple:
+        path = self.paths[index]
+        if path in self.blank:
+            return tuple(t.blank() for t in self.transforms)
+        image = load_rgb(path)
+        return tuple(t(image) for t in self.transforms)
+
+
 @torch.no_grad()
+def stream_probs(
+    models: Sequence[LoadedModel],
+    paths: Sequence[Path],
+    batch_size: int = 64,
+    num_workers: int = 2,
+    tta: Sequence[str] = (),
+    blank: AbstractSet[Path] = frozenset(),
+) -> Iterator[np.ndarray]:
+    """Yield class probabilities batch by batch, in `paths` order, averaged over models and TTA views.
+
+    Paths in `blank` (known unreadable) are scored as a mean-colour image so every path gets a row.
+    """
+    groups: dict[Preprocessing, list[LoadedModel]] = {}
+    for loaded in models:
+        groups.setdefault(loaded.preprocessing, []).append(loaded)
+    transforms = [ViewTransform(pre, tta) for pre in groups]
+    loader = make_loader(_ViewsDataset(paths, transforms, blank), batch_size,
+                         num_workers if len(paths) > batch_size else 0)
+    for batch in loader:
+        total = None
+        for views, members in zip(batch, groups.values()):
+            for loaded in members:
+                loaded.model.eval()
+                device = next(loaded.model.parameters()).device
+                probs = average_views(loaded.model, [v.to(device) for v in views], tta).cpu()
+                total = probs if total is None else total + probs
+        yield (total / len(models)).numpy()
+
+
 def predict_probs(
-    loaded: LoadedModel,
+    loaded: Union[LoadedModel, Sequence[LoadedModel]],
     samples: Sequence[Sample],
     batch_size: int = 64,
     num_workers: int = 2,
     device: Optional[torch.device] = None,
+    tta: Sequence[str] = (),
 ) -> np.ndarray:
-    """Class probabilities (N, C) for `samples`, in order, batch by batch."""
-    device = device or next(loaded.model.parameters()).device
-    dataset = ImageDataset(samples, build_eval_transform(loaded.preprocessing))
-    loader = make_loader(dataset, batch_size, num_workers if len(samples) > batch_size else 0)
-    chunks = []
-    loaded.model.to(device).eval()
-    for images, _ in loader:
-        images = images.to(device).contiguous(memory_format=torch.channels_last)
-        chunks.append(torch.softmax(loaded.model(images).float(), dim=1).cpu().numpy())
-    return np.concatenate(chunks) if chunks else np.zeros((0, len(loaded.classes)), dtype=np.float32)
+    """Class probabilities (N, C) for `samples`, in order (one model or an ensemble)."""
+    models = [loaded] if isinstance(loaded, LoadedModel) else list(loaded)
+    if device is not None:
+        for m in models:
+            m.model.to(device)
+    chunks = list(stream_probs(models, [s.path for s in samples], batch_size, num_workers, tta))
+    return np.concatenate(chunks) if chunks else np.zeros((0, len(models[0].classes)), dtype=np.float32)

@@ -1,23 +1,71 @@
-"""Kaggle-style submission files: one row per test image, Ids as strings, sorted."""
+"""Kaggle-style submission files: one row per test image, Ids as strings, written as batches finish.
+
+The row order is fixed before inference (sorted by Id, or the sample submission's order), so
+rows stream to disk batch by batch and memory stays flat however many images there are. Files
+appear atomically (temporary file, then rename): a crash never leaves a truncated submission.
+"""
 
 from __future__ import annotations
 
 import csv
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
 from finetune.errors import FinetuneError
 
-__all__ = ["VALUE_KINDS", "image_id", "order_by_id", "write_submission"]
+__all__ = [
+    "VALUE_KINDS",
+    "ID_FORMATS",
+    "SubmissionPlan",
+    "image_id",
+    "image_ids",
+    "order_by_id",
+    "plan_submission",
+    "read_sample_submission",
+    "write_rows",
+]
 
 VALUE_KINDS = ("name", "index")
+ID_FORMATS = ("stem", "name", "index")
 
 
 def image_id(path: Path) -> str:
-    """The Kaggle Id of an image: its file stem, as text (`0001.jpg` → `0001`)."""
+    """The Kaggle Id of an image: its file stem, as text (`0001.jpg` → `0001`, never `1`)."""
     return path.stem
+
+
+def image_ids(paths: Sequence[Path], id_format: str = "stem", width: int = 4, start: int = 1) -> list[str]:
+    """Ids for `paths`: file stem, file name, or the position in file-name order as zero-padded text.
+
+    `index` is the HW03 sample code's `pad4(i)`: images sorted by file name, numbered from `start`
+    (1 there) and padded to `width` digits (4 there; 0 = no padding).
+    """
+    if id_format not in ID_FORMATS:
+        raise FinetuneError(f"--id-format must be one of {', '.join(ID_FORMATS)}, got {id_format!r}")
+    if id_format == "stem":
+        ids = [p.stem for p in paths]
+    elif id_format == "name":
+        ids = [p.name for p in paths]
+    else:
+        if width < 0 or start < 0:
+            raise FinetuneError("--id-width and --index-start must be 0 or more (HW03: width 4, start 1)")
+        position = {k: n for n, k in enumerate(sorted(range(len(paths)), key=lambda k: (paths[k].name, str(paths[k]))))}
+        ids = [f"{position[k] + start:0{width}d}" for k in range(len(paths))]
+    seen: dict[str, Path] = {}
+    for i, path in zip(ids, paths):
+        if i in seen:
+            raise FinetuneError(
+                f"two test images share the Id '{i}': {seen[i].name} and {path.name}; "
+                "rename one or use --id-format name"
+            )
+        seen[i] = path
+    return ids
 
 
 def order_by_id(ids: Sequence[str]) -> list[int]:
@@ -27,31 +75,170 @@ def order_by_id(ids: Sequence[str]) -> list[int]:
     return sorted(range(len(ids)), key=lambda k: ids[k])
 
 
-def write_submission(
+@dataclass
+class SubmissionPlan:
+    """What to write, in which order: Ids and their images, and the submission's columns."""
+
+    ids: list[str]
+    paths: list[Path]
+    id_column: str = "Id"
+    label_column: Optional[str] = "Category"  # None: the submission holds one probability column per class
+    prob_columns: list[str] = field(default_factory=list)  # class names, in the sample submission's order
+
+
+def read_sample_submission(path: Path) -> tuple[list[str], list[str]]:
+    """(header, Ids in file order) of a Kaggle sample submission."""
+    if not path.is_file():
+        raise FinetuneError(f"sample submission not found: {path}")
+    with path.open(newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if not header or len(header) < 2:
+            raise FinetuneError(f"{path} needs a header with an Id column and a label (or per-class) column")
+        ids = [row[0].strip() for row in reader if row and row[0].strip()]
+    duplicates = sorted(i for i, n in Counter(ids).items() if n > 1)
+    if duplicates:
+        raise FinetuneError(f"{path} lists Id(s) {duplicates[:5]} more than once")
+    if not ids:
+        raise FinetuneError(f"{path} has a header but no Ids")
+    return header, ids
+
+
+def _id_hint(paths: Sequence[Path], wanted: set[str]) -> str:
+    """An --id-format setting under which the images' Ids match `wanted` exactly, if there is one."""
+    widths = sorted({len(i) for i in wanted if i.isdigit()} | {0, 4})
+    options = [("stem", 4, 1), ("name", 4, 1)] + [("index", w, s) for w in widths for s in (1, 0)]
+    for fmt, width, start in options:
+        try:
+            if set(image_ids(paths, fmt, width, start)) == wanted:
+                extra = f" --id-width {width} --index-start {start}" if fmt == "index" else ""
+                return f"; they match with --id-format {fmt}{extra}"
+        except FinetuneError:
+            continue
+    return ""
+
+
+def plan_submission(
     paths: Sequence[Path],
-    probs: np.ndarray,
     classes: Sequence[str],
-    out: Path,
+    id_format: str = "stem",
+    id_width: int = 4,
+    index_start: int = 1,
     id_column: str = "Id",
     label_column: str = "Category",
+    sample: Optional[Path] = None,
+) -> SubmissionPlan:
+    """Row order and columns: sorted by Id, or exactly the sample submission's Ids, order and header."""
+    ids = image_ids(paths, id_format, id_width, index_start)
+    if sample is None:
+        order = order_by_id(ids)
+        return SubmissionPlan([ids[k] for k in order], [paths[k] for k in order], id_column, label_column)
+    header, sample_ids = read_sample_submission(sample)
+    by_id = dict(zip(ids, paths))
+    missing = [i for i in sample_ids if i not in by_id]
+    extra = sorted(set(ids) - set(sample_ids))
+    if missing or extra:
+        raise FinetuneError(
+            f"test images and {sample.name} do not match one-to-one: {len(missing)} Id(s) in the sample have no image "
+            f"(e.g. {missing[:5]}), {len(extra)} image Id(s) are not in the sample (e.g. {extra[:5]})"
+            f"{_id_hint(paths, set(sample_ids))}"
+        )
+    columns = header[1:]
+    if len(columns) == 1:
+        return SubmissionPlan(sample_ids, [by_id[i] for i in sample_ids], header[0], columns[0])
+    if sorted(columns) != sorted(classes):
+        raise FinetuneError(
+            f"{sample.name} has columns {header}: expected an Id column and one label column, or an Id column "
+            f"and one column per class ({', '.join(classes[:20])})"
+        )
+    return SubmissionPlan(sample_ids, [by_id[i] for i in sample_ids], header[0], None, list(columns))
+
+
+class _AtomicCSV:
+    """A csv writer on a temporary file next to `path`, renamed into place by `commit`."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        fd, self.tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        self.handle = os.fdopen(fd, "w", newline="")
+        self.writer = csv.writer(self.handle)
+
+    def commit(self) -> None:
+        self.handle.close()
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        self.handle.close()
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+
+
+def _fmt(p: float) -> str:
+    return f"{p:.6g}"
+
+
+def write_rows(
+    plan: SubmissionPlan,
+    batches: Iterable[np.ndarray],
+    classes: Sequence[str],
+    out: Path,
     value: str = "name",
+    probs_out: Optional[Path] = None,
+    topk: int = 0,
+    topk_out: Optional[Path] = None,
 ) -> int:
-    """Write `Id,Category` rows (predicted class name or index) and return the row count."""
+    """Write submission rows (and optional probability / top-k files) as probability batches arrive.
+
+    `batches` yields (B, C) arrays in `plan` order; returns the number of rows written.
+    """
     if value not in VALUE_KINDS:
         raise FinetuneError(f"--value must be one of {', '.join(VALUE_KINDS)}, got {value!r}")
-    if len(paths) != len(probs):
-        raise FinetuneError(f"internal mismatch: {len(paths)} images but {len(probs)} predictions")
-    ids = [image_id(p) for p in paths]
-    seen: dict[str, Path] = {}
-    for i, path in zip(ids, paths):
-        if i in seen:
-            raise FinetuneError(f"two test images share the Id '{i}': {seen[i].name} and {path.name}; rename one")
-        seen[i] = path
-    predicted = probs.argmax(axis=1)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow([id_column, label_column])
-        for k in order_by_id(ids):
-            writer.writerow([ids[k], classes[predicted[k]] if value == "name" else int(predicted[k])])
-    return len(ids)
+    if topk and not 1 <= topk <= len(classes):
+        raise FinetuneError(f"--topk must be between 1 and the number of classes ({len(classes)}), got {topk}")
+    class_index = {c: i for i, c in enumerate(classes)}
+    files = {"sub": _AtomicCSV(out)}
+    if probs_out is not None:
+        files["probs"] = _AtomicCSV(probs_out)
+    if topk and topk_out is not None:
+        files["topk"] = _AtomicCSV(topk_out)
+    try:
+        if plan.label_column is None:
+            prob_order = [class_index[c] for c in plan.prob_columns]
+            files["sub"].writer.writerow([plan.id_column, *plan.prob_columns])
+        else:
+            files["sub"].writer.writerow([plan.id_column, plan.label_column])
+        if "probs" in files:
+            files["probs"].writer.writerow([plan.id_column, *classes])
+        if "topk" in files:
+            files["topk"].writer.writerow(
+                [plan.id_column] + [f"{kind}_{r}" for r in range(1, topk + 1) for kind in ("class", "score")])
+        row = 0
+        for probs in batches:
+            ids = plan.ids[row : row + len(probs)]
+            if len(ids) != len(probs):
+                raise FinetuneError(f"internal mismatch: {len(plan.ids)} images but more predictions than that")
+            predicted = probs.argmax(axis=1)
+            for i, p, k in zip(ids, probs, predicted):
+                if plan.label_column is None:
+                    files["sub"].writer.writerow([i, *(_fmt(p[c]) for c in prob_order)])
+                else:
+                    files["sub"].writer.writerow([i, classes[k] if value == "name" else int(k)])
+                if "probs" in files:
+                    files["probs"].writer.writerow([i, *map(_fmt, p)])
+                if "topk" in files:
+                    best = np.argsort(-p, kind="stable")[:topk]
+                    files["topk"].writer.writerow([i] + [x for c in best for x in (classes[c], _fmt(p[c]))])
+            for f in files.values():
+                f.handle.flush()
+            row += len(probs)
+        if row != len(plan.ids):
+            raise FinetuneError(f"internal mismatch: {len(plan.ids)} images but {row} predictions")
+    except BaseException:
+        for f in files.values():
+            f.discard()
+        raise
+    for f in files.values():
+        f.commit()
+    return row
+
