@@ -14,32 +14,127 @@ __all__ = ["main", "build_parser"]
 def _train(args: argparse.Namespace) -> None:
     from finetune.api import train
 
-    train(args.recipe, data=args.data, overrides=args.set)
+    if not args.recipe and not args.resume:
+        raise FinetuneError("give a recipe YAML to train (see recipes/), or --resume RUN_DIR to continue a run")
+    if args.folds is not None:
+        from finetune.kfold import train_kfold
+
+        if args.resume:
+            raise FinetuneError("--folds and --resume do not combine; resume one fold with --resume RUN_DIR/foldN")
+        train_kfold(args.recipe, args.folds, data=args.data, overrides=args.set)
+        return
+    train(args.recipe, data=args.data, overrides=args.set, resume=args.resume)
+
+
+def _augment(args: argparse.Namespace) -> None:
+    from finetune.api import augment_preview
+
+    augment_preview(args.recipe, data=args.data, overrides=args.set, out=args.out, n=args.n)
+
+
+def _lr_find(args: argparse.Namespace) -> None:
+    from finetune.api import lr_find
+
+    lr_find(args.recipe, data=args.data, overrides=args.set, out=args.out, steps=args.steps)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
     from finetune.api import evaluate
 
     evaluate(args.checkpoint, args.data, out=args.out, batch_size=args.batch_size, num_workers=args.workers,
-             device=args.device)
+             device=args.device, tta=args.tta)
 
 
 def _predict(args: argparse.Namespace) -> None:
     from finetune.api import predict
 
     predict(args.checkpoint, args.images, out=args.out, id_column=args.id_column, label_column=args.label_column,
-            value=args.value, batch_size=args.batch_size, num_workers=args.workers, device=args.device)
+            value=args.value, batch_size=args.batch_size, num_workers=args.workers, device=args.device,
+            tta=args.tta, probs=args.probs, topk=args.topk, sample_submission=args.sample_submission,
+            id_format=args.id_format, id_width=args.id_width, index_start=args.index_start)
+
+
+def _score(args: argparse.Namespace) -> None:
+    from finetune.evaluate import format_report
+    from finetune.scoring import score_csv
+
+    metrics = score_csv(args.submission, args.truth, out_dir=args.out, id_column=args.id_column,
+                        label_column=args.label_column)
+    print(format_report(metrics["report"], metrics["class_names"]))
+    print(f"accuracy {metrics['accuracy']:.4f} on {metrics['images']} images; files in {metrics['out_dir']}")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from finetune.reports.html import build_report
+
+    print(f"wrote {build_report(args.run_dir, eval_dir=args.eval_dir)}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from finetune.export import export_model
+
+    export_model(args.checkpoint, args.format, out=args.out, tolerance=args.tolerance)
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    from finetune.models import build_model, format_summary, stage_summary
-    from finetune.recipe import HeadConfig, ModelConfig
+    from finetune.models import build_model, format_summary, stage_lr_multipliers, stage_summary
+    from finetune.recipe import HeadConfig, ModelConfig, TrainConfig
 
-    cfg = ModelConfig(backbone=args.backbone, trainable=args.trainable, head=HeadConfig(hidden=args.hidden))
+    cfg = ModelConfig(backbone=args.backbone, trainable=args.trainable, trainable_last=args.trainable_last,
+                      freeze_to=args.freeze_to, head=HeadConfig(hidden=args.hidden, pool=args.pool))
     cfg.validate()
+    train_cfg = TrainConfig(layer_decay=args.layer_decay)
+    train_cfg.validate()
     model, pre = build_model(cfg, args.num_classes, args.image_size)
     print(f"{args.backbone}: input {pre.size}px, mean {pre.mean}, std {pre.std}, {pre.interpolation}")
-    print(format_summary(stage_summary(model)))
+    print("stages from input to output (the names model.trainable, trainable_last and freeze_to use):")
+    multipliers = stage_lr_multipliers(model, train_cfg) if args.layer_decay is not None else None
+    print(format_summary(stage_summary(model), multipliers))
+
+
+def _datasets_fashion_mnist(args: argparse.Namespace) -> None:
+    from finetune.datasets import describe, export_fashion_mnist
+
+    export = export_fashion_mnist(args.out, per_class=args.per_class, val_per_class=args.val_per_class,
+                                  test_limit=args.test_limit, seed=args.seed, source=args.source)
+    print(describe(export))
+    print(f"train on it with: finetune train RECIPE --data {export.root}")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from finetune.demo import run_demo
+
+    run_demo(args.out, per_class=args.per_class, val_per_class=args.val_per_class, test_limit=args.test_limit,
+             epochs=args.epochs, recipe=args.recipe, overrides=args.set, tta=args.tta)
+
+
+def _add_demo_commands(commands: argparse._SubParsersAction) -> None:
+    """`finetune datasets fashion-mnist` and `finetune demo`."""
+    datasets = commands.add_parser("datasets", help="write a ready-made data set as an image folder")
+    sources = datasets.add_subparsers(dest="dataset", required=True, metavar="DATASET")
+    fashion = sources.add_parser("fashion-mnist", help="Fashion-MNIST: train/<class>/, val/<class>/, test/, "
+                                                       "test_truth.csv (offline from Debian's dataset-fashion-mnist)")
+    fashion.add_argument("--out", required=True, help="folder to create")
+    fashion.add_argument("--per-class", type=int, default=100, help="training images per class (default 100)")
+    fashion.add_argument("--val-per-class", type=int, default=20, help="validation images per class (default 20)")
+    fashion.add_argument("--test-limit", type=int, default=None, help="first K test images (default: all 10 000)")
+    fashion.add_argument("--seed", type=int, default=0)
+    fashion.add_argument("--source", default=None,
+                         help="folder with the four *-ubyte.gz files (default /usr/share/datasets/fashion-mnist)")
+    fashion.set_defaults(func=_datasets_fashion_mnist)
+
+    demo = commands.add_parser("demo", help="offline end to end: Fashion-MNIST, fine-tune Lite0, submission, score")
+    demo.add_argument("--out", default="demo", help="folder for the data set and runs (default ./demo)")
+    demo.add_argument("--per-class", type=int, default=100, help="training images per class (default 100)")
+    demo.add_argument("--val-per-class", type=int, default=20, help="validation images per class (default 20)")
+    demo.add_argument("--test-limit", type=int, default=None, help="first K test images (default: all 10 000)")
+    demo.add_argument("--epochs", type=int, default=None, help="override the recipe's train.epochs")
+    demo.add_argument("--recipe", default=None, help="another recipe (default recipes/demo_fashion_mnist_lite0.yaml)")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a recipe value, e.g. --set data.image_size=64 (repeatable)")
+    demo.add_argument("--tta", default="flip", help="test-time augmentation for the submission: flip (default) "
+                                                   "or none")
+    demo.set_defaults(func=_demo)
 
 
 def _inference_options(parser: argparse.ArgumentParser) -> None:
@@ -54,37 +149,101 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="fine-tune a backbone as a recipe says")
-    train.add_argument("recipe", help="recipe YAML (see recipes/)")
+    train.add_argument("recipe", nargs="?", help="recipe YAML (see recipes/); not needed with --resume")
     train.add_argument("--data", help="dataset folder (overrides data.root)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a recipe value, e.g. --set train.epochs=5 (repeatable)")
+    train.add_argument("--resume", metavar="RUN_DIR_OR_LAST_PT",
+                       help="continue an interrupted run in its folder, with its saved recipe")
+    train.add_argument("--folds", type=int, default=None, metavar="K",
+                       help="stratified K-fold cross-validation on train+val merged: K runs, CV accuracy, "
+                            "and the predict command for their ensemble")
     train.set_defaults(func=_train)
+
+    augment = commands.add_parser("augment", help="write a PNG grid of augmented training images")
+    augment.add_argument("recipe", help="recipe YAML (its augment section is shown)")
+    augment.add_argument("--data", help="dataset folder (overrides data.root)")
+    augment.add_argument("--out", default="augment_grid.png")
+    augment.add_argument("--n", type=int, default=16, help="number of images")
+    augment.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
+    augment.set_defaults(func=_augment)
+
+    lr_find = commands.add_parser("lr-find", help="learning-rate range test: plot and a suggested train.lr")
+    lr_find.add_argument("recipe", help="recipe YAML")
+    lr_find.add_argument("--data", help="dataset folder (overrides data.root)")
+    lr_find.add_argument("--out", default="lr_find.png")
+    lr_find.add_argument("--steps", type=int, default=100, help="batches in the sweep (stops early on divergence)")
+    lr_find.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
+    lr_find.set_defaults(func=_lr_find)
 
     evaluate = commands.add_parser("evaluate", help="confusion matrix and per-class report on labelled images")
     evaluate.add_argument("checkpoint", help="best.pt / last.pt from a run folder")
     evaluate.add_argument("--data", required=True, help="labelled folder (class sub-folders or 3_120.jpg names)")
     evaluate.add_argument("--out", help="output folder (default: eval/ next to the checkpoint)")
+    evaluate.add_argument("--tta", default=None, metavar="VIEWS",
+                          help="test-time augmentation: flip, crops or flip,crops")
     _inference_options(evaluate)
     evaluate.set_defaults(func=_evaluate)
 
     predict = commands.add_parser("predict", help="write a Kaggle-style submission CSV for a folder of images")
-    predict.add_argument("checkpoint")
+    predict.add_argument("checkpoint", nargs="+", help="best.pt; several checkpoints are averaged as an ensemble")
     predict.add_argument("--images", required=True, help="folder of unlabeled test images")
     predict.add_argument("--out", default="submission.csv")
     predict.add_argument("--id-column", default="Id")
     predict.add_argument("--label-column", default="Category")
     predict.add_argument("--value", choices=["name", "index"], default="name",
                          help="write the class name (default) or its index")
+    predict.add_argument("--tta", default=None, metavar="VIEWS",
+                         help="test-time augmentation averaged per image: flip (2 views), crops (5), flip,crops (10)")
+    predict.add_argument("--probs", action="store_true", help="also write OUT_probs.csv: Id and one column per class")
+    predict.add_argument("--topk", type=int, default=0, metavar="K",
+                         help="also write OUT_topK.csv: the K likeliest classes and their probabilities")
+    predict.add_argument("--sample-submission", metavar="CSV",
+                         help="Kaggle sample submission: its Ids, row order and header are used (every image must "
+                              "match one Id); per-class columns get probabilities")
+    predict.add_argument("--id-format", choices=["stem", "name", "index"], default="stem",
+                         help="Id of an image: file stem (0001.jpg → 0001, default), file name, or its position "
+                              "in file-name order zero-padded (HW03 sample code: pad4 from 1)")
+    predict.add_argument("--id-width", type=int, default=4, help="--id-format index: digits, zero-padded (0: none)")
+    predict.add_argument("--index-start", type=int, default=1, help="--id-format index: number of the first image")
     _inference_options(predict)
     predict.set_defaults(func=_predict)
 
+    score = commands.add_parser("score", help="accuracy and evaluation bundle of a submission against true labels")
+    score.add_argument("submission", help="submission CSV (Id,Category)")
+    score.add_argument("--truth", required=True, help="CSV with the true labels, same Ids")
+    score.add_argument("--out", help="output folder (default: SUBMISSION_score/ next to the submission)")
+    score.add_argument("--id-column", default=None, help="Id column in both files (default: the first)")
+    score.add_argument("--label-column", default=None, help="label column in both files (default: the second)")
+    score.set_defaults(func=_score)
+
+    report = commands.add_parser("report", help="(re)build a run folder's self-contained report.html")
+    report.add_argument("run_dir", help="run folder (or a k-fold parent folder)")
+    report.add_argument("--eval-dir", default=None, help="evaluation folder to show (default: RUN_DIR/eval)")
+    report.set_defaults(func=_report)
+
+    export = commands.add_parser("export", help="export a checkpoint to ONNX or TorchScript, checked against PyTorch")
+    export.add_argument("checkpoint")
+    export.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    export.add_argument("--out", default=None, help="output file (default: next to the checkpoint)")
+    export.add_argument("--tolerance", type=float, default=1e-3,
+                        help="largest allowed difference between exported and PyTorch logits")
+    export.set_defaults(func=_export)
+
     inspect = commands.add_parser("inspect", help="show a backbone's stages and parameter counts")
     inspect.add_argument("backbone", help="timm name, tv/<torchvision name>, or lenet / nin / hw03net")
-    inspect.add_argument("--trainable", nargs="*", default=None, help="stages left trainable")
+    inspect.add_argument("--trainable", nargs="*", default=None, help="stages left trainable (none: head only)")
+    inspect.add_argument("--trainable-last", type=int, default=None, metavar="N", help="train the last N stages")
+    inspect.add_argument("--freeze-to", default=None, metavar="STAGE",
+                         help="freeze every stage up to and including STAGE")
+    inspect.add_argument("--pool", default="avg", help="global pool: avg | max | avgmax | catavgmax")
+    inspect.add_argument("--layer-decay", type=float, default=None,
+                         help="show each stage's learning-rate multiplier for train.layer_decay")
     inspect.add_argument("--hidden", nargs="*", type=int, default=[], help="head hidden widths")
     inspect.add_argument("--num-classes", type=int, default=10)
     inspect.add_argument("--image-size", type=int, default=None)
     inspect.set_defaults(func=_inspect)
+    _add_demo_commands(commands)
     return parser
 
 

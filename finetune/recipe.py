@@ -26,6 +26,7 @@ __all__ = [
     "Recipe",
     "load_recipe",
     "apply_overrides",
+    "resolve_recipe",
 ]
 
 LAYOUTS = ("auto", "folder", "filename", "csv")
@@ -34,6 +35,8 @@ SCHEDULES = ("cosine", "constant")
 BN_POLICIES = ("frozen", "train")
 POOLS = ("avg", "max", "avgmax", "catavgmax")
 BALANCE = ("none", "sampler", "loss")
+POLICIES = ("none", "randaugment", "trivialaugment")
+MONITORS = ("val_acc", "val_loss")
 
 
 def _choice(key: str, value: Any, choices: tuple) -> None:
@@ -83,7 +86,7 @@ class HeadConfig:
     hidden: list[int] = field(default_factory=list)  # e.g. [1024, 512]; [] = a single Linear layer
     dropout: float = 0.2  # dropout before each Linear layer of the MLP
     batchnorm: bool = True  # BatchNorm1d after each hidden Linear layer
-    pool: str = "avg"  # global pooling of the feature map: avg | max | avgmax | catavgmax
+    pool: str = "avg"  # global pooling of the feature map: avg | max | avgmax | catavgmax (lenet has none)
 
     def validate(self) -> None:
         _choice("model.head.pool", self.pool, POOLS)
@@ -100,7 +103,9 @@ class ModelConfig:
     backbone: str = "resnet18"  # timm name, `tv/<name>` for torchvision, or a classic (lenet, nin, hw03net)
     pretrained: bool = False  # download pretrained weights from the hub (needs network)
     weights: Optional[str] = None  # local weights file: a state dict or a finetune checkpoint
-    trainable: Optional[list[str]] = None  # stages/modules left trainable; None = everything
+    trainable: Optional[list[str]] = None  # stages/modules left trainable ([] = head only); None = everything
+    trainable_last: Optional[int] = None  # train only the last N backbone stages (0 = head only)
+    freeze_to: Optional[str] = None  # freeze every stage up to and including this one (`finetune inspect`)
     bn: str = "frozen"  # BatchNorm in frozen stages: frozen (eval, stats fixed) | train
     head: HeadConfig = field(default_factory=HeadConfig)
 
@@ -108,6 +113,13 @@ class ModelConfig:
         _choice("model.bn", self.bn, BN_POLICIES)
         if self.pretrained and self.weights:
             raise FinetuneError("set either 'model.pretrained: true' or 'model.weights: PATH', not both")
+        chosen = [k for k in ("trainable", "trainable_last", "freeze_to") if getattr(self, k) is not None]
+        if len(chosen) > 1:
+            raise FinetuneError(
+                f"set only one of model.trainable, model.trainable_last, model.freeze_to (got {', '.join(chosen)})"
+            )
+        if self.trainable_last is not None and self.trainable_last < 0:
+            raise FinetuneError("recipe key 'model.trainable_last' must be 0 (head only) or more")
         self.head.validate()
 
 
@@ -117,11 +129,21 @@ class AugmentConfig:
 
     preset: str = "light"  # none | light | medium | heavy | hw03
     ops: Optional[list[dict]] = None  # explicit albumentations list, e.g. [{name: HorizontalFlip, p: 0.5}]
+    policy: str = "none"  # none | randaugment | trivialaugment (torchvision), after the preset's crop
+    mixup: float = 0.0  # mixup Beta(alpha, alpha) per batch, e.g. 0.2; 0 = off
+    cutmix: float = 0.0  # cutmix Beta(alpha, alpha) per batch, e.g. 1.0; 0 = off (both on: one per batch)
+    mix_prob: float = 1.0  # chance that a batch is mixed when mixup or cutmix is on
 
     def validate(self) -> None:
         from finetune.data.transforms import PRESETS  # local import: transforms pull in albumentations
 
         _choice("augment.preset", self.preset, tuple(PRESETS))
+        _choice("augment.policy", self.policy, POLICIES)
+        if self.mixup < 0 or self.cutmix < 0:
+            raise FinetuneError("recipe keys 'augment.mixup' and 'augment.cutmix' are Beta alphas: 0 (off) or "
+                                "positive, e.g. mixup: 0.2, cutmix: 1.0")
+        if not 0.0 <= self.mix_prob <= 1.0:
+            raise FinetuneError("recipe key 'augment.mix_prob' must be between 0 and 1")
 
 
 @dataclass
@@ -141,6 +163,15 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     channels_last: bool = True  # faster convolutions on CPU and GPU
+    accumulate: int = 1  # optimiser step every N batches (effective batch = N x data.batch_size)
+    ema: bool = False  # keep an exponential moving average of the weights; evaluate and save it
+    ema_decay: float = 0.999  # EMA decay per optimiser step (warmed up from 0 over the first steps)
+    patience: Optional[int] = None  # stop after N epochs without improvement of `monitor`; None = never
+    monitor: str = "val_acc"  # val_acc | val_loss: decides best.pt and early stopping
+    lr_mult: Optional[dict[str, float]] = None  # learning-rate multiplier per stage, e.g. {layer4: 0.1}
+    layer_decay: Optional[float] = None  # lr × decay^k for the stage k steps below the head (e.g. 0.7)
+    unfreeze: Optional[dict[int, list[str]]] = None  # gradual unfreezing: {epoch: [stages]}, e.g. {3: [layer3]}
+    fine_tune: Optional[int] = None  # fastai-style: N head-only epochs, then the body too at lower rates
 
     def validate(self) -> None:
         _choice("train.optimizer", self.optimizer, OPTIMIZERS)
@@ -153,6 +184,38 @@ class TrainConfig:
             raise FinetuneError("recipe key 'train.label_smoothing' must be in [0, 1)")
         if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
             raise FinetuneError("recipe key 'train.warmup_epochs' must be >= 0 and below train.epochs")
+        _choice("train.monitor", self.monitor, MONITORS)
+        if self.accumulate < 1:
+            raise FinetuneError("recipe key 'train.accumulate' must be at least 1 (1 = no accumulation)")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise FinetuneError("recipe key 'train.ema_decay' must be between 0 and 1, e.g. 0.999")
+        if self.patience is not None and self.patience < 1:
+            raise FinetuneError("recipe key 'train.patience' must be at least 1, or null to never stop early")
+        self._validate_stage_options()
+
+    def _validate_stage_options(self) -> None:
+        """Discriminative rates and unfreezing; stage names are checked against the model when it is built."""
+        if self.lr_mult is not None and self.layer_decay is not None:
+            raise FinetuneError("set either 'train.lr_mult' or 'train.layer_decay', not both")
+        if self.lr_mult is not None and any(v <= 0 for v in self.lr_mult.values()):
+            raise FinetuneError("recipe key 'train.lr_mult' needs positive multipliers; freeze a stage instead of 0")
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
+            raise FinetuneError("recipe key 'train.layer_decay' must be in (0, 1], e.g. 0.7")
+        if self.unfreeze is not None and self.fine_tune is not None:
+            raise FinetuneError("set either 'train.unfreeze' or 'train.fine_tune', not both")
+        if self.fine_tune is not None and not 1 <= self.fine_tune < self.epochs:
+            raise FinetuneError(
+                f"recipe key 'train.fine_tune' (head-only epochs) must be between 1 and train.epochs - 1 "
+                f"({self.epochs - 1})"
+            )
+        for epoch, stages in (self.unfreeze or {}).items():
+            if not 2 <= epoch <= self.epochs:
+                raise FinetuneError(
+                    f"train.unfreeze epoch {epoch} must be between 2 and train.epochs ({self.epochs}); "
+                    "epoch 1 is what model.trainable says"
+                )
+            if not stages:
+                raise FinetuneError(f"train.unfreeze epoch {epoch} lists no stages to unfreeze")
 
 
 @dataclass
@@ -219,6 +282,16 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise FinetuneError(f"recipe key '{key}' must be a list, got {value!r}")
         (item_tp,) = typing.get_args(tp)
         return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise FinetuneError(f"recipe key '{key}' must be a mapping, got {value!r}")
+        key_tp, value_tp = typing.get_args(tp)
+        # `--set train.unfreeze.3=[layer3]` arrives with the string key "3".
+        return {
+            _coerce(f"{key} key", int(k) if key_tp is int and isinstance(k, str) and k.isdigit() else k, key_tp):
+            _coerce(f"{key}.{k}", v, value_tp)
+            for k, v in value.items()
+        }
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is dict and isinstance(value, dict):
@@ -271,3 +344,18 @@ def load_recipe(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
             raise FinetuneError(f"recipe {path} must be a mapping of sections (data:, model:, train:)")
     apply_overrides(raw, list(overrides or []))
     return Recipe.from_dict(raw)
+
+
+def resolve_recipe(
+    recipe: Union["Recipe", str, Path, None],
+    overrides: Optional[list[str]] = None,
+    data: Optional[Union[str, Path]] = None,
+) -> "Recipe":
+    """A validated Recipe from an object, a YAML path or defaults, with overrides and `--data` applied."""
+    if isinstance(recipe, Recipe):
+        resolved = Recipe.from_dict(apply_overrides(recipe.to_dict(), list(overrides or [])))
+    else:
+        resolved = load_recipe(recipe, overrides)
+    if data is not None:
+        resolved.data.root = str(Path(data).expanduser().resolve())
+    return resolved

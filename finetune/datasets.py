@@ -1,0 +1,194 @@
+"""Real labelled images offline: Fashion-MNIST exported as a folder data set with a Kaggle-style test set.
+
+The layout written is the one `finetune train` reads: ``train/<class>/*.png``, ``val/<class>/*.png``,
+an unlabeled ``test/00001.png ...`` and, outside ``test/``, the answers in ``test_truth.csv``
+(``Id,Category``, like a private leaderboard) so a submission can be scored.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+from PIL import Image
+
+from finetune.errors import FinetuneError
+
+__all__ = [
+    "DEBIAN_FASHION_MNIST",
+    "FASHION_MNIST_CLASSES",
+    "FashionMNISTExport",
+    "describe",
+    "export_fashion_mnist",
+    "load_fashion_mnist",
+]
+
+# Folder-safe versions of the official names ("T-shirt/top", "Ankle boot").
+FASHION_MNIST_CLASSES = (
+    "T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot",
+)
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+_FILES = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+_MANIFEST = "export.json"
+
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+@dataclass
+class FashionMNISTExport:
+    """Where an export put its files and how many images each split holds."""
+
+    root: Path
+    train_dir: Path
+    val_dir: Path
+    test_dir: Path
+    truth_csv: Path
+    classes: list[str]
+    counts: dict[str, int]
+    source: str
+    reused: bool = False
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An IDX array (the MNIST file format) from a gzip file."""
+    with gzip.open(path, "rb") as handle:
+        data = handle.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 8:
+        raise FinetuneError(f"{path} is not an IDX file of unsigned bytes (is the download corrupt?)")
+    dims = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
+    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims)
+    if array.size != int(np.prod(shape)):
+        raise FinetuneError(f"{path} is truncated: expected {int(np.prod(shape))} values, found {array.size}")
+    return array.reshape(shape)
+
+
+def _read_folder(folder: Path) -> Arrays:
+    arrays = [_read_idx(folder / _FILES[key]) for key in ("train_images", "train_labels", "test_images", "test_labels")]
+    return arrays[0], arrays[1].astype(np.int64), arrays[2], arrays[3].astype(np.int64)
+
+
+def _download(root: Path) -> Arrays:
+    """Fashion-MNIST through torchvision's downloader (needs network)."""
+    from torchvision.datasets import FashionMNIST
+
+    train = FashionMNIST(str(root), train=True, download=True)
+    test = FashionMNIST(str(root), train=False, download=True)
+    return train.data.numpy(), train.targets.numpy(), test.data.numpy(), test.targets.numpy()
+
+
+def load_fashion_mnist(
+    source: Optional[Union[str, Path]] = None, cache: Optional[Union[str, Path]] = None
+) -> tuple[Arrays, str]:
+    """Train/test images and labels, from `source` (default: Debian's files) or else a download into `cache`."""
+    folder = Path(source).expanduser() if source else DEBIAN_FASHION_MNIST
+    if all((folder / name).is_file() for name in _FILES.values()):
+        return _read_folder(folder), str(folder)
+    cache = Path(cache).expanduser() if cache else Path.home() / ".cache" / "finetune" / "fashion-mnist"
+    try:
+        return _download(cache), f"torchvision download ({cache})"
+    except (OSError, RuntimeError) as err:  # URLError/HTTPError are OSErrors; torchvision raises RuntimeError
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise FinetuneError(
+            f"Fashion-MNIST not found in {folder} (expected {', '.join(_FILES.values())}) and the download failed "
+            f"({reason}). Install it offline with `sudo apt install dataset-fashion-mnist`, pass a folder holding "
+            "those four files with --source DIR, or connect to the internet"
+        ) from None
+
+
+def _pick(labels: np.ndarray, per_class: int, val_per_class: int, rng: np.random.Generator) -> tuple[list, list]:
+    """Disjoint, seeded train/val indices: `per_class` and `val_per_class` of each class."""
+    train_idx, val_idx = [], []
+    for label in range(len(FASHION_MNIST_CLASSES)):
+        pool = rng.permutation(np.flatnonzero(labels == label))
+        if per_class + val_per_class > len(pool):
+            raise FinetuneError(
+                f"asked for {per_class} training + {val_per_class} validation images per class, but class "
+                f"{FASHION_MNIST_CLASSES[label]} has only {len(pool)}; lower --per-class or --val-per-class"
+            )
+        train_idx.append(pool[:per_class])
+        val_idx.append(pool[per_class: per_class + val_per_class])
+    return list(np.concatenate(train_idx)), list(np.concatenate(val_idx))
+
+
+def _write_split(root: Path, images: np.ndarray, labels: np.ndarray, indices: list) -> None:
+    for name in FASHION_MNIST_CLASSES:
+        (root / name).mkdir(parents=True, exist_ok=True)
+    for i in indices:
+        Image.fromarray(images[i]).save(root / FASHION_MNIST_CLASSES[labels[i]] / f"{i:05d}.png")
+
+
+def export_fashion_mnist(
+    out_dir: Union[str, Path],
+    per_class: int = 100,
+    val_per_class: int = 20,
+    test_limit: Optional[int] = None,
+    seed: int = 0,
+    source: Optional[Union[str, Path]] = None,
+    reuse: bool = False,
+) -> FashionMNISTExport:
+    """Write a Fashion-MNIST folder data set (train/, val/, unlabeled test/, test_truth.csv) into `out_dir`.
+
+    `per_class` / `val_per_class` images per class are drawn (seeded, disjoint) from the 60 000 training
+    images; test/ holds the first `test_limit` of the 10 000 test images (all by default). With `reuse`,
+    an existing export made with the same settings is returned as it is.
+    """
+    if per_class < 1 or val_per_class < 1:
+        raise FinetuneError("--per-class and --val-per-class must be at least 1")
+    if test_limit is not None and test_limit < 1:
+        raise FinetuneError("--test-limit must be at least 1 (or left out for all 10 000 test images)")
+    root = Path(out_dir).expanduser()
+    train_dir, val_dir, test_dir, truth_csv = root / "train", root / "val", root / "test", root / "test_truth.csv"
+    settings = {"per_class": per_class, "val_per_class": val_per_class, "test_limit": test_limit, "seed": seed}
+    manifest = root / _MANIFEST
+    if reuse and manifest.is_file():
+        try:
+            done = json.loads(manifest.read_text())
+        except ValueError:
+            done = {}  # a damaged manifest: not reusable, and the folder is not empty (error below)
+        if done.get("settings") == settings:
+            return FashionMNISTExport(root, train_dir, val_dir, test_dir, truth_csv, list(FASHION_MNIST_CLASSES),
+                                      done["counts"], done["source"], reused=True)
+    if root.exists() and any(root.iterdir()):
+        raise FinetuneError(f"{root} already exists and is not empty; choose another --out or delete it")
+
+    (train_x, train_y, test_x, test_y), origin = load_fashion_mnist(source)
+    train_idx, val_idx = _pick(train_y, per_class, val_per_class, np.random.default_rng(seed))
+    _write_split(train_dir, train_x, train_y, train_idx)
+    _write_split(val_dir, train_x, train_y, val_idx)
+    count = len(test_x) if test_limit is None else min(test_limit, len(test_x))
+    test_dir.mkdir(parents=True, exist_ok=True)
+    with truth_csv.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["Id", "Category"])
+        for i in range(count):
+            image_id = f"{i + 1:05d}"
+            Image.fromarray(test_x[i]).save(test_dir / f"{image_id}.png")
+            writer.writerow([image_id, FASHION_MNIST_CLASSES[test_y[i]]])
+    counts = {"train": len(train_idx), "val": len(val_idx), "test": count}
+    manifest.write_text(json.dumps({"settings": settings, "counts": counts, "source": origin}, indent=2) + "\n")
+    return FashionMNISTExport(root, train_dir, val_dir, test_dir, truth_csv, list(FASHION_MNIST_CLASSES), counts,
+                              origin)
+
+
+def describe(export: FashionMNISTExport) -> str:
+    """Where each part of an export is, as a few lines for the console."""
+    verb = "reused" if export.reused else "wrote"
+    return "\n".join([
+        f"{verb} Fashion-MNIST ({export.source}) in {export.root}:",
+        f"  training images    {export.counts['train']:>6}  {export.train_dir}/<class>/",
+        f"  validation images  {export.counts['val']:>6}  {export.val_dir}/<class>/",
+        f"  test images        {export.counts['test']:>6}  {export.test_dir}/ (unlabeled)",
+        f"  test answers               {export.truth_csv} (Id,Category)",
+    ])
+
