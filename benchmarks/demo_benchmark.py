@@ -40,7 +40,9 @@ def run_once(mode: str, seed: int, out: Path, args: argparse.Namespace) -> dict:
     (score_file,) = (out / "runs").glob("*/test_eval/score.json")
     score = json.loads(score_file.read_text())
     for exported in out.glob("fashion_mnist_*"):
-        shutil.rmtree(exported)  # 10 000+ PNGs per run; the run folder and log stay
+        shutil.rmtree(exported)  # 10 000+ PNGs per run; the run folder (minus checkpoints) and log stay
+    for checkpoint in out.glob("runs/*/*.pt"):
+        checkpoint.unlink()
     return {"mode": mode, "seed": seed, "accuracy": score["accuracy"], "images": score["images"],
             "seconds": round(seconds, 1), "log": str(log)}
 
