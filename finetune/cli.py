@@ -143,6 +143,12 @@ def _inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
 
 
+def _recipe_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", help="dataset folder (overrides data.root)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe value, e.g. --set train.epochs=5 (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `finetune` argument parser with one sub-command per task."""
     parser = argparse.ArgumentParser(prog="finetune", description="Fine-tune pretrained image classifiers.")
@@ -150,9 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="fine-tune a backbone as a recipe says")
     train.add_argument("recipe", nargs="?", help="recipe YAML (see recipes/); not needed with --resume")
-    train.add_argument("--data", help="dataset folder (overrides data.root)")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a recipe value, e.g. --set train.epochs=5 (repeatable)")
+    _recipe_options(train)
     train.add_argument("--resume", metavar="RUN_DIR_OR_LAST_PT",
                        help="continue an interrupted run in its folder, with its saved recipe")
     train.add_argument("--folds", type=int, default=None, metavar="K",
@@ -162,18 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     augment = commands.add_parser("augment", help="write a PNG grid of augmented training images")
     augment.add_argument("recipe", help="recipe YAML (its augment section is shown)")
-    augment.add_argument("--data", help="dataset folder (overrides data.root)")
+    _recipe_options(augment)
     augment.add_argument("--out", default="augment_grid.png")
     augment.add_argument("--n", type=int, default=16, help="number of images")
-    augment.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
     augment.set_defaults(func=_augment)
 
     lr_find = commands.add_parser("lr-find", help="learning-rate range test: plot and a suggested train.lr")
     lr_find.add_argument("recipe", help="recipe YAML")
-    lr_find.add_argument("--data", help="dataset folder (overrides data.root)")
+    _recipe_options(lr_find)
     lr_find.add_argument("--out", default="lr_find.png")
     lr_find.add_argument("--steps", type=int, default=100, help="batches in the sweep (stops early on divergence)")
-    lr_find.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
     lr_find.set_defaults(func=_lr_find)
 
     evaluate = commands.add_parser("evaluate", help="confusion matrix and per-class report on labelled images")
