@@ -6,11 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure  # not pyplot: see finetune.reports.plots
 
 __all__ = ["CalibrationBins", "calibration_bins", "plot_reliability"]
 
@@ -54,7 +51,8 @@ def calibration_bins(probs: np.ndarray, y_true: Sequence[int], n_bins: int = 15)
 
 def plot_reliability(bins: CalibrationBins, path: Path) -> None:
     """Accuracy per confidence bin against the diagonal of perfect calibration, with a count histogram."""
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    fig = Figure(figsize=(5.5, 6.5))
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     width = bins.edges[1] - bins.edges[0]
     centres = bins.edges[:-1] + width / 2
     filled = bins.counts > 0
@@ -74,4 +72,3 @@ def plot_reliability(bins: CalibrationBins, path: Path) -> None:
     bottom.set_ylabel("images")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

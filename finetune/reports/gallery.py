@@ -6,15 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure  # not pyplot: see finetune.reports.plots
+from PIL import Image
 
-matplotlib.use("Agg")  # files only: never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from finetune.data.images import load_rgb  # noqa: E402
-from finetune.errors import FinetuneError  # noqa: E402
+from finetune.errors import FinetuneError
 
 __all__ = ["Tile", "worst_mistakes", "thumbnail", "plot_gallery"]
 
@@ -37,6 +33,9 @@ def worst_mistakes(y_true: Sequence[int], y_pred: Sequence[int], confidence: Seq
 
 def thumbnail(path: Path, size: int = 160) -> np.ndarray:
     """The image as RGB, shrunk to fit `size` pixels (grey if it cannot be read)."""
+    # Imported here so that importing the figure modules pulls in nothing of finetune but its errors.
+    from finetune.data.images import load_rgb
+
     try:
         image = Image.fromarray(load_rgb(path))
     except FinetuneError:
@@ -50,7 +49,8 @@ def plot_gallery(tiles: Sequence[Tile], path: Path, title: str, columns: int = 6
     columns = max(1, min(columns, len(tiles)))
     rows = max(1, -(-len(tiles) // columns))
     # At least 7 inches wide, so the title fits even above a single tile.
-    fig, axes = plt.subplots(rows, columns, figsize=(max(7.0, 2.3 * columns), 2.6 * rows + 0.5), squeeze=False)
+    fig = Figure(figsize=(max(7.0, 2.3 * columns), 2.6 * rows + 0.5))
+    axes = fig.subplots(rows, columns, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, tile in zip(axes.flat, tiles):
@@ -62,4 +62,3 @@ def plot_gallery(tiles: Sequence[Tile], path: Path, title: str, columns: int = 6
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib
+from matplotlib.figure import Figure  # not pyplot: see finetune.reports.plots
 
-matplotlib.use("Agg")  # files only: never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-
-from finetune.engine.lr_find import LrFindResult  # noqa: E402
+if TYPE_CHECKING:  # for the hint only: figures never import engine code
+    from finetune.engine.lr_find import LrFindResult
 
 __all__ = ["plot_lr_find"]
 
@@ -18,13 +17,14 @@ def plot_lr_find(result: LrFindResult, path: Path) -> Path:
     """Raw and smoothed loss per rate, with the suggested rate marked."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     ax.plot(result.lrs, result.raw_losses, color="0.75", linewidth=0.8, label="loss per batch")
     ax.plot(result.lrs, result.losses, color="C0", label="smoothed loss")
-    ax.axvline(result.suggestion, color="C3", linestyle="--", label=f"suggested lr {result.suggestion:.1e}")
+    ax.axvline(result.suggestion, color="C3", linestyle="--",
+               label=f"suggested lr {result.suggestion:.1e} (min-loss/10)")
     if result.steepest is not None and result.steepest != result.suggestion:
         ax.axvline(result.steepest, color="C2", linestyle=":", label=f"steepest {result.steepest:.1e}")
-    ax.axvline(result.min_over_10, color="C1", linestyle=":", label=f"min-loss/10 {result.min_over_10:.1e}")
     ax.set_xscale("log")
     top = min(max(result.losses), 2 * result.losses[0]) if result.losses else None
     if top is not None and top > min(result.losses):
@@ -36,5 +36,4 @@ def plot_lr_find(result: LrFindResult, path: Path) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+# A bare Figure, not pyplot: savefig renders PNGs through Agg by itself, so neither importing nor drawing
+# touches the process-wide backend (a notebook importing finetune keeps its own).
+from matplotlib.figure import Figure
 
 __all__ = ["plot_confusion_matrix", "plot_curves"]
 
@@ -37,18 +36,19 @@ def plot_confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path: Path
     rows = matrix.sum(axis=1, keepdims=True)
     normalised = np.divide(matrix, rows, out=np.zeros_like(matrix, dtype=float), where=rows > 0)
     side = max(5.0, 0.55 * len(classes) + 2)
-    fig, axes = plt.subplots(1, 2, figsize=(2 * side + 1, side))
+    fig = Figure(figsize=(2 * side + 1, side))
+    axes = fig.subplots(1, 2)
     _matrix_panel(axes[0], matrix, classes, "confusion matrix (counts)", "d")
     _matrix_panel(axes[1], normalised, classes, "normalised by true class (recall)", ".2f")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
     """Loss, accuracy and learning rate per epoch."""
     epochs = [int(r["epoch"]) for r in history]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig = Figure(figsize=(14, 4))
+    axes = fig.subplots(1, 3)
     for key, label in (("train_loss", "train"), ("val_loss", "val")):
         axes[0].plot(epochs, [float(r[key]) for r in history], marker="o", label=label)
     for key, label in (("train_acc", "train"), ("val_acc", "val")):
@@ -62,4 +62,3 @@ def plot_curves(history: list[dict], path: Path) -> None:
     axes[1].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
