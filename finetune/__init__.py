@@ -4,14 +4,19 @@
     result = finetune.train("recipes/quick_cpu.yaml", data="~/food11")
     finetune.evaluate(result.best_checkpoint, "~/food11/validation")
     finetune.predict(result.best_checkpoint, "~/food11/test", out="submission.csv")
+
+The API functions load on first use, so `import finetune.recipe` (or `finetune.models`) does not
+pull in the whole toolkit.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from finetune.api import TrainResult, evaluate, predict, train  # noqa: E402
-from finetune.errors import FinetuneError  # noqa: E402
-from finetune.inference import LoadedModel, load_model  # noqa: E402
-from finetune.recipe import Recipe, load_recipe  # noqa: E402
+import importlib
+from typing import Any
+
+from finetune.errors import FinetuneError
+from finetune.recipe import Recipe, load_recipe
+from finetune.version import __version__
 
 __all__ = [
     "__version__",
@@ -23,5 +28,26 @@ __all__ = [
     "load_model",
     "load_recipe",
     "predict",
+    "report",
     "train",
 ]
+
+_LAZY = {
+    "TrainResult": "finetune.api",
+    "train": "finetune.api",
+    "evaluate": "finetune.api",
+    "predict": "finetune.api",
+    "report": "finetune.api",
+    "LoadedModel": "finetune.inference",
+    "load_model": "finetune.inference",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'finetune' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -21,41 +21,42 @@ def _train(args: argparse.Namespace) -> None:
 
         if args.resume:
             raise FinetuneError("--folds and --resume do not combine; resume one fold with --resume RUN_DIR/foldN")
-        train_kfold(args.recipe, args.folds, data=args.data, overrides=args.set)
+        train_kfold(args.recipe, args.folds, data=args.data, overrides=args.overrides)
         return
-    train(args.recipe, data=args.data, overrides=args.set, resume=args.resume)
+    train(args.recipe, data=args.data, overrides=args.overrides, resume=args.resume)
 
 
 def _augment(args: argparse.Namespace) -> None:
-    from finetune.api import augment_preview
+    from finetune.preview import augment_preview
 
-    augment_preview(args.recipe, data=args.data, overrides=args.set, out=args.out, n=args.n)
+    augment_preview(**_given(args))
 
 
 def _lr_find(args: argparse.Namespace) -> None:
-    from finetune.api import lr_find
+    from finetune.preview import lr_find
 
-    lr_find(args.recipe, data=args.data, overrides=args.set, out=args.out, steps=args.steps)
+    lr_find(**_given(args))
+
+
+def _given(args: argparse.Namespace) -> dict:
+    """The options the user gave, by API parameter name: the API function alone holds the defaults."""
+    return {k: v for k, v in vars(args).items() if k not in ("command", "func")}
 
 
 def _evaluate(args: argparse.Namespace) -> None:
     from finetune.api import evaluate
 
-    evaluate(args.checkpoint, args.data, out=args.out, batch_size=args.batch_size, num_workers=args.workers,
-             device=args.device, tta=args.tta)
+    evaluate(**_given(args))
 
 
 def _predict(args: argparse.Namespace) -> None:
     from finetune.api import predict
 
-    predict(args.checkpoint, args.images, out=args.out, id_column=args.id_column, label_column=args.label_column,
-            value=args.value, batch_size=args.batch_size, num_workers=args.workers, device=args.device,
-            tta=args.tta, probs=args.probs, topk=args.topk, sample_submission=args.sample_submission,
-            id_format=args.id_format, id_width=args.id_width, index_start=args.index_start)
+    predict(**_given(args))
 
 
 def _score(args: argparse.Namespace) -> None:
-    from finetune.evaluate import format_report
+    from finetune.evaluation import format_report
     from finetune.scoring import score_csv
 
     metrics = score_csv(args.submission, args.truth, out_dir=args.out, id_column=args.id_column,
@@ -65,9 +66,9 @@ def _score(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
-    from finetune.reports.html import build_report
+    from finetune.api import report
 
-    print(f"wrote {build_report(args.run_dir, eval_dir=args.eval_dir)}")
+    print(f"wrote {report(args.run_dir, eval_dir=args.eval_dir)}")
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -77,14 +78,13 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    from finetune.models import build_model, format_summary, stage_lr_multipliers, stage_summary
+    from finetune.engine.optim import stage_lr_multipliers
+    from finetune.models import build_model, format_summary, stage_summary
     from finetune.recipe import HeadConfig, ModelConfig, TrainConfig
 
     cfg = ModelConfig(backbone=args.backbone, trainable=args.trainable, trainable_last=args.trainable_last,
                       freeze_to=args.freeze_to, head=HeadConfig(hidden=args.hidden, pool=args.pool))
-    cfg.validate()
     train_cfg = TrainConfig(layer_decay=args.layer_decay)
-    train_cfg.validate()
     model, pre = build_model(cfg, args.num_classes, args.image_size)
     print(f"{args.backbone}: input {pre.size}px, mean {pre.mean}, std {pre.std}, {pre.interpolation}")
     print("stages from input to output (the names model.trainable, trainable_last and freeze_to use):")
@@ -110,13 +110,17 @@ def _demo(args: argparse.Namespace) -> None:
 
 def _add_demo_commands(commands: argparse._SubParsersAction) -> None:
     """`finetune datasets fashion-mnist` and `finetune demo`."""
+    from finetune.datasets import DEFAULT_PER_CLASS, DEFAULT_VAL_PER_CLASS
+
+    per_class_help = f"training images per class (default {DEFAULT_PER_CLASS})"
+    val_help = f"validation images per class (default {DEFAULT_VAL_PER_CLASS})"
     datasets = commands.add_parser("datasets", help="write a ready-made data set as an image folder")
     sources = datasets.add_subparsers(dest="dataset", required=True, metavar="DATASET")
     fashion = sources.add_parser("fashion-mnist", help="Fashion-MNIST: train/<class>/, val/<class>/, test/, "
                                                        "test_truth.csv (offline from Debian's dataset-fashion-mnist)")
     fashion.add_argument("--out", required=True, help="folder to create")
-    fashion.add_argument("--per-class", type=int, default=100, help="training images per class (default 100)")
-    fashion.add_argument("--val-per-class", type=int, default=20, help="validation images per class (default 20)")
+    fashion.add_argument("--per-class", type=int, default=DEFAULT_PER_CLASS, help=per_class_help)
+    fashion.add_argument("--val-per-class", type=int, default=DEFAULT_VAL_PER_CLASS, help=val_help)
     fashion.add_argument("--test-limit", type=int, default=None, help="first K test images (default: all 10 000)")
     fashion.add_argument("--seed", type=int, default=0)
     fashion.add_argument("--source", default=None,
@@ -125,8 +129,8 @@ def _add_demo_commands(commands: argparse._SubParsersAction) -> None:
 
     demo = commands.add_parser("demo", help="offline end to end: Fashion-MNIST, fine-tune Lite0, submission, score")
     demo.add_argument("--out", default="demo", help="folder for the data set and runs (default ./demo)")
-    demo.add_argument("--per-class", type=int, default=100, help="training images per class (default 100)")
-    demo.add_argument("--val-per-class", type=int, default=20, help="validation images per class (default 20)")
+    demo.add_argument("--per-class", type=int, default=DEFAULT_PER_CLASS, help=per_class_help)
+    demo.add_argument("--val-per-class", type=int, default=DEFAULT_VAL_PER_CLASS, help=val_help)
     demo.add_argument("--test-limit", type=int, default=None, help="first K test images (default: all 10 000)")
     demo.add_argument("--epochs", type=int, default=None, help="override the recipe's train.epochs")
     demo.add_argument("--recipe", default=None, help="another recipe (default recipes/demo_fashion_mnist_lite0.yaml)")
@@ -138,19 +142,21 @@ def _add_demo_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _inference_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=2, help="data-loading processes")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--batch-size", type=int, help="images per batch (default 64)")
+    parser.add_argument("--workers", type=int, dest="num_workers", help="data-loading processes (default 2)")
+    parser.add_argument("--device", help="auto (default) | cpu | cuda | cuda:N")
 
 
 def _recipe_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="dataset folder (overrides data.root)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", action="append", dest="overrides", metavar="KEY=VALUE",
                         help="override a recipe value, e.g. --set train.epochs=5 (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The `finetune` argument parser with one sub-command per task."""
+    from finetune.submission import ID_FORMATS, VALUE_KINDS
+
     parser = argparse.ArgumentParser(prog="finetune", description="Fine-tune pretrained image classifiers.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -164,50 +170,55 @@ def build_parser() -> argparse.ArgumentParser:
                             "and the predict command for their ensemble")
     train.set_defaults(func=_train)
 
-    augment = commands.add_parser("augment", help="write a PNG grid of augmented training images")
+    # augment, lr-find, evaluate and predict pass on only the options given (argument_default=SUPPRESS): the
+    # defaults live in the API functions' signatures.
+    augment = commands.add_parser("augment", help="write a PNG grid of augmented training images",
+                                  argument_default=argparse.SUPPRESS)
     augment.add_argument("recipe", help="recipe YAML (its augment section is shown)")
     _recipe_options(augment)
-    augment.add_argument("--out", default="augment_grid.png")
-    augment.add_argument("--n", type=int, default=16, help="number of images")
+    augment.add_argument("--out", help="PNG to write (default augment_grid.png)")
+    augment.add_argument("--n", type=int, help="number of images (default 16)")
     augment.set_defaults(func=_augment)
 
-    lr_find = commands.add_parser("lr-find", help="learning-rate range test: plot and a suggested train.lr")
+    lr_find = commands.add_parser("lr-find", help="learning-rate range test: plot and a suggested train.lr",
+                                  argument_default=argparse.SUPPRESS)
     lr_find.add_argument("recipe", help="recipe YAML")
     _recipe_options(lr_find)
-    lr_find.add_argument("--out", default="lr_find.png")
-    lr_find.add_argument("--steps", type=int, default=100, help="batches in the sweep (stops early on divergence)")
+    lr_find.add_argument("--out", help="PNG to write (default lr_find.png)")
+    lr_find.add_argument("--steps", type=int, help="batches in the sweep, default 100 (stops early on divergence)")
     lr_find.set_defaults(func=_lr_find)
 
-    evaluate = commands.add_parser("evaluate", help="confusion matrix and per-class report on labelled images")
-    evaluate.add_argument("checkpoint", help="best.pt / last.pt from a run folder")
+    evaluate = commands.add_parser("evaluate", help="confusion matrix and per-class report on labelled images",
+                                   argument_default=argparse.SUPPRESS)
+    evaluate.add_argument("checkpoint", help="a run folder's best (or last) checkpoint")
     evaluate.add_argument("--data", required=True, help="labelled folder (class sub-folders or 3_120.jpg names)")
     evaluate.add_argument("--out", help="output folder (default: eval/ next to the checkpoint)")
-    evaluate.add_argument("--tta", default=None, metavar="VIEWS",
+    evaluate.add_argument("--tta", metavar="VIEWS",
                           help="test-time augmentation: flip, crops or flip,crops")
     _inference_options(evaluate)
     evaluate.set_defaults(func=_evaluate)
 
-    predict = commands.add_parser("predict", help="write a Kaggle-style submission CSV for a folder of images")
-    predict.add_argument("checkpoint", nargs="+", help="best.pt; several checkpoints are averaged as an ensemble")
+    predict = commands.add_parser("predict", help="write a Kaggle-style submission CSV for a folder of images",
+                                  argument_default=argparse.SUPPRESS)
+    predict.add_argument("checkpoint", nargs="+", help="a run's best checkpoint; several are averaged as an ensemble")
     predict.add_argument("--images", required=True, help="folder of unlabeled test images")
-    predict.add_argument("--out", default="submission.csv")
-    predict.add_argument("--id-column", default="Id")
-    predict.add_argument("--label-column", default="Category")
-    predict.add_argument("--value", choices=["name", "index"], default="name",
-                         help="write the class name (default) or its index")
-    predict.add_argument("--tta", default=None, metavar="VIEWS",
+    predict.add_argument("--out", help="CSV to write (default submission.csv)")
+    predict.add_argument("--id-column", help="header of the Id column (default Id)")
+    predict.add_argument("--label-column", help="header of the label column (default Category)")
+    predict.add_argument("--value", choices=VALUE_KINDS, help="write the class name (default) or its index")
+    predict.add_argument("--tta", metavar="VIEWS",
                          help="test-time augmentation averaged per image: flip (2 views), crops (5), flip,crops (10)")
     predict.add_argument("--probs", action="store_true", help="also write OUT_probs.csv: Id and one column per class")
-    predict.add_argument("--topk", type=int, default=0, metavar="K",
+    predict.add_argument("--topk", type=int, metavar="K",
                          help="also write OUT_topK.csv: the K likeliest classes and their probabilities")
     predict.add_argument("--sample-submission", metavar="CSV",
                          help="Kaggle sample submission: its Ids, row order and header are used (every image must "
                               "match one Id); per-class columns get probabilities")
-    predict.add_argument("--id-format", choices=["stem", "name", "index"], default="stem",
+    predict.add_argument("--id-format", choices=ID_FORMATS,
                          help="Id of an image: file stem (0001.jpg → 0001, default), file name, or its position "
                               "in file-name order zero-padded (HW03 sample code: pad4 from 1)")
-    predict.add_argument("--id-width", type=int, default=4, help="--id-format index: digits, zero-padded (0: none)")
-    predict.add_argument("--index-start", type=int, default=1, help="--id-format index: number of the first image")
+    predict.add_argument("--id-width", type=int, help="--id-format index: digits, zero-padded (default 4; 0: none)")
+    predict.add_argument("--index-start", type=int, help="--id-format index: number of the first image (default 1)")
     _inference_options(predict)
     predict.set_defaults(func=_predict)
 
@@ -219,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--label-column", default=None, help="label column in both files (default: the second)")
     score.set_defaults(func=_score)
 
-    report = commands.add_parser("report", help="(re)build a run folder's self-contained report.html")
+    report = commands.add_parser("report", help="(re)build a run folder's self-contained HTML report")
     report.add_argument("run_dir", help="run folder (or a k-fold parent folder)")
     report.add_argument("--eval-dir", default=None, help="evaluation folder to show (default: RUN_DIR/eval)")
     report.set_defaults(func=_report)

@@ -44,6 +44,10 @@ _MANIFEST = "export.json"
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
+# The demo's few-shot size, shared by `finetune datasets fashion-mnist`, `finetune demo` and their CLI help.
+DEFAULT_PER_CLASS = 100
+DEFAULT_VAL_PER_CLASS = 20
+
 @dataclass
 class FashionMNISTExport:
     """Where an export put its files and how many images each split holds."""
@@ -130,8 +134,8 @@ def _write_split(root: Path, images: np.ndarray, labels: np.ndarray, indices: li
 
 def export_fashion_mnist(
     out_dir: Union[str, Path],
-    per_class: int = 100,
-    val_per_class: int = 20,
+    per_class: int = DEFAULT_PER_CLASS,
+    val_per_class: int = DEFAULT_VAL_PER_CLASS,
     test_limit: Optional[int] = None,
     seed: int = 0,
     source: Optional[Union[str, Path]] = None,

@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 from finetune.api import TrainResult, predict, train
-from finetune.datasets import FashionMNISTExport, describe, export_fashion_mnist
+from finetune.datasets import (DEFAULT_PER_CLASS, DEFAULT_VAL_PER_CLASS, FashionMNISTExport, describe,
+                               export_fashion_mnist)
 from finetune.errors import FinetuneError
-from finetune.evaluate import format_report
+from finetune.evaluation import format_report
 from finetune.recipe import load_recipe
+from finetune.run import RunDir
 from finetune.scoring import score_csv
 
 __all__ = ["DEMO_RECIPE", "DemoResult", "run_demo"]
@@ -40,8 +42,8 @@ class DemoResult:
 
 def run_demo(
     out: Union[str, Path] = "demo",
-    per_class: int = 100,
-    val_per_class: int = 20,
+    per_class: int = DEFAULT_PER_CLASS,
+    val_per_class: int = DEFAULT_VAL_PER_CLASS,
     test_limit: Optional[int] = None,
     epochs: Optional[int] = None,
     recipe: Optional[Union[str, Path]] = None,
@@ -63,10 +65,11 @@ def run_demo(
     log(describe(export))
 
     trained = train(demo_recipe, data=export.root, log=log)
-    submission = predict(trained.best_checkpoint, export.test_dir, trained.run_dir / "predictions" / "submission.csv",
+    run = RunDir(trained.run_dir)
+    submission = predict(trained.best_checkpoint, export.test_dir, run.test_submission,
                          batch_size=4 * demo_recipe.data.batch_size, num_workers=demo_recipe.data.num_workers,
                          tta=tta, log=log)
-    eval_dir = trained.run_dir / "test_eval"
+    eval_dir = run.test_eval.folder
     metrics = score_csv(submission, export.truth_csv, out_dir=eval_dir, classes=trained.classes)
     log(format_report(metrics["report"], trained.classes))
     seconds = time.perf_counter() - start
@@ -74,9 +77,10 @@ def run_demo(
         (f"demo finished in {seconds / 60:.1f} min: test accuracy {metrics['accuracy']:.4f} on "
          f"{export.counts['test']} images (validation {trained.best_val_accuracy:.4f})"),
         f"  data set          {export.root}",
-        f"  run folder        {trained.run_dir}  (recipe.yaml, history.csv, curves.png, best.pt, eval/)",
+        f"  run folder        {run.path}  ({', '.join(p.name for p in (run.recipe, run.history, run.curves, run.best))}, "
+        f"{run.eval.folder.name}/)",
         f"  submission        {submission}",
         f"  score             {metrics['score_file']}",
-        f"  confusion matrix  {eval_dir / 'confusion_matrix.png'}",
+        f"  confusion matrix  {run.test_eval.confusion_png}",
     ]))
     return DemoResult(export, trained, submission, Path(metrics["score_file"]), eval_dir, metrics["accuracy"], seconds)

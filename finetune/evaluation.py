@@ -3,21 +3,23 @@ calibration (ECE + reliability diagram), the misclassified gallery and Grad-CAM 
 
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix, top_k_accuracy_score
 
-from finetune.gradcam import grad_cam
-from finetune.inference import LoadedModel
+from finetune.data.sources import Sample
 from finetune.reports.calibration import calibration_bins, plot_reliability
 from finetune.reports.gallery import Tile, plot_gallery, thumbnail, worst_mistakes
 from finetune.reports.plots import plot_confusion_matrix
+from finetune.run import EvalFiles
 
-__all__ = ["most_confused", "top_k_accuracies", "write_evaluation", "format_report"]
+if TYPE_CHECKING:  # scoring a CSV needs no model: inference (and timm) load only when a model is evaluated
+    from finetune.inference import LoadedModel
+
+__all__ = ["most_confused", "top_k_accuracies", "write_evaluation", "format_report", "summary_lines",
+           "evaluate_samples"]
 
 GALLERY_LIMIT = 36  # a 6 x 6 grid: enough to see a pattern, small enough to look at every one
 CAM_LIMIT = 12
@@ -58,8 +60,10 @@ def _write_gallery(y_true: np.ndarray, y_pred: np.ndarray, probs: np.ndarray, cl
     return worst
 
 
-def _write_gradcam(model: LoadedModel, worst: list[int], y_true: np.ndarray, y_pred: np.ndarray,
+def _write_gradcam(model: "LoadedModel", worst: list[int], y_true: np.ndarray, y_pred: np.ndarray,
                    classes: Sequence[str], paths: Sequence[Path], out: Path) -> bool:
+    from finetune.gradcam import grad_cam
+
     chosen = worst[:CAM_LIMIT]
     cams = grad_cam(model, [paths[i] for i in chosen], [int(y_pred[i]) for i in chosen])
     if not cams:
@@ -90,17 +94,17 @@ def write_evaluation(
     y_true: Sequence[int],
     y_pred: Sequence[int],
     classes: Sequence[str],
-    out_dir: Path,
+    files: EvalFiles,
     probs: Optional[np.ndarray] = None,
     paths: Optional[Sequence[Path]] = None,
-    model: Optional[LoadedModel] = None,
+    model: Optional["LoadedModel"] = None,
 ) -> dict:
-    """Write the evaluation files into `out_dir` and return the metrics.
+    """Write the evaluation bundle into `files` and return the metrics.
 
     With `probs`: top-k accuracy and calibration; with `probs` and `paths`: the misclassified
     gallery; with `model` as well: Grad-CAM overlays of the worst mistakes.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
+    files.prepare()
     labels = list(range(len(classes)))
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     matrix = confusion_matrix(y_true, y_pred, labels=labels)
@@ -108,25 +112,7 @@ def write_evaluation(
         y_true, y_pred, labels=labels, target_names=list(classes), output_dict=True, zero_division=0
     )
     report["accuracy"] = float((y_true == y_pred).mean()) if len(y_true) else 0.0
-    plot_confusion_matrix(matrix, classes, out_dir / "confusion_matrix.png")
-    with (out_dir / "confusion_matrix.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["true\\predicted", *classes])
-        for name, row in zip(classes, matrix):
-            writer.writerow([name, *row.tolist()])
     confused = most_confused(matrix, classes)
-    with (out_dir / "most_confused.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["true", "predicted", "count"])
-        writer.writerows(confused)
-    (out_dir / "classification_report.json").write_text(json.dumps(report, indent=2))
-    if paths is not None:
-        with (out_dir / "predictions.csv").open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["path", "true", "predicted", "confidence", "correct"])
-            for i, path in enumerate(paths):
-                confidence = float(probs[i, y_pred[i]]) if probs is not None else ""
-                writer.writerow([str(path), classes[y_true[i]], classes[y_pred[i]], confidence, int(y_true[i] == y_pred[i])])
     summary: dict = {"images": int(len(y_true)), "classes": len(classes), "accuracy": report["accuracy"],
                      "macro_f1": float(report["macro avg"]["f1-score"])}
     if probs is not None and len(y_true):
@@ -134,17 +120,56 @@ def write_evaluation(
         bins = calibration_bins(probs, y_true)
         summary["ece"] = bins.ece
         summary["calibration_bins"] = bins.to_dict()
-        plot_reliability(bins, out_dir / "reliability.png")
+    if files.writes:
+        plot_confusion_matrix(matrix, classes, files.confusion_png)
+        files.write_csv(files.confusion_csv, [["true\\predicted", *classes],
+                                              *([name, *row.tolist()] for name, row in zip(classes, matrix))])
+        files.write_csv(files.most_confused, [["true", "predicted", "count"], *confused])
+        files.write_json(files.report_json, report)
         if paths is not None:
-            worst = _write_gallery(y_true, y_pred, probs, classes, paths, out_dir / "misclassified.png")
-            if model is not None and worst:
-                summary["gradcam"] = _write_gradcam(model, worst, y_true, y_pred, classes, paths,
-                                                    out_dir / "gradcam.png")
-    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+            files.write_csv(files.predictions, [["path", "true", "predicted", "confidence", "correct"], *(
+                [str(path), classes[y_true[i]], classes[y_pred[i]],
+                 float(probs[i, y_pred[i]]) if probs is not None else "", int(y_true[i] == y_pred[i])]
+                for i, path in enumerate(paths))])
+        if "calibration_bins" in summary:
+            plot_reliability(bins, files.reliability)
+            if paths is not None:
+                worst = _write_gallery(y_true, y_pred, probs, classes, paths, files.misclassified)
+                if model is not None and worst:
+                    summary["gradcam"] = _write_gradcam(model, worst, y_true, y_pred, classes, paths, files.gradcam)
+        files.write_json(files.metrics, summary)
     return {
         **summary,
         "report": report,
         "most_confused": confused,
         "confusion_matrix": matrix.tolist(),
-        "out_dir": str(out_dir),
+        "out_dir": str(files.folder),
     }
+
+
+def summary_lines(metrics: dict, classes: Sequence[str]) -> list[str]:
+    """The console view of an evaluation: per-class table, top-k and ECE, the most confused pairs."""
+    lines = [format_report(metrics["report"], classes)]
+    extras = [f"{k} {v:.4f}" for k, v in metrics.get("top_k", {}).items() if k != "top1"]
+    if "ece" in metrics:
+        extras.append(f"ECE {metrics['ece']:.4f}")
+    if extras:
+        lines.append(", ".join(extras))
+    if metrics["most_confused"]:
+        lines.append("most confused (true → predicted: count): " + ", ".join(
+            f"{t} → {p}: {n}" for t, p, n in metrics["most_confused"][:5]))
+    return lines
+
+
+def evaluate_samples(loaded: "LoadedModel", samples: Sequence[Sample], files: EvalFiles, batch_size: int,
+                     num_workers: int, log: Callable[[str], None] = print, tta: Sequence[str] = ()) -> dict:
+    """Predict labelled samples with a loaded model, write the bundle into `files`, log the summary; the metrics."""
+    from finetune.inference import predict_probs
+
+    probs = predict_probs(loaded, samples, batch_size, num_workers, tta=tta)
+    metrics = write_evaluation([s.label for s in samples], probs.argmax(1), loaded.classes, files, probs,
+                               [s.path for s in samples], model=loaded)
+    for line in summary_lines(metrics, loaded.classes):
+        log(line)
+    log(f"evaluation written to {files.folder}")
+    return metrics

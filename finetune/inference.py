@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from finetune.data.images import load_rgb
 from finetune.data.loaders import make_loader
 from finetune.data.sources import Sample
-from finetune.data.transforms import Preprocessing
+from finetune.data.preprocessing import Preprocessing
 from finetune.engine.checkpoint import read_checkpoint
 from finetune.errors import FinetuneError
 from finetune.models import Classifier, build_model
@@ -63,7 +63,7 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu")
 def load_ensemble(paths: Sequence[Union[str, Path]], device: Union[str, torch.device] = "cpu") -> list[LoadedModel]:
     """Load one or more checkpoints whose class lists must be identical (same names, same order)."""
     if not paths:
-        raise FinetuneError("no checkpoint given; pass one best.pt, or several to average them as an ensemble")
+        raise FinetuneError("no checkpoint given; pass one, or several to average them as an ensemble")
     models = [load_model(p, device) for p in paths]
     first = models[0].classes
     for path, loaded in zip(paths[1:], models[1:]):

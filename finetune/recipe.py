@@ -36,6 +36,7 @@ BN_POLICIES = ("frozen", "train")
 POOLS = ("avg", "max", "avgmax", "catavgmax")
 BALANCE = ("none", "sampler", "loss")
 POLICIES = ("none", "randaugment", "trivialaugment")
+PRESETS = ("none", "light", "medium", "heavy", "hw03")  # built in finetune/data/transforms.py
 MONITORS = ("val_acc", "val_loss")
 
 
@@ -52,7 +53,7 @@ class DataConfig:
     layout: str = "auto"  # auto | folder (train/<class>/) | filename (3_120.jpg) | csv (manifest)
     train: str = "auto"  # sub-folder holding training images ("auto": train/ or training/, else root)
     val: Optional[str] = "auto"  # sub-folder with validation images; "auto" finds val/validation/valid
-    test: Optional[str] = "auto"  # unlabeled test folder, used by `predict` when --images is not given
+    test: Optional[str] = "auto"  # unlabeled test folder; k-fold names it in the predict command it prints
     label_regex: str = r"^(\d+)_"  # filename layout: first group of this regex is the label
     csv: Optional[str] = None  # csv layout: manifest file with columns path|id and label
     csv_image_dir: Optional[str] = None  # csv layout: folder the ids/paths are relative to
@@ -64,7 +65,11 @@ class DataConfig:
     num_workers: int = 2
     balance: str = "none"  # none | sampler (weighted sampling) | loss (class-weighted loss)
 
+    def __post_init__(self) -> None:
+        self.validate()  # a bad section cannot be built, from YAML or in code
+
     def validate(self) -> None:
+        """Reject out-of-range or conflicting settings, naming the recipe key."""
         _choice("data.layout", self.layout, LAYOUTS)
         _choice("data.balance", self.balance, BALANCE)
         if not 0.0 < self.val_fraction < 1.0:
@@ -88,7 +93,11 @@ class HeadConfig:
     batchnorm: bool = True  # BatchNorm1d after each hidden Linear layer
     pool: str = "avg"  # global pooling of the feature map: avg | max | avgmax | catavgmax (lenet has none)
 
+    def __post_init__(self) -> None:
+        self.validate()  # a bad section cannot be built, from YAML or in code
+
     def validate(self) -> None:
+        """Reject out-of-range or conflicting settings, naming the recipe key."""
         _choice("model.head.pool", self.pool, POOLS)
         if not 0.0 <= self.dropout < 1.0:
             raise FinetuneError("recipe key 'model.head.dropout' must be in [0, 1)")
@@ -109,7 +118,11 @@ class ModelConfig:
     bn: str = "frozen"  # BatchNorm in frozen stages: frozen (eval, stats fixed) | train
     head: HeadConfig = field(default_factory=HeadConfig)
 
+    def __post_init__(self) -> None:
+        self.validate()  # a bad section cannot be built, from YAML or in code
+
     def validate(self) -> None:
+        """Reject out-of-range or conflicting settings, naming the recipe key."""
         _choice("model.bn", self.bn, BN_POLICIES)
         if self.pretrained and self.weights:
             raise FinetuneError("set either 'model.pretrained: true' or 'model.weights: PATH', not both")
@@ -134,10 +147,12 @@ class AugmentConfig:
     cutmix: float = 0.0  # cutmix Beta(alpha, alpha) per batch, e.g. 1.0; 0 = off (both on: one per batch)
     mix_prob: float = 1.0  # chance that a batch is mixed when mixup or cutmix is on
 
-    def validate(self) -> None:
-        from finetune.data.transforms import PRESETS  # local import: transforms pull in albumentations
+    def __post_init__(self) -> None:
+        self.validate()  # a bad section cannot be built, from YAML or in code
 
-        _choice("augment.preset", self.preset, tuple(PRESETS))
+    def validate(self) -> None:
+        """Reject out-of-range or conflicting settings, naming the recipe key."""
+        _choice("augment.preset", self.preset, PRESETS)
         _choice("augment.policy", self.policy, POLICIES)
         if self.mixup < 0 or self.cutmix < 0:
             raise FinetuneError("recipe keys 'augment.mixup' and 'augment.cutmix' are Beta alphas: 0 (off) or "
@@ -173,7 +188,11 @@ class TrainConfig:
     unfreeze: Optional[dict[int, list[str]]] = None  # gradual unfreezing: {epoch: [stages]}, e.g. {3: [layer3]}
     fine_tune: Optional[int] = None  # fastai-style: N head-only epochs, then the body too at lower rates
 
+    def __post_init__(self) -> None:
+        self.validate()  # a bad section cannot be built, from YAML or in code
+
     def validate(self) -> None:
+        """Reject out-of-range or conflicting settings, naming the recipe key."""
         _choice("train.optimizer", self.optimizer, OPTIMIZERS)
         _choice("train.schedule", self.schedule, SCHEDULES)
         if self.epochs < 1:
@@ -229,6 +248,9 @@ class Recipe:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> "Recipe":
         """Reject settings that are out of range or conflict; returns self."""
         if not self.name or "/" in self.name or "\\" in self.name:
@@ -250,7 +272,7 @@ class Recipe:
     @classmethod
     def from_dict(cls, raw: dict) -> "Recipe":
         """Build and validate a recipe from a nested dict (as read from YAML)."""
-        return _build(cls, raw, prefix="").validate()
+        return _build(cls, raw, prefix="")
 
 
 def _type_name(tp: Any) -> str:

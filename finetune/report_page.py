@@ -1,4 +1,7 @@
-"""report.html: one self-contained page per run folder (figures embedded as base64, no server, no JS)."""
+"""report.html: one self-contained HTML page per run folder (figures embedded as base64, no server, no JS).
+
+It is rendered from the files a `RunDir` and its `EvalFiles` name, and written by the RunDir.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +16,9 @@ from typing import Optional
 import yaml
 
 from finetune.errors import FinetuneError
+from finetune.run import EvalFiles, RunDir
 
-__all__ = ["build_report", "REPORT_NAME"]
-
-REPORT_NAME = "report.html"
+__all__ = ["build_report", "render_report"]
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f6f7f9;color:#1d232b}
@@ -95,10 +97,10 @@ def _per_class(report: dict) -> str:
     return _table(rows, ["class", "precision", "recall", "f1", "images"])
 
 
-def _evaluation_sections(eval_dir: Path) -> tuple[list[str], list[str]]:
+def _evaluation_sections(files: EvalFiles) -> tuple[list[str], list[str]]:
     """(summary cards, body sections) from an evaluation folder."""
-    metrics = _read_json(eval_dir / "metrics.json") or {}
-    report = _read_json(eval_dir / "classification_report.json")
+    metrics = _read_json(files.metrics) or {}
+    report = _read_json(files.report_json)
     cards, parts = [], []
     if metrics or report:
         accuracy = metrics.get("accuracy", (report or {}).get("accuracy"))
@@ -110,73 +112,74 @@ def _evaluation_sections(eval_dir: Path) -> tuple[list[str], list[str]]:
                 cards.append(_card(_pct(value), f"{name} accuracy"))
         if "ece" in metrics:
             cards.append(_card(f"{metrics['ece']:.3f}", "calibration error (ECE)"))
-    parts.append("<h2>Confusion matrix</h2>" + _img(eval_dir / "confusion_matrix.png", "confusion matrix",
+    parts.append("<h2>Confusion matrix</h2>" + _img(files.confusion_png, "confusion matrix",
                                                     "rows: true class; columns: predicted class"))
-    confused = _read_csv(eval_dir / "most_confused.csv")[1:11]
+    confused = _read_csv(files.most_confused)[1:11]
     if confused:
         parts.append("<p>Most confused pairs:</p>" + _table([[_esc(c) for c in row] for row in confused],
                                                             ["true", "predicted", "images"]))
     if report:
         parts.append("<h2>Per-class results</h2>" + _per_class(report))
-    gallery = _img(eval_dir / "misclassified.png", "misclassified images",
+    gallery = _img(files.misclassified, "misclassified images",
                    "each tile: file, true class (its probability), predicted class (confidence)")
     if gallery:
         parts.append("<h2>Misclassified, most confident first</h2>" + gallery)
-    cam = _img(eval_dir / "gradcam.png", "Grad-CAM overlays",
+    cam = _img(files.gradcam, "Grad-CAM overlays",
                "red: regions that pushed the model towards its (wrong) answer")
     if cam:
         parts.append("<h2>Grad-CAM of the worst mistakes</h2>" + cam)
-    reliability = _img(eval_dir / "reliability.png", "reliability diagram",
+    reliability = _img(files.reliability, "reliability diagram",
                        "bar below its red confidence mark: over-confident; above: under-confident")
     if reliability:
         parts.append("<h2>Calibration</h2>" + reliability)
     return cards, parts
 
 
-def _run_sections(run_dir: Path) -> tuple[list[str], list[str]]:
+def _run_sections(run: RunDir) -> tuple[list[str], list[str]]:
     cards, parts = [], []
-    history = _read_csv(run_dir / "history.csv")
+    history = _read_csv(run.history)
     if len(history) > 1:
         header, rows = history[0], history[1:]
         if "val_acc" in header:
             k = header.index("val_acc")
             best = max(rows, key=lambda r: float(r[k]))
             cards.append(_card(_pct(float(best[k])), f"best val accuracy (epoch {best[0]} of {len(rows)})"))
-        parts.append("<h2>Training curves</h2>" + _img(run_dir / "curves.png", "training curves")
-                     + f"<details><summary>history.csv</summary>{_table([[_esc(c) for c in r] for r in rows], header)}"
+        parts.append("<h2>Training curves</h2>" + _img(run.curves, "training curves")
+                     + f"<details><summary>{_esc(run.history.name)}</summary>{_table([[_esc(c) for c in r] for r in rows], header)}"
                      "</details>")
-    counts = _read_csv(run_dir / "class_counts.csv")
+    counts = _read_csv(run.class_counts)
     if len(counts) > 1:
         parts.append("<h2>Data</h2>" + _table([[_esc(c) for c in r] for r in counts[1:]], counts[0]))
-    skipped = _read_csv(run_dir / "skipped_images.csv")[1:]
+    skipped = _read_csv(run.skipped)[1:]
     if skipped:
-        parts.append(f"<p>{len(skipped)} unusable image(s) skipped (skipped_images.csv):</p>"
+        parts.append(f"<p>{len(skipped)} unusable image(s) skipped ({_esc(run.skipped.name)}):</p>"
                      + _table([[_esc(c) for c in r] for r in skipped[:20]], ["path", "reason"]))
-    recipe = run_dir / "recipe.yaml"
+    recipe = run.recipe
     if recipe.is_file():
         parts.append(f"<h2>Recipe</h2><pre>{_esc(recipe.read_text())}</pre>")
     return cards, parts
 
 
-def _cv_sections(run_dir: Path, summary: dict) -> tuple[list[str], list[str]]:
+def _cv_sections(run: RunDir, summary: dict) -> tuple[list[str], list[str]]:
     cards = [_card(f"{100 * summary['mean']:.2f} ± {100 * summary['std']:.2f}%",
                    f"{len(summary['folds'])}-fold CV accuracy (mean ± std)")]
     if summary.get("oof_accuracy") is not None:
         cards.append(_card(_pct(summary["oof_accuracy"]), "out-of-fold accuracy (all images)"))
     rows = []
     for fold in summary["folds"]:
-        link = Path(fold["run_dir"]).name
-        rows.append([f'<a href="{_esc(link)}/{REPORT_NAME}">{_esc(link)}</a>', _pct(fold["accuracy"]),
+        name = Path(fold["run_dir"]).name
+        link = Path(fold["report"]).relative_to(run.path) if "report" in fold else Path(name)
+        rows.append([f'<a href="{_esc(link.as_posix())}">{_esc(name)}</a>', _pct(fold["accuracy"]),
                      fold.get("best_epoch", ""), fold.get("train_images", ""), fold.get("val_images", "")])
     parts = ["<h2>Folds</h2>" + _table(rows, ["fold", "val accuracy", "best epoch", "train images", "val images"]),
-             f"<p>Predict with the ensemble of all folds (out-of-fold predictions: oof_predictions.csv):</p>"
+             f"<p>Predict with the ensemble of all folds (out-of-fold predictions: {_esc(run.oof_predictions.name)}):</p>"
              f"<pre class=\"cmd\">{_esc(summary.get('predict_command', ''))}</pre>"]
     return cards, parts
 
 
-def _recipe_line(run_dir: Path) -> str:
+def _recipe_line(run: RunDir) -> str:
     try:
-        recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
+        recipe = yaml.safe_load(run.recipe.read_text()) or {}
     except (OSError, yaml.YAMLError):
         return ""
     model, data, train = recipe.get("model") or {}, recipe.get("data") or {}, recipe.get("train") or {}
@@ -185,31 +188,32 @@ def _recipe_line(run_dir: Path) -> str:
     return " · ".join(_esc(b) for b in bits)
 
 
-def build_report(run_dir: Path, eval_dir: Optional[Path] = None, out: Optional[Path] = None) -> Path:
-    """Write a self-contained report.html for a run folder (or a k-fold parent folder); returns its path."""
-    run_dir = Path(run_dir).expanduser()
-    if not run_dir.is_dir():
-        raise FinetuneError(f"run folder not found: {run_dir}")
-    eval_dir = Path(eval_dir) if eval_dir else run_dir / "eval"
-    cv = _read_json(run_dir / "cv_summary.json")
-    if cv is None and not (run_dir / "recipe.yaml").is_file() and not (eval_dir / "metrics.json").is_file():
-        raise FinetuneError(f"{run_dir} is not a run folder (no recipe.yaml, eval/ or cv_summary.json); "
-                            "pass the folder `finetune train` created")
-    cards, parts = _cv_sections(run_dir, cv) if cv else ([], [])
-    run_cards, run_parts = _run_sections(run_dir)
-    eval_cards, eval_parts = _evaluation_sections(eval_dir) if eval_dir.is_dir() else ([], [])
+def render_report(run: RunDir, evaluation: EvalFiles) -> str:
+    """The self-contained report page of a run folder (or a k-fold parent folder) and one evaluation."""
+    cv = run.read_cv_summary()
+    cards, parts = _cv_sections(run, cv) if cv else ([], [])
+    run_cards, run_parts = _run_sections(run)
+    shown = evaluation.folder.is_dir()
+    eval_cards, eval_parts = _evaluation_sections(evaluation) if shown else ([], [])
     when = datetime.now().strftime("%Y-%m-%d %H:%M")
     body = "".join([
-        f"<h1>{_esc(run_dir.name)}</h1>",
-        f'<div class="sub">{_recipe_line(run_dir)}</div>',
-        f'<div class="sub">{_esc(run_dir.resolve())}'
-        f'{f" · evaluation: {_esc(eval_dir)}" if eval_dir.is_dir() else ""} · built {when}</div>',
+        f"<h1>{_esc(run.path.name)}</h1>",
+        f'<div class="sub">{_recipe_line(run)}</div>',
+        f'<div class="sub">{_esc(run.path.resolve())}'
+        f'{f" · evaluation: {_esc(evaluation.folder)}" if shown else ""} · built {when}</div>',
         f'<div class="cards">{"".join(cards + run_cards + eval_cards)}</div>',
         *parts, *eval_parts, *run_parts,
     ])
-    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_esc(run_dir.name)} · finetune report'
-            f'</title><meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style></head>'
-            f"<body><main>{body}</main></body></html>\n")
-    out = Path(out) if out else run_dir / REPORT_NAME
-    out.write_text(page, encoding="utf-8")
-    return out
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_esc(run.path.name)} · finetune '
+            f'report</title><meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style>'
+            f"</head><body><main>{body}</main></body></html>\n")
+
+
+def build_report(run: RunDir, evaluation: Optional[EvalFiles] = None) -> Path:
+    """Render and write the report page of `run` with `evaluation` (default: the run's eval/); returns its path."""
+    evaluation = evaluation or run.eval
+    if run.is_main and not (run.is_run() or evaluation.exists()):
+        raise FinetuneError(f"{run.path} is not a run folder (no {run.recipe.name}, {run.eval.folder.name}/ or "
+                            f"{run.cv_summary.name}); pass the folder `finetune train` created")
+    page = render_report(run, evaluation) if run.is_main else ""
+    return run.write_report(page, evaluation)

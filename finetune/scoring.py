@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Optional, Sequence
 
 from finetune.data.sources import sort_class_names
 from finetune.errors import FinetuneError
-from finetune.evaluate import write_evaluation
+from finetune.evaluation import write_evaluation
+from finetune.run import EvalFiles
 
 __all__ = ["read_labels", "score_csv"]
 
@@ -72,9 +72,9 @@ def score_csv(
     if unknown:
         raise FinetuneError(f"labels {unknown[:5]} are not among the classes {names[:20]}")
     ids = sorted(answers)
-    out_dir = Path(out_dir) if out_dir else submission.with_name(submission.stem + "_score")
-    metrics = write_evaluation([index[answers[i]] for i in ids], [index[predicted[i]] for i in ids], names, out_dir)
+    files = EvalFiles(Path(out_dir) if out_dir else submission.with_name(submission.stem + "_score"))
+    metrics = write_evaluation([index[answers[i]] for i in ids], [index[predicted[i]] for i in ids], names, files)
     score = {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "images": len(ids),
              "correct": int(round(metrics["accuracy"] * len(ids))), "submission": str(submission), "truth": str(truth)}
-    (out_dir / "score.json").write_text(json.dumps(score, indent=2) + "\n")
-    return {**metrics, "class_names": names, "score_file": str(out_dir / "score.json")}
+    files.write_json(files.score, score)
+    return {**metrics, "class_names": names, "score_file": str(files.score)}

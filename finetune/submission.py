@@ -23,7 +23,6 @@ __all__ = [
     "VALUE_KINDS",
     "ID_FORMATS",
     "SubmissionPlan",
-    "image_id",
     "image_ids",
     "order_by_id",
     "plan_submission",
@@ -33,11 +32,6 @@ __all__ = [
 
 VALUE_KINDS = ("name", "index")
 ID_FORMATS = ("stem", "name", "index")
-
-
-def image_id(path: Path) -> str:
-    """The Kaggle Id of an image: its file stem, as text (`0001.jpg` → `0001`, never `1`)."""
-    return path.stem
 
 
 def image_ids(paths: Sequence[Path], id_format: str = "stem", width: int = 4, start: int = 1) -> list[str]:

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
 
-from finetune.data.transforms import Preprocessing, build_eval_transform
+from finetune.data.preprocessing import Preprocessing
+from finetune.data.transforms import build_eval_transform, cv2_interpolation
 from finetune.errors import FinetuneError
 
 __all__ = ["TTA_CHOICES", "parse_tta", "ViewTransform", "average_views", "view_count"]
@@ -62,7 +63,7 @@ class ViewTransform:
         self.big_size = _big_size(pre)
         if "crops" in tta:
             self.big = A.Compose([
-                A.SmallestMaxSize(max_size=self.big_size, interpolation=pre.cv2_interpolation),
+                A.SmallestMaxSize(max_size=self.big_size, interpolation=cv2_interpolation(pre)),
                 A.CenterCrop(self.big_size, self.big_size),
                 A.Normalize(mean=pre.mean, std=pre.std),
                 ToTensorV2(),

@@ -9,6 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
+# Absolute paths, so the tests pass from any working directory (e.g. `cd /tmp && pytest /path/to/tests`).
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "recipes"
+QUICK_CPU = str(RECIPES / "quick_cpu.yaml")  # a str: it goes into CLI argv lists
+
 # Three easy classes: the dominant colour channel decides the class.
 COLOURS = {"red": (200, 40, 40), "green": (40, 190, 60), "blue": (50, 60, 210)}
 

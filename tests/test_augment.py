@@ -7,12 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_OVERRIDES
+from conftest import QUICK_CPU, TINY_OVERRIDES
 from finetune.cli import main
 from finetune.data.loaders import ImageDataset, make_loader
 from finetune.data.mixing import BatchMixer, create_mixer, dominant_label
 from finetune.data.sources import Sample
-from finetune.data.transforms import PRESETS, Preprocessing, build_eval_transform, build_train_transform
+from finetune.data.preprocessing import Preprocessing
+from finetune.data.transforms import PRESETS, build_eval_transform, build_train_transform
 from finetune.errors import FinetuneError
 from finetune.recipe import AugmentConfig, load_recipe
 from finetune.reports.augment_grid import denormalise
@@ -104,7 +105,7 @@ def test_denormalise_recovers_the_pixels():
 
 def test_augment_command_writes_a_grid(folder_dataset, tmp_path, capsys):
     out = tmp_path / "grid.png"
-    args = ["augment", "recipes/quick_cpu.yaml", "--data", str(folder_dataset), "--out", str(out), "--n", "6"]
+    args = ["augment", QUICK_CPU, "--data", str(folder_dataset), "--out", str(out), "--n", "6"]
     for item in TINY_OVERRIDES + ["augment.cutmix=1.0", "augment.policy=randaugment"]:
         args += ["--set", item]
     assert main(args) == 0

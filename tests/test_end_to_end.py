@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_OVERRIDES, make_image, write_folder_dataset
+from conftest import QUICK_CPU, REPO, TINY_OVERRIDES, make_image, write_folder_dataset
 from finetune import load_model
 from finetune.cli import main
 from finetune.data.loaders import ImageDataset, make_loader
@@ -34,7 +34,7 @@ def trained_hw03(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("e2e")
     root = write_hw03_dataset(tmp / "food", per_class=16, val_per_class=6, test=12)
-    code = main(["train", "recipes/quick_cpu.yaml", "--data", str(root), *cli_overrides(tmp, ("name=hw03",))])
+    code = main(["train", QUICK_CPU, "--data", str(root), *cli_overrides(tmp, ("name=hw03",))])
     assert code == 0
     return root, tmp / "runs" / "hw03"
 
@@ -65,7 +65,7 @@ def test_checkpoint_is_self_contained(trained_hw03):
 def test_second_run_never_overwrites_the_first(trained_hw03, tmp_path):
     root, run = trained_hw03
     overrides = cli_overrides(run.parent.parent, ("name=hw03", "train.epochs=1", "train.warmup_epochs=0"))
-    assert main(["train", "recipes/quick_cpu.yaml", "--data", str(root), *overrides]) == 0
+    assert main(["train", QUICK_CPU, "--data", str(root), *overrides]) == 0
     assert (run.parent / "hw03-2" / "best.pt").is_file()
     assert len(list(csv.DictReader((run / "history.csv").open()))) == 2
 
@@ -117,13 +117,13 @@ def test_checkpoint_with_other_classes_is_refused(trained_hw03, tmp_path, capsys
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["train", "recipes/quick_cpu.yaml", "--data", "/no/such/folder"], "dataset folder not found"),
-        (["train", "recipes/quick_cpu.yaml", "--data", "/no/such", "--set", "model.backbone=resnet_does_not_exist"],
+        (["train", QUICK_CPU, "--data", "/no/such/folder"], "dataset folder not found"),
+        (["train", QUICK_CPU, "--data", "/no/such", "--set", "model.backbone=resnet_does_not_exist"],
          "unknown backbone"),
-        (["train", "recipes/quick_cpu.yaml", "--set", "train.epocs=3"], "unknown recipe key 'train.epocs'"),
-        (["train", "recipes/quick_cpu.yaml", "--set", "data.batch_size=many"], "'data.batch_size' must be int"),
+        (["train", QUICK_CPU, "--set", "train.epocs=3"], "unknown recipe key 'train.epocs'"),
+        (["train", QUICK_CPU, "--set", "data.batch_size=many"], "'data.batch_size' must be int"),
         (["predict", "missing.pt", "--images", "."], "checkpoint not found"),
-        (["predict", "pyproject.toml", "--images", "."], "not a readable checkpoint"),
+        (["predict", str(REPO / "pyproject.toml"), "--images", "."], "not a readable checkpoint"),
     ],
 )
 def test_cli_errors_are_one_line(args, message, capsys, tmp_path):

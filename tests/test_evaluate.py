@@ -15,8 +15,9 @@ from torch import nn
 from conftest import COLOURS, TINY_OVERRIDES, make_image, write_folder_dataset
 from finetune import FinetuneError, evaluate, load_model, train
 from finetune.cli import main
-from finetune.data.transforms import Preprocessing
-from finetune.evaluate import top_k_accuracies, write_evaluation
+from finetune.data.preprocessing import Preprocessing
+from finetune.evaluation import top_k_accuracies, write_evaluation
+from finetune.run import EvalFiles
 from finetune.gradcam import grad_cam
 from finetune.inference import LoadedModel
 from finetune.models import Classifier
@@ -160,6 +161,7 @@ def test_transformers_get_no_grad_cam_but_the_rest_of_the_bundle(tmp_path):
         make_image(colour, i).save(images[-1])
     assert grad_cam(loaded, images, [0, 1, 0]) is None  # token maps: no honest Grad-CAM
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7]])
-    metrics = write_evaluation([0, 0, 1], probs.argmax(1), ["a", "b"], tmp_path / "eval", probs, images, model=loaded)
+    metrics = write_evaluation([0, 0, 1], probs.argmax(1), ["a", "b"], EvalFiles(tmp_path / "eval"), probs, images,
+                               model=loaded)
     assert metrics["gradcam"] is False and not (tmp_path / "eval" / "gradcam.png").exists()
     assert (tmp_path / "eval" / "misclassified.png").is_file()

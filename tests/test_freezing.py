@@ -13,7 +13,8 @@ from finetune.cli import main
 from finetune.engine.checkpoint import read_checkpoint
 from finetune.engine.optim import create_optimizer, create_scheduler
 from finetune.errors import FinetuneError
-from finetune.models import build_model, plan_unfreezing, resolve_trainable, stage_lr_multipliers
+from finetune.engine.optim import stage_lr_multipliers
+from finetune.models import build_model, plan_unfreezing, resolve_trainable
 from finetune.models.freezing import select_parameters, stage_parameters
 from finetune.recipe import HeadConfig, ModelConfig, Recipe, TrainConfig, load_recipe
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_OVERRIDES, write_folder_dataset
+from conftest import QUICK_CPU, TINY_OVERRIDES, write_folder_dataset
 from finetune import FinetuneError
 from finetune.cli import main
 from finetune.data.sources import Sample
@@ -69,7 +69,7 @@ def test_kfold_trains_each_fold_and_its_ensemble_predicts(tmp_path, capsys):
 
 def test_cli_rejects_a_single_fold(tmp_path, capsys):
     root = write_folder_dataset(tmp_path / "shapes", per_class=3, val_per_class=1, test=1)
-    args = ["train", "recipes/quick_cpu.yaml", "--data", str(root), "--folds", "1"]
+    args = ["train", QUICK_CPU, "--data", str(root), "--folds", "1"]
     for item in TINY_OVERRIDES + [f"output={tmp_path / 'runs'}"]:
         args += ["--set", item]
     assert main(args) == 2

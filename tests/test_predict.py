@@ -18,7 +18,7 @@ from finetune.cli import main
 from finetune.data.images import load_rgb
 from finetune.data.transforms import build_eval_transform
 from finetune.engine.checkpoint import read_checkpoint, save_checkpoint
-from finetune.predict import SubmissionPlan, image_ids, write_rows
+from finetune.submission import SubmissionPlan, image_ids, write_rows
 from finetune.tta import parse_tta
 from untrained import untrained_checkpoint
 

@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import COLOURS, TINY_OVERRIDES, make_image, write_folder_dataset
 from finetune import FinetuneError, train
 from finetune.cli import main
-from finetune.reports.html import build_report
+from finetune.api import report
 
 quiet = lambda line: None  # noqa: E731
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
@@ -61,7 +61,7 @@ def test_report_command_rebuilds_and_rejects_other_folders(run, tmp_path, capsys
     assert main(["report", str(tmp_path)]) == 2
     assert "is not a run folder" in capsys.readouterr().err
     with pytest.raises(FinetuneError, match="run folder not found"):
-        build_report(tmp_path / "missing")
+        report(tmp_path / "missing")
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install chromium)")

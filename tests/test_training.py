@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import TINY_OVERRIDES, make_image
+from conftest import QUICK_CPU, TINY_OVERRIDES, make_image
 from finetune import load_model, train
 from finetune.cli import main
 from finetune.data.sources import discover
@@ -159,7 +159,7 @@ def test_lr_range_test_restores_the_weights():
 
 def test_lr_find_command_plots_and_suggests(folder_dataset, tmp_path, capsys):
     out = tmp_path / "lr_find.png"
-    args = ["lr-find", "recipes/quick_cpu.yaml", "--data", str(folder_dataset), "--out", str(out), "--steps", "30"]
+    args = ["lr-find", QUICK_CPU, "--data", str(folder_dataset), "--out", str(out), "--steps", "30"]
     for item in TINY_OVERRIDES:
         args += ["--set", item]
     assert main(args) == 0

@@ -1,9 +1,8 @@
-"""Datasets and DataLoaders: the one place that decides sampling, batching and workers."""
+"""Datasets and DataLoaders: the one place that decides sampling (shuffled or class-balanced), batching and workers."""
 
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -11,10 +10,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from finetune.data.images import load_rgb
+from finetune.data.preprocessing import Preprocessing
 from finetune.data.sources import Sample
-from finetune.data.transforms import seed_transform
+from finetune.data.transforms import build_eval_transform, build_train_transform, seed_transform
+from finetune.recipe import Recipe
 
-__all__ = ["ImageDataset", "class_counts", "make_loader", "balanced_sampler", "unlabeled_samples"]
+__all__ = ["ImageDataset", "class_counts", "make_loader", "balanced_sampler", "train_transform", "train_loader",
+           "eval_loader"]
 
 
 class ImageDataset(Dataset):
@@ -90,7 +92,23 @@ def make_loader(
     )
 
 
-def unlabeled_samples(paths: Sequence[Path]) -> list[Sample]:
-    """Samples without labels, for prediction."""
-    return [Sample(Path(p)) for p in paths]
+def train_transform(recipe: Recipe, preprocessing: Preprocessing) -> Callable:
+    """The recipe's training augmentation at the model's size, seeded from train.seed."""
+    aug = recipe.augment
+    return build_train_transform(preprocessing, aug.preset, aug.ops, aug.policy, seed=recipe.train.seed)
 
+
+def train_loader(recipe: Recipe, samples: Sequence[Sample], preprocessing: Preprocessing,
+                 num_classes: int) -> DataLoader:
+    """Augmented training batches: shuffled, or class-balanced with `data.balance: sampler`; seeded from train.seed."""
+    cfg, seed = recipe.data, recipe.train.seed
+    sampler = balanced_sampler(samples, num_classes, seed) if cfg.balance == "sampler" else None
+    return make_loader(ImageDataset(samples, train_transform(recipe, preprocessing)), cfg.batch_size,
+                       cfg.num_workers, shuffle=True, seed=seed, sampler=sampler,
+                       drop_last=len(samples) > cfg.batch_size)
+
+
+def eval_loader(samples: Sequence[Sample], preprocessing: Preprocessing, batch_size: int,
+                num_workers: int) -> DataLoader:
+    """Batches in sample order with the evaluation preprocessing."""
+    return make_loader(ImageDataset(samples, build_eval_transform(preprocessing)), batch_size, num_workers)

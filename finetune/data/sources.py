@@ -17,7 +17,6 @@ __all__ = [
     "LabelledSet",
     "DatasetSplits",
     "discover",
-    "drop_unreadable",
     "read_labelled_folder",
     "read_manifest",
     "sort_class_names",
@@ -227,9 +226,3 @@ def discover(cfg: DataConfig, seed: int = 0) -> DatasetSplits:
         return DatasetSplits(classes, train, _to_samples(val_set, classes), "folder", test_dir, skipped)
     train, val = _stratified_split(train, cfg.val_fraction, seed)
     return DatasetSplits(classes, train, val, "split", test_dir, skipped)
-
-
-def drop_unreadable(samples: list[Sample], bad: set[Path]) -> list[Sample]:
-    """Samples whose file decoded fine."""
-    return [s for s in samples if s.path not in bad]
-

@@ -19,7 +19,6 @@ the global numpy/random seeds), so a run's augmentations repeat exactly; DataLoa
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
 
 import albumentations as A
@@ -29,12 +28,13 @@ import torch
 from albumentations.pytorch import ToTensorV2
 from torchvision.transforms import v2
 
+from finetune.data.preprocessing import Preprocessing
 from finetune.errors import FinetuneError
 
 __all__ = [
     "PRESETS",
     "POLICIES",
-    "Preprocessing",
+    "cv2_interpolation",
     "TorchvisionPolicy",
     "build_train_transform",
     "build_eval_transform",
@@ -43,36 +43,12 @@ __all__ = [
     "set_transform_rng_state",
 ]
 
-INTERPOLATIONS = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST}
+_CV2_INTERPOLATIONS = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST}
 
 
-@dataclass(frozen=True)
-class Preprocessing:
-    """How images are sized and normalised for a model; stored in every checkpoint."""
-
-    size: int = 224
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    interpolation: str = "bilinear"
-    crop_pct: float = 0.875
-
-    def to_dict(self) -> dict:
-        """Plain types, for checkpoints (weights_only loading)."""
-        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> "Preprocessing":
-        return cls(
-            size=int(raw["size"]),
-            mean=tuple(raw["mean"]),
-            std=tuple(raw["std"]),
-            interpolation=str(raw["interpolation"]),
-            crop_pct=float(raw["crop_pct"]),
-        )
-
-    @property
-    def cv2_interpolation(self) -> int:
-        return INTERPOLATIONS.get(self.interpolation, cv2.INTER_LINEAR)
+def cv2_interpolation(pre: Preprocessing) -> int:
+    """OpenCV's flag for the preprocessing's interpolation (bilinear when unknown)."""
+    return _CV2_INTERPOLATIONS.get(pre.interpolation, cv2.INTER_LINEAR)
 
 
 def _light(size: int, interp: int) -> list[A.BasicTransform]:
@@ -180,7 +156,7 @@ def _finish(pre: Preprocessing) -> list[A.BasicTransform]:
 def _eval_ops(pre: Preprocessing) -> list[A.BasicTransform]:
     resize_to = max(pre.size, int(round(pre.size / pre.crop_pct)))
     return [
-        A.SmallestMaxSize(max_size=resize_to, interpolation=pre.cv2_interpolation),
+        A.SmallestMaxSize(max_size=resize_to, interpolation=cv2_interpolation(pre)),
         A.CenterCrop(pre.size, pre.size),
     ]
 
@@ -199,12 +175,12 @@ def build_train_transform(
 ) -> A.Compose:
     """The preset's (or the explicit list's) augmentations at size x size, an optional policy, normalise."""
     if ops:
-        augment = _explicit_ops(ops) + [A.Resize(pre.size, pre.size, interpolation=pre.cv2_interpolation)]
+        augment = _explicit_ops(ops) + [A.Resize(pre.size, pre.size, interpolation=cv2_interpolation(pre))]
     else:
         if preset not in PRESETS:
             raise FinetuneError(f"unknown augment preset {preset!r}; choose one of {', '.join(PRESETS)}")
         factory = PRESETS[preset]
-        augment = _eval_ops(pre) if factory is None else factory(pre.size, pre.cv2_interpolation)
+        augment = _eval_ops(pre) if factory is None else factory(pre.size, cv2_interpolation(pre))
     if policy != "none":
         augment.append(TorchvisionPolicy(policy))
     transform = A.Compose(augment + _finish(pre))

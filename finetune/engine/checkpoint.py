@@ -10,6 +10,7 @@ from typing import Any, Union
 import torch
 
 from finetune.errors import FinetuneError
+from finetune.version import __version__
 
 __all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "read_checkpoint", "library_versions"]
 
@@ -20,8 +21,6 @@ def library_versions() -> dict[str, str]:
     """Versions of the libraries a checkpoint was made with."""
     import timm
     import torchvision
-
-    from finetune import __version__
 
     # str(): torch.__version__ is a TorchVersion, which weights_only loading refuses.
     return {"finetune": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
@@ -53,7 +52,7 @@ def read_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
         raise FinetuneError(f"{path} is not a readable checkpoint: {str(err).splitlines()[0]}") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise FinetuneError(
-            f"{path} is not a finetune checkpoint (use best.pt or last.pt from a run folder; "
+            f"{path} is not a finetune checkpoint (use a best or last checkpoint from a run folder; "
             "plain weights go in the recipe's model.weights)"
         )
     return payload

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import csv
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -16,17 +14,33 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from finetune.data.mixing import BatchMixer, dominant_label
-from finetune.engine.checkpoint import save_checkpoint
 from finetune.engine.ema import WeightEma
-from finetune.engine.optim import create_optimizer, create_scheduler
+from finetune.engine.optim import base_lr, create_optimizer, create_scheduler
 from finetune.engine.resume import capture_rng_state, check_resumable, restore_rng_state
+from finetune.engine.step import autocast, optimizer_step, to_device
 from finetune.errors import FinetuneError
 from finetune.models.unfreezing import plan_unfreezing
 from finetune.recipe import TrainConfig
 
-__all__ = ["EpochStats", "FitState", "Monitor", "train_one_epoch", "validate", "fit", "HISTORY_COLUMNS"]
+__all__ = ["EpochStats", "FitState", "Monitor", "RunFolder", "train_one_epoch", "validate", "fit", "HISTORY_COLUMNS"]
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+
+
+class RunFolder(Protocol):
+    """What the loop needs of the run folder (finetune.run.RunDir): where checkpoints go, and every write."""
+
+    path: Path
+    best: Path
+    last: Path
+
+    def save_checkpoint(self, path: Path, payload: dict) -> None: ...
+
+    def append_history(self, row: dict) -> None: ...
+
+    def rewrite_history(self, rows: Sequence[dict]) -> None: ...
+
+    def plot_curves(self, history: Sequence[dict]) -> None: ...
 
 
 @dataclass
@@ -82,34 +96,6 @@ class Monitor:
                 "best_accuracy": self.best_accuracy, "bad_epochs": self.bad_epochs}
 
 
-def _autocast(device: torch.device, enabled: bool):
-    if enabled and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.float16)
-    return nullcontext()
-
-
-def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, channels_last: bool):
-    images = images.to(device, non_blocking=True)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images, labels.to(device, non_blocking=True)
-
-
-def _optimizer_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler], grad_clip: Optional[float]
-) -> None:
-    if scaler is not None:
-        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-    if grad_clip:
-        nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -130,11 +116,11 @@ def train_one_epoch(
     optimizer.zero_grad(set_to_none=True)
     progress = tqdm(loader, desc=description, leave=False, disable=None, dynamic_ncols=True)
     for index, (images, labels) in enumerate(progress):
-        images, labels = _to_device(images, labels, device, cfg.channels_last)
+        images, labels = to_device(images, labels, device, cfg.channels_last)
         targets = labels
         if mixer is not None:
             images, targets = mixer(images, labels)
-        with _autocast(device, cfg.amp):
+        with autocast(device, cfg.amp):
             logits = model(images)
             loss = criterion(logits, targets)
         # Each batch contributes loss/group so an accumulated step uses the mean gradient of its group
@@ -144,7 +130,7 @@ def train_one_epoch(
         scaled = loss / group
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         if index + 1 == group_start + group:
-            _optimizer_step(model, optimizer, scaler, cfg.grad_clip)
+            optimizer_step(model, optimizer, scaler, cfg.grad_clip)
             scheduler.step()
             if ema is not None:
                 ema.update(model)
@@ -163,30 +149,14 @@ def validate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device:
     model.eval()
     total_loss, correct, seen = 0.0, 0, 0
     for images, labels in loader:
-        images, labels = _to_device(images, labels, device, cfg.channels_last)
-        with _autocast(device, cfg.amp):
+        images, labels = to_device(images, labels, device, cfg.channels_last)
+        with autocast(device, cfg.amp):
             logits = model(images)
             loss = criterion(logits.float(), labels)
         total_loss += loss.item() * labels.shape[0]
         correct += (logits.argmax(1) == labels).sum().item()
         seen += labels.shape[0]
     return EpochStats(total_loss / max(seen, 1), correct / max(seen, 1))
-
-
-def _append_history(path: Path, row: dict) -> None:
-    new = not path.exists()
-    with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-
-
-def _write_history(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def _restore(
@@ -224,18 +194,18 @@ def fit(
     val_loader: DataLoader,
     criterion: nn.Module,
     cfg: TrainConfig,
-    run_dir: Path,
+    run: RunFolder,
     device: torch.device,
     checkpoint_extras: dict,
-    on_epoch_end: Optional[Callable[[list[dict]], None]] = None,
     log: Callable[[str], None] = print,
     mixer: Optional[BatchMixer] = None,
     resume: Optional[dict] = None,
 ) -> FitState:
     """Train up to cfg.epochs (fewer with early stopping), continuing from a last.pt payload if given.
 
-    Every epoch writes last.pt (with the state to resume), then its history.csv row; best.pt is
-    written when cfg.monitor improves. With EMA on, the averaged weights are validated and saved.
+    Every epoch writes last.pt (with the state to resume) and the curves, then its history row;
+    best.pt is written when cfg.monitor improves. With EMA on, the averaged weights are validated
+    and saved. All of it goes through `run`, which decides whether this process writes.
     """
     steps_per_epoch = math.ceil(len(train_loader) / cfg.accumulate)
     # Parameters that a later epoch unfreezes join the optimizer now; frozen, they get no gradient.
@@ -246,14 +216,13 @@ def fit(
     ema = WeightEma(model, cfg.ema_decay) if cfg.ema else None
     eval_model = ema.module if ema is not None else model
     monitor = Monitor(cfg.monitor)
-    best_path, last_path, history_path = run_dir / "best.pt", run_dir / "last.pt", run_dir / "history.csv"
     first_epoch, history = 1, []
     if resume is not None:
         check_resumable(resume, cfg)
         first_epoch, history = _restore(resume, model, optimizer, scheduler, scaler, ema, monitor, train_loader)
         # Rows the crash left after the last checkpoint would otherwise appear twice.
-        _write_history(history_path, history)
-        log(f"resuming {run_dir} at epoch {first_epoch}/{cfg.epochs}")
+        run.rewrite_history(history)
+        log(f"resuming {run.path} at epoch {first_epoch}/{cfg.epochs}")
     epoch, saved_epoch = first_epoch, first_epoch - 1
     try:
         for epoch in range(first_epoch, cfg.epochs + 1):
@@ -261,7 +230,7 @@ def fit(
             trainable_now = unfreezing.apply(model, epoch)
             if trainable_now:
                 log(f"epoch {epoch}: trainable stages now {', '.join(trainable_now)}")
-            lr = optimizer.param_groups[0]["lr"]
+            lr = base_lr(optimizer)
             train = train_one_epoch(
                 model, train_loader, criterion, optimizer, scheduler, scaler, device, cfg,
                 f"epoch {epoch}/{cfg.epochs}", mixer, ema,
@@ -284,8 +253,8 @@ def fit(
                 "metrics": {"val_acc": val.accuracy, "val_loss": val.loss, "ema": ema is not None},
             }
             if monitor.update(epoch, val):
-                save_checkpoint(best_path, payload)
-            save_checkpoint(last_path, {**payload, "resume": {
+                run.save_checkpoint(run.best, payload)
+            run.save_checkpoint(run.last, {**payload, "resume": {
                 "model_state": model.state_dict() if ema is not None else None,  # else it is model_state
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
@@ -296,10 +265,9 @@ def fit(
                 "rng": capture_rng_state(train_loader),
             }})
             saved_epoch = epoch
-            if on_epoch_end is not None:
-                on_epoch_end(history)
+            run.plot_curves(history)
             # The row goes in last: a row in history.csv means its epoch's checkpoint and curves are on disk.
-            _append_history(history_path, row)
+            run.append_history(row)
             log(
                 f"epoch {epoch}/{cfg.epochs}  train loss {train.loss:.4f} acc {train.accuracy:.4f}  "
                 f"val loss {val.loss:.4f} acc {val.accuracy:.4f}  lr {lr:.2e}  {row['seconds']:.1f}s"
@@ -310,9 +278,9 @@ def fit(
                 break
     except KeyboardInterrupt:
         if saved_epoch > 0:
-            log(f"interrupted in epoch {epoch}; {last_path} holds epoch {saved_epoch}. "
-                f"Continue with: finetune train --resume {run_dir}")
+            log(f"interrupted in epoch {epoch}; {run.last} holds epoch {saved_epoch}. "
+                f"Continue with: finetune train --resume {run.path}")
         else:
             log("interrupted before the first epoch finished; nothing was saved to resume from")
         raise
-    return FitState(best_path, last_path, monitor.best_accuracy, monitor.best_epoch, history)
+    return FitState(run.best, run.last, monitor.best_accuracy, monitor.best_epoch, history)

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from finetune.engine.fit import _autocast, _optimizer_step, _to_device
 from finetune.engine.optim import create_optimizer
+from finetune.engine.step import autocast, optimizer_step, to_device
 from finetune.errors import FinetuneError
 from finetune.recipe import TrainConfig
 
@@ -27,9 +27,8 @@ class LrFindResult:
     lrs: list[float]
     losses: list[float]  # exponentially smoothed, bias-corrected
     raw_losses: list[float]
-    suggestion: float  # what lr-find prints for train.lr: min_over_10
+    suggestion: float  # what lr-find prints for train.lr: a tenth of the rate with the lowest smoothed loss
     steepest: Optional[float]  # middle of the window where the smoothed loss falls fastest (None: none falls)
-    min_over_10: float  # a tenth of the rate with the lowest smoothed loss
     diverged: bool
 
 
@@ -38,8 +37,8 @@ def _batches(loader: DataLoader) -> Iterator:
         yield from loader
 
 
-def suggest_lr(lrs: list[float], losses: list[float]) -> tuple[float, Optional[float], float]:
-    """(suggestion, steepest-descent rate, min-loss rate / 10) for a smoothed sweep.
+def suggest_lr(lrs: list[float], losses: list[float]) -> tuple[float, Optional[float]]:
+    """(suggestion, steepest-descent rate) for a smoothed sweep.
 
     The suggestion is the min-loss rate / 10 (fastai's `lr_min`): the steepest-descent point is
     also reported, but on short or noisy sweeps it often lands on noise.
@@ -47,7 +46,6 @@ def suggest_lr(lrs: list[float], losses: list[float]) -> tuple[float, Optional[f
     values = np.asarray(losses, dtype=np.float64)
     log_lrs = np.log10(np.asarray(lrs, dtype=np.float64))
     best = int(np.argmin(values))
-    min_over_10 = lrs[best] / 10
     # The first points carry little signal (the smoothing is still warming up), and past the
     # minimum the loss is on its way to diverging: look between them, over a window of ~10% of the
     # sweep so that one noisy batch does not decide.
@@ -59,7 +57,7 @@ def suggest_lr(lrs: list[float], losses: list[float]) -> tuple[float, Optional[f
         start = int(starts[np.argmin(slopes)])
         if slopes.min() < 0:
             steepest = float(10 ** ((log_lrs[start] + log_lrs[start + window]) / 2))
-    return min_over_10, steepest, min_over_10
+    return lrs[best] / 10, steepest
 
 
 def lr_range_test(
@@ -93,15 +91,15 @@ def lr_range_test(
             lr = start_lr * gamma**step
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * lr / cfg.lr
-            images, labels = _to_device(*next(batches), device, cfg.channels_last)
-            with _autocast(device, cfg.amp):
+            images, labels = to_device(*next(batches), device, cfg.channels_last)
+            with autocast(device, cfg.amp):
                 loss = criterion(model(images), labels)
             value = loss.item()
             if not math.isfinite(value):
                 diverged = True
                 break
             (scaler.scale(loss) if scaler is not None else loss).backward()
-            _optimizer_step(model, optimizer, scaler, cfg.grad_clip)
+            optimizer_step(model, optimizer, scaler, cfg.grad_clip)
             average = smoothing * average + (1 - smoothing) * value
             smoothed = average / (1 - smoothing ** (step + 1))
             lrs.append(lr)
@@ -116,5 +114,5 @@ def lr_range_test(
     if not lrs:
         raise FinetuneError("lr-find: the loss was not finite on the first batch even at the lowest rate; "
                             "check the images and labels (try `finetune augment` to look at them)")
-    suggestion, steepest, min_over_10 = suggest_lr(lrs, losses)
-    return LrFindResult(lrs, losses, raw, suggestion, steepest, min_over_10, diverged)
+    suggestion, steepest = suggest_lr(lrs, losses)
+    return LrFindResult(lrs, losses, raw, suggestion, steepest, diverged)

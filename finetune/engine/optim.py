@@ -8,11 +8,40 @@ from typing import Optional
 import torch
 from torch import nn
 
-from finetune.models.freezing import HEAD, stage_parameters
-from finetune.models.unfreezing import stage_lr_multipliers
+from finetune.errors import FinetuneError
+from finetune.models.freezing import HEAD, require_stages, stage_parameters
 from finetune.recipe import TrainConfig
 
-__all__ = ["param_groups", "create_optimizer", "create_scheduler", "lr_factor"]
+__all__ = ["FINE_TUNE_LR_SPREAD", "stage_lr_multipliers", "param_groups", "base_lr", "create_optimizer",
+           "create_scheduler", "lr_factor"]
+
+# fastai's fine_tune trains the body with slice(lr/100, lr): the stem at 1/100 of the head's rate.
+FINE_TUNE_LR_SPREAD = 100.0
+
+
+def stage_lr_multipliers(model: nn.Module, cfg: TrainConfig) -> dict[str, float]:
+    """Learning-rate multiplier per stage (and 'head'), from lr_mult, layer_decay or fine_tune's default."""
+    stages = list(stage_parameters(model))
+    body = [s for s in stages if s != HEAD]
+    multipliers = {s: 1.0 for s in stages}
+    if cfg.lr_mult:
+        require_stages(model, "train.lr_mult")
+        unknown = [s for s in cfg.lr_mult if s not in multipliers]
+        if unknown:
+            raise FinetuneError(
+                f"unknown stage '{unknown[0]}' in train.lr_mult; stages of this backbone: {', '.join(stages)}"
+            )
+        multipliers.update(cfg.lr_mult)
+        return multipliers
+    decay = cfg.layer_decay
+    if decay is None and cfg.fine_tune and body:
+        decay = (1.0 / FINE_TUNE_LR_SPREAD) ** (1.0 / len(body))
+    if decay is not None:
+        require_stages(model, "train.layer_decay")
+        # The stage just below the head gets decay, the one below it decay², ... the stem the smallest.
+        for depth, stage in enumerate(reversed(body), start=1):
+            multipliers[stage] = decay**depth
+    return multipliers
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig, include: Optional[set[str]] = None) -> list[dict]:
@@ -27,7 +56,7 @@ def param_groups(model: nn.Module, cfg: TrainConfig, include: Optional[set[str]]
         include = {n for n, p in named.items() if p.requires_grad}
     multipliers = stage_lr_multipliers(model, cfg)
     stages = stage_parameters(model)
-    # Head first, so param_groups[0]["lr"] is the base rate that the history logs.
+    # Head first, then towards the stem: the order `finetune inspect` and the logs show.
     order = ([HEAD] + [s for s in reversed(stages) if s != HEAD]) if HEAD in stages else list(stages)
     groups = []
     for stage in order:
@@ -42,6 +71,12 @@ def param_groups(model: nn.Module, cfg: TrainConfig, include: Optional[set[str]]
                 groups.append({"params": params, "weight_decay": weight_decay, "lr": lr, "stage": stage,
                                "lr_mult": multipliers[stage]})
     return groups
+
+
+def base_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The scheduled rate train.lr stands for now (any group's rate over its stage multiplier)."""
+    group = optimizer.param_groups[0]
+    return group["lr"] / group.get("lr_mult", 1.0)
 
 
 def create_optimizer(model: nn.Module, cfg: TrainConfig, include: Optional[set[str]] = None) -> torch.optim.Optimizer:

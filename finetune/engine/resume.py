@@ -1,4 +1,4 @@
-"""What a run needs to continue after a crash: random state capture/restore and finding last.pt.
+"""Random streams and resumption: seeding, capturing/restoring every stream, and reading a run's last checkpoint.
 
 Everything is stored as tensors, lists, dicts and plain numbers so that checkpoints load with
 ``torch.load(weights_only=True)``.
@@ -8,17 +8,26 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from finetune.data.transforms import set_transform_rng_state, transform_rng_state
+from finetune.engine.checkpoint import read_checkpoint
 from finetune.errors import FinetuneError
-from finetune.recipe import TrainConfig
+from finetune.recipe import Recipe, TrainConfig, apply_overrides
 
-__all__ = ["capture_rng_state", "restore_rng_state", "find_resume_checkpoint", "check_resumable"]
+__all__ = ["seed_everything", "capture_rng_state", "restore_rng_state", "check_resumable",
+           "read_resume"]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch for repeatable runs."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def _sampler_generator(loader: DataLoader) -> Optional[torch.Generator]:
@@ -60,27 +69,12 @@ def restore_rng_state(state: dict[str, Any], loader: DataLoader) -> None:
     set_transform_rng_state(getattr(loader.dataset, "transform", None), state["transform"])
 
 
-def find_resume_checkpoint(path: Union[str, Path]) -> Path:
-    """`path` itself when it is a checkpoint file, else `path/last.pt` for a run folder."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        path = path / "last.pt"
-        if not path.is_file():
-            raise FinetuneError(
-                f"no last.pt in {path.parent}: the run did not finish its first epoch, so there is nothing to "
-                "resume; start it again with `finetune train RECIPE`"
-            )
-    elif not path.is_file():
-        raise FinetuneError(f"--resume {path}: no such run folder or checkpoint file")
-    return path
-
-
 def check_resumable(payload: dict[str, Any], cfg: TrainConfig) -> None:
-    """Raise unless `payload` is a last.pt with training state and epochs left to train under `cfg`."""
+    """Raise unless `payload` is a last checkpoint with training state and epochs left to train under `cfg`."""
     state = payload.get("resume")
     if not isinstance(state, dict):
-        raise FinetuneError("the checkpoint holds no training state (best.pt never does); "
-                            "pass the run folder or its last.pt to resume")
+        raise FinetuneError("the checkpoint holds no training state (a run's best checkpoint never does); "
+                            "pass the run folder, or its last checkpoint, to resume")
     done = int(payload["epoch"])
     stopped = cfg.patience is not None and state["monitor"]["bad_epochs"] >= cfg.patience
     if done >= cfg.epochs or stopped:
@@ -88,3 +82,14 @@ def check_resumable(payload: dict[str, Any], cfg: TrainConfig) -> None:
             f"the run already finished: {done} of {cfg.epochs} epoch(s){', stopped early' if stopped else ''}; "
             "to train further, resume with --set train.epochs=N" + (" or a larger train.patience" if stopped else "")
         )
+
+
+def read_resume(checkpoint: Path, overrides: Optional[list[str]] = None) -> tuple[dict[str, Any], Recipe]:
+    """A last checkpoint's payload and the run's saved recipe with `overrides` applied, checked resumable.
+
+    Checked before any data is scanned or model built, so a finished run fails in a second.
+    """
+    payload = read_checkpoint(checkpoint)
+    recipe = Recipe.from_dict(apply_overrides(payload["recipe"], list(overrides or [])))
+    check_resumable(payload, recipe.train)
+    return payload, recipe

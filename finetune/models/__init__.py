@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-from finetune.data.transforms import Preprocessing
+from finetune.data.preprocessing import Preprocessing
 from finetune.models.backbones import Backbone, create_backbone
 from finetune.models.freezing import Classifier, apply_freeze, format_summary, resolve_trainable, stage_summary
 from finetune.models.heads import create_head
-from finetune.models.unfreezing import UnfreezePlan, plan_unfreezing, stage_lr_multipliers
+from finetune.models.unfreezing import UnfreezePlan, plan_unfreezing
 from finetune.recipe import ModelConfig
 
 __all__ = [
@@ -21,7 +21,6 @@ __all__ = [
     "resolve_trainable",
     "UnfreezePlan",
     "plan_unfreezing",
-    "stage_lr_multipliers",
 ]
 
 

@@ -17,7 +17,7 @@ import timm
 import torch
 from torch import nn
 
-from finetune.data.transforms import Preprocessing
+from finetune.data.preprocessing import Preprocessing
 from finetune.errors import FinetuneError
 from finetune.models import torchvision_backbones
 from finetune.models.weights import (

@@ -58,6 +58,12 @@ class Classifier(nn.Module):
         return self
 
 
+def require_stages(model: nn.Module, key: str) -> None:
+    """Raise unless `model` has named stages, which recipe key `key` refers to."""
+    if not getattr(model, "stages", None):
+        raise FinetuneError(f"{key} needs a model with named stages (built by finetune.models.build_model)")
+
+
 def _matches(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 

@@ -24,7 +24,7 @@ import torchvision
 from timm.layers import SelectAdaptivePool2d
 from torch import nn
 
-from finetune.data.transforms import Preprocessing
+from finetune.data.preprocessing import Preprocessing
 from finetune.errors import FinetuneError
 from finetune.models.classics import CLASSIC_BUILDERS, CLASSIC_STAGES
 from finetune.models.weights import load_matching, read_state_dict, resolve_weights_path

@@ -1,0 +1,95 @@
+"""Prepare data once: discover the samples, decode-check them, drop (and list) the unreadable ones, count classes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from finetune.data.images import SkippedImage, check_images
+from finetune.data.loaders import class_counts
+from finetune.data.sources import VAL_NAMES, Sample, discover, read_labelled_folder
+from finetune.errors import FinetuneError
+from finetune.recipe import Recipe
+
+__all__ = ["Prepared", "prepare", "readable", "labelled"]
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Prepared:
+    """Readable training and validation samples, their classes, and every image that was left out."""
+
+    classes: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    skipped: list[SkippedImage]
+    val_source: str = "folder"  # "folder", "split" or a k-fold description
+    test_dir: Optional[Path] = None
+
+    @property
+    def train_counts(self) -> list[int]:
+        """Training images per class."""
+        return class_counts(self.train, len(self.classes))
+
+    @property
+    def val_counts(self) -> list[int]:
+        """Validation images per class."""
+        return class_counts(self.val, len(self.classes))
+
+    def describe(self) -> str:
+        """One line: how many images of which kind, and where validation comes from."""
+        return (f"found {len(self.train)} training and {len(self.val)} validation images in {len(self.classes)} "
+                f"classes (validation: {self.val_source})")
+
+
+def readable(samples: Sequence[Sample]) -> tuple[list[Sample], list[SkippedImage]]:
+    """The samples whose image decodes, and the ones that do not (with the reason)."""
+    skipped = check_images([s.path for s in samples])
+    bad = {s.path for s in skipped}
+    return [s for s in samples if s.path not in bad], skipped
+
+
+def _check_classes(prepared: Prepared, log: Log) -> None:
+    counts = prepared.train_counts
+    empty = [prepared.classes[i] for i, c in enumerate(counts) if c == 0]
+    if empty:
+        raise FinetuneError(f"class(es) {empty} have no readable training images; add images or remove them")
+    if max(counts) > 5 * min(counts):
+        log(f"warning: classes are imbalanced (largest {max(counts)}, smallest {min(counts)} images); "
+            "consider data.balance: sampler or loss")
+
+
+def prepare(recipe: Recipe, log: Log = print) -> Prepared:
+    """The recipe's data: discovered, decode-checked (unreadable images dropped and kept in `skipped`), counted."""
+    splits = discover(recipe.data, recipe.train.seed)
+    val_source = splits.val_source
+    if val_source == "split":
+        val_source = f"{recipe.data.val_fraction:.0%} stratified split"
+    train, bad_train = readable(splits.train)
+    val, bad_val = readable(splits.val)
+    prepared = Prepared(splits.classes, train, val, splits.skipped + bad_train + bad_val, val_source, splits.test_dir)
+    _check_classes(prepared, log)
+    return prepared
+
+
+def labelled(folder: Path, classes: Sequence[str], layout: str, label_regex: str) -> tuple[list[Sample],
+                                                                                          list[SkippedImage]]:
+    """Readable samples of a labelled folder (or its val/ sub-folder), labelled by a checkpoint's `classes`."""
+    if not folder.is_dir():
+        raise FinetuneError(f"data folder not found: {folder}")
+    for name in VAL_NAMES:
+        if (folder / name).is_dir():
+            folder = folder / name
+            break
+    found = read_labelled_folder(folder, layout if layout != "csv" else "auto", label_regex)
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({name for _, name in found.items if name not in index})
+    if unknown:
+        raise FinetuneError(
+            f"{folder} has classes {unknown[:10]} that the checkpoint does not know; it was trained on "
+            f"{len(classes)} classes: {', '.join(list(classes)[:20])}. Use the matching checkpoint or data"
+        )
+    samples, unreadable = readable([Sample(path, index[name]) for path, name in found.items])
+    return samples, found.skipped + unreadable

@@ -1,0 +1,111 @@
+"""Look before you train: the augmented images the model will see, and a learning rate to start from."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+
+from finetune.data.images import load_rgb
+from finetune.data.loaders import train_loader, train_transform
+from finetune.data.mixing import create_mixer
+from finetune.data.prepare import Prepared, prepare
+from finetune.engine.loss import create_criterion
+from finetune.engine.lr_find import LrFindResult, lr_range_test
+from finetune.engine.resume import seed_everything
+from finetune.errors import FinetuneError
+from finetune.inference import resolve_device
+from finetune.models import build_model
+from finetune.models.backbones import check_backbone_name
+from finetune.recipe import Recipe, resolve_recipe
+from finetune.reports.augment_grid import save_augment_grid
+from finetune.reports.lr_plot import plot_lr_find
+
+__all__ = ["augment_preview", "lr_find"]
+
+Log = Callable[[str], None]
+
+
+def _training_data(recipe: Recipe, log: Log) -> Prepared:
+    dataset = prepare(recipe, log)
+    if dataset.skipped:
+        first = dataset.skipped[0]
+        log(f"skipping {len(dataset.skipped)} unusable image(s), e.g. {first.path}: {first.reason}")
+    return dataset
+
+
+def _caption(label: int, target: Optional[torch.Tensor], classes: list[str]) -> str:
+    """The class name, or both classes and their shares when the batch mixer blended two images."""
+    if target is not None:
+        (first, second), (a, b) = target.topk(2)
+        if float(second) > 0.005:
+            return f"{classes[int(a)]} {float(first):.2f} / {classes[int(b)]} {float(second):.2f}"
+    return classes[label]
+
+
+def augment_preview(
+    recipe: Union[Recipe, str, Path, None] = None,
+    data: Optional[Union[str, Path]] = None,
+    overrides: Optional[list[str]] = None,
+    out: Union[str, Path] = "augment_grid.png",
+    n: int = 16,
+    log: Log = print,
+) -> Path:
+    """Write a PNG grid of `n` training images as the model sees them: augmented, mixed, denormalised."""
+    if n < 1:
+        raise FinetuneError("--n must be at least 1")
+    recipe = resolve_recipe(recipe, overrides, data)
+    seed_everything(recipe.train.seed)
+    dataset = _training_data(recipe, log)
+    # Only the preprocessing is needed: build the architecture without downloading weights.
+    _, preprocessing = build_model(replace(recipe.model, pretrained=False, weights=None), len(dataset.classes),
+                                   recipe.data.image_size)
+    transform = train_transform(recipe, preprocessing)
+    picked = random.Random(recipe.train.seed).sample(dataset.train, min(n, len(dataset.train)))
+    images = torch.stack([transform(image=load_rgb(s.path))["image"] for s in picked])
+    labels = torch.tensor([s.label for s in picked])
+    mixer = create_mixer(recipe.augment, len(dataset.classes))
+    targets = None
+    if mixer is not None:
+        images, targets = mixer(images, labels)
+    captions = [_caption(s.label, None if targets is None else targets[i], dataset.classes)
+                for i, s in enumerate(picked)]
+    aug = recipe.augment
+    title = (f"preset {aug.preset if not aug.ops else 'ops'}, policy {aug.policy}, mixup {aug.mixup}, "
+             f"cutmix {aug.cutmix} at {preprocessing.size}px")
+    path = save_augment_grid(images, captions, preprocessing.mean, preprocessing.std, Path(out).expanduser(), title)
+    log(f"wrote {len(picked)} augmented training images to {path}")
+    return path
+
+
+def lr_find(
+    recipe: Union[Recipe, str, Path, None] = None,
+    data: Optional[Union[str, Path]] = None,
+    overrides: Optional[list[str]] = None,
+    out: Union[str, Path] = "lr_find.png",
+    steps: int = 100,
+    log: Log = print,
+) -> LrFindResult:
+    """Learning-rate range test on the recipe's model and data; plots it and suggests train.lr."""
+    if steps < 5:
+        raise FinetuneError("--steps must be at least 5 (100 is usual)")
+    recipe = resolve_recipe(recipe, overrides, data)
+    check_backbone_name(recipe.model.backbone)
+    seed_everything(recipe.train.seed)
+    dataset = _training_data(recipe, log)
+    device = resolve_device(recipe.train.device)
+    model, preprocessing = build_model(recipe.model, len(dataset.classes), recipe.data.image_size)
+    memory_format = torch.channels_last if recipe.train.channels_last else torch.contiguous_format
+    model.to(device=device, memory_format=memory_format)
+    loader = train_loader(recipe, dataset.train, preprocessing, len(dataset.classes))
+    log(f"lr range test: up to {steps} batches of {recipe.data.batch_size} on {device}")
+    criterion = create_criterion(recipe, dataset.train_counts, device)
+    result = lr_range_test(model, loader, criterion, recipe.train, device, steps=steps)
+    path = plot_lr_find(result, Path(out).expanduser())
+    steepest = f"; steepest descent at {result.steepest:.1e}" if result.steepest is not None else ""
+    log(f"suggested learning rate: {result.suggestion:.1e} (a tenth of the lowest-loss rate{steepest}); "
+        f"train with --set train.lr={result.suggestion:.1e}. Plot: {path}")
+    return result

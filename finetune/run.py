@@ -1,0 +1,274 @@
+"""RunDir: the one owner of a run folder — it names every file in it, does every write, and decides who writes.
+
+A run folder is ``<output>/<name>`` (``name-2``, ``name-3``, ... when taken: never overwritten):
+recipe.yaml, classes.txt, class_counts.csv, skipped_images.csv, history.csv, curves.png, best.pt,
+last.pt, eval/ (an `EvalFiles` bundle), report.html; a k-fold parent adds cv_summary.json,
+oof_predictions.csv and one run folder per fold. Only the main process (rank 0 under torchrun)
+writes; every other process sees the same names and writes nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+from finetune.data.images import SkippedImage
+from finetune.engine.checkpoint import save_checkpoint
+from finetune.errors import FinetuneError
+from finetune.recipe import Recipe
+from finetune.reports.plots import plot_curves
+
+__all__ = ["EvalFiles", "RunDir", "is_main_process", "write_skipped_list"]
+
+Log = Callable[[str], None]
+
+
+def is_main_process() -> bool:
+    """True on the process that writes files and prints summaries (rank 0 of a torchrun job, or a plain run)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _write_csv(path: Path, rows: Iterable[Sequence[Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+
+
+def write_skipped_list(path: Path, skipped: Sequence[SkippedImage], log: Log = print) -> None:
+    """List unusable images (path, reason) in `path` and say so, showing the first few."""
+    if not is_main_process():
+        return
+    _write_csv(path, [["path", "reason"], *((str(s.path), s.reason) for s in skipped)])
+    if skipped:
+        log(f"skipped {len(skipped)} unusable image(s), listed in {path}:")
+        for item in skipped[:5]:
+            log(f"  {item.path}: {item.reason}")
+        if len(skipped) > 5:
+            log(f"  ... and {len(skipped) - 5} more")
+
+
+class EvalFiles:
+    """The evaluation bundle in one folder: the run's eval/, or any --out / score folder."""
+
+    def __init__(self, folder: Union[str, Path]) -> None:
+        self.folder = Path(folder)
+        self.confusion_png = self.folder / "confusion_matrix.png"
+        self.confusion_csv = self.folder / "confusion_matrix.csv"
+        self.most_confused = self.folder / "most_confused.csv"
+        self.report_json = self.folder / "classification_report.json"
+        self.predictions = self.folder / "predictions.csv"
+        self.metrics = self.folder / "metrics.json"
+        self.reliability = self.folder / "reliability.png"
+        self.misclassified = self.folder / "misclassified.png"
+        self.gradcam = self.folder / "gradcam.png"
+        self.skipped = self.folder / "skipped_images.csv"
+        self.score = self.folder / "score.json"
+        self.report = self.folder / "report.html"  # the page of an evaluation written outside its run folder
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes the bundle (figures are drawn only when it does)."""
+        return is_main_process()
+
+    def exists(self) -> bool:
+        """True when the folder holds an evaluation (its metrics.json)."""
+        return self.metrics.is_file()
+
+    def prepare(self) -> None:
+        """Create the folder (main process only)."""
+        if self.writes:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def write_csv(self, path: Path, rows: Iterable[Sequence[Any]]) -> None:
+        """Write one of the bundle's CSV files."""
+        if self.writes:
+            _write_csv(path, rows)
+
+    def write_json(self, path: Path, data: Any) -> None:
+        """Write one of the bundle's JSON files, indented."""
+        if self.writes:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(data, indent=2) + "\n")
+
+    def read_json(self, path: Path) -> Optional[dict]:
+        """A JSON file of the bundle, or None when it is missing or unreadable."""
+        try:
+            return json.loads(path.read_text()) if path.is_file() else None
+        except (OSError, ValueError):
+            return None
+
+
+class RunDir:
+    """One run folder: `create` a new one (never overwriting) or `open` an existing one (resume, evaluate, report)."""
+
+    def __init__(self, path: Union[str, Path]) -> None:
+        self.path = Path(path).expanduser()
+        self.recipe = self.path / "recipe.yaml"
+        self.classes = self.path / "classes.txt"
+        self.class_counts = self.path / "class_counts.csv"
+        self.skipped = self.path / "skipped_images.csv"
+        self.history = self.path / "history.csv"
+        self.curves = self.path / "curves.png"
+        self.best = self.path / "best.pt"
+        self.last = self.path / "last.pt"
+        self.eval = EvalFiles(self.path / "eval")
+        self.report = self.path / "report.html"
+        self.cv_summary = self.path / "cv_summary.json"
+        self.oof_predictions = self.path / "oof_predictions.csv"
+        self.submission = self.path / "submission.csv"  # k-fold: the suggested ensemble submission
+        self.test_submission = self.path / "predictions" / "submission.csv"  # demo: the test folder's predictions
+        self.test_eval = EvalFiles(self.path / "test_eval")  # demo: the submission scored against the answers
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes into the folder."""
+        return is_main_process()
+
+    @classmethod
+    def create(cls, output: Union[str, Path], name: str) -> "RunDir":
+        """`output/name`, or `name-2`, `name-3`... so an earlier run is never overwritten.
+
+        Creating claims a new name, so it belongs to the main process: under torchrun the other
+        ranks `open` the folder rank 0 created once its path has been shared with them.
+        """
+        base = Path(output).expanduser()
+        base.mkdir(parents=True, exist_ok=True)
+        candidate, n = base / name, 1
+        while True:
+            try:
+                candidate.mkdir()
+                return cls(candidate)
+            except FileExistsError:
+                n += 1
+                candidate = base / f"{name}-{n}"
+
+    @classmethod
+    def open(cls, path: Union[str, Path]) -> "RunDir":
+        """An existing run folder (or the folder of a checkpoint file inside one)."""
+        path = Path(path).expanduser()
+        if path.is_file():
+            path = path.parent
+        if not path.is_dir():
+            raise FinetuneError(f"run folder not found: {path}")
+        return cls(path)
+
+    @classmethod
+    def resume_checkpoint(cls, path: Union[str, Path]) -> Path:
+        """The checkpoint `--resume PATH` means: the file itself, or a run folder's last.pt."""
+        path = Path(path).expanduser()
+        if path.is_dir():
+            last = cls(path).last
+            if not last.is_file():
+                raise FinetuneError(
+                    f"no {last.name} in {path}: the run did not finish its first epoch, so there is nothing to "
+                    "resume; start it again with `finetune train RECIPE`"
+                )
+            return last
+        if not path.is_file():
+            raise FinetuneError(f"--resume {path}: no such run folder or checkpoint file")
+        return path
+
+    def child(self, name: str) -> "RunDir":
+        """A new run folder inside this one (a k-fold fold), never overwriting."""
+        return RunDir.create(self.path, name)
+
+    def is_run(self) -> bool:
+        """True when the folder holds a run (recipe, evaluation or k-fold summary)."""
+        return self.recipe.is_file() or self.eval.exists() or self.cv_summary.is_file()
+
+    def write_recipe(self, recipe: Recipe) -> None:
+        """The resolved recipe, to re-run or resume exactly."""
+        if self.is_main:
+            recipe.to_yaml(self.recipe)
+
+    def write_data_summary(self, classes: Sequence[str], train_counts: Sequence[int],
+                           val_counts: Sequence[int]) -> None:
+        """classes.txt and class_counts.csv (images per class in train and val)."""
+        if not self.is_main:
+            return
+        self.classes.write_text("\n".join(classes) + "\n")
+        _write_csv(self.class_counts, [["class", "train", "val"],
+                                       *(list(row) for row in zip(classes, train_counts, val_counts))])
+
+    def write_skipped(self, skipped: Sequence[SkippedImage], log: Log = print) -> None:
+        """skipped_images.csv (written even when empty, so a run says it skipped nothing)."""
+        write_skipped_list(self.skipped, skipped, log)
+
+    def save_checkpoint(self, path: Path, payload: dict) -> None:
+        """best.pt or last.pt, atomically."""
+        if path not in (self.best, self.last):
+            raise ValueError(f"{path} is not a checkpoint of {self}")
+        if self.is_main:
+            save_checkpoint(path, payload)
+
+    def append_history(self, row: dict) -> None:
+        """One epoch's row of history.csv (the header comes with the first row)."""
+        if not self.is_main:
+            return
+        new = not self.history.exists()
+        with self.history.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def rewrite_history(self, rows: Sequence[dict]) -> None:
+        """history.csv holding exactly `rows` (a resumed run drops rows written after its last checkpoint)."""
+        if not self.is_main:
+            return
+        with self.history.open("w", newline="") as handle:
+            if rows:
+                writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+
+    def plot_curves(self, history: Sequence[dict]) -> None:
+        """curves.png: loss, accuracy and learning rate per epoch."""
+        if self.is_main:
+            plot_curves(list(history), self.curves)
+
+    def write_cv_summary(self, summary: dict) -> None:
+        """cv_summary.json of a k-fold parent folder."""
+        if self.is_main:
+            self.cv_summary.write_text(json.dumps(summary, indent=2) + "\n")
+
+    def read_cv_summary(self) -> Optional[dict]:
+        """The k-fold summary, when this is a k-fold parent folder."""
+        return self.eval.read_json(self.cv_summary)
+
+    def write_oof_predictions(self, fold_predictions: Sequence[Path]) -> None:
+        """Every image's out-of-fold prediction in one CSV (for stacking or error analysis)."""
+        if not self.is_main:
+            return
+        with self.oof_predictions.open("w", newline="") as handle:
+            writer = None
+            for fold, path in enumerate(fold_predictions, 1):
+                with path.open(newline="") as source:
+                    for row in csv.DictReader(source):
+                        if writer is None:
+                            writer = csv.DictWriter(handle, fieldnames=["fold", *row])
+                            writer.writeheader()
+                        writer.writerow({"fold": fold, **row})
+
+    def write_report(self, page: str, evaluation: Optional[EvalFiles] = None) -> Path:
+        """Write a rendered report page; returns its path.
+
+        The run's own eval/ belongs on the run's page (report.html); an evaluation written
+        elsewhere gets its own page in its folder.
+        """
+        evaluation = evaluation or self.eval
+        own = evaluation.folder.resolve() == self.eval.folder.resolve()
+        out = self.report if own else evaluation.report
+        if self.is_main:
+            out.write_text(page, encoding="utf-8")
+        return out

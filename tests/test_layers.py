@@ -1,0 +1,191 @@
+"""The package's shape: imports flow downwards, run-folder names have one owner, light modules stay light.
+
+Layers, top to bottom (a module may import its own layer or any layer below, never one above):
+
+    cli → api, kfold, demo, preview → evaluation, inference, submission, scoring, tta, gradcam, export, datasets,
+    report_page → run → reports (figures) → engine → models → data → recipe, errors, version
+
+Imports inside `if TYPE_CHECKING:` are type hints only and do not count; imports inside functions do.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "finetune"
+
+LAYERS: list[tuple[str, ...]] = [
+    ("cli", "__main__"),
+    ("finetune", "api", "kfold", "demo", "preview"),
+    ("evaluation", "inference", "submission", "scoring", "tta", "gradcam", "export", "datasets", "report_page"),
+    ("run",),
+    ("reports",),
+    ("engine",),
+    ("models",),
+    ("data",),
+    ("recipe", "errors", "version"),
+]
+
+# Every file a run folder holds; only finetune/run.py may spell them out.
+RUN_FOLDER_FILES = [
+    "recipe.yaml", "classes.txt", "class_counts.csv", "skipped_images.csv", "history.csv", "curves.png", "best.pt",
+    "last.pt", "report.html", "cv_summary.json", "oof_predictions.csv", "confusion_matrix.png",
+    "confusion_matrix.csv", "most_confused.csv", "classification_report.json", "predictions.csv", "metrics.json",
+    "reliability.png", "misclassified.png", "gradcam.png", "score.json", "test_eval",
+]
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULE_NAMES = {_module_name(p) for p in PACKAGE.rglob("*.py")}
+
+
+def _layer(module: str) -> int:
+    parts = module.split(".")
+    key = parts[1] if len(parts) > 1 else parts[0]
+    for depth, names in enumerate(LAYERS):
+        if key in names:
+            return depth
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS in {Path(__file__).name} and to the README")
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _imports(path: Path) -> set[str]:
+    """Modules of this package that `path` imports at run time (module level or inside functions)."""
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and _is_type_checking(child):
+                for other in child.orelse:
+                    visit(other)
+                continue
+            if isinstance(child, ast.Import):
+                found.update(a.name for a in child.names if a.name.split(".")[0] == "finetune")
+            elif isinstance(child, ast.ImportFrom) and child.module and child.module.split(".")[0] == "finetune":
+                # `from finetune.models import torchvision_backbones` imports that submodule, not the package's API.
+                submodules = {f"{child.module}.{a.name}" for a in child.names} & MODULE_NAMES
+                found.update(submodules or {child.module})
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    return found
+
+
+MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def test_every_import_points_down_the_layers() -> None:
+    upward = []
+    for module, path in MODULES.items():
+        for target in _imports(path):
+            if _layer(target) < _layer(module):
+                upward.append(f"{module} imports {target}")
+    assert not upward, "imports that point up the layers:\n" + "\n".join(sorted(upward))
+
+
+def test_the_import_graph_has_no_cycles() -> None:
+    graph = {m: {t for t in _imports(p) if t in MODULES and t != m} for m, p in MODULES.items()}
+    state: dict[str, int] = {}
+
+    def walk(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in graph[node]:
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " → ".join(trail[trail.index(nxt):] + [node, nxt])
+                                     if nxt in trail else f"import cycle through {node} and {nxt}")
+            if nxt not in state:
+                walk(nxt, trail + [node])
+        state[node] = 2
+
+    for module in graph:
+        if module not in state:
+            walk(module, [])
+
+
+def _string_constants(path: Path) -> list[str]:
+    """String literals of a module, docstrings left out."""
+    tree = ast.parse(path.read_text())
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    return [n.value for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings]
+
+
+def test_run_folder_file_names_live_in_run_py_only() -> None:
+    owners: dict[str, set[str]] = {name: set() for name in RUN_FOLDER_FILES}
+    for module, path in MODULES.items():
+        for text in _string_constants(path):
+            for name in RUN_FOLDER_FILES:
+                if name in text:
+                    owners[name].add(module)
+    elsewhere = {name: sorted(mods) for name, mods in owners.items() if mods != {"finetune.run"}}
+    assert not elsewhere, f"run-folder names spelled outside finetune/run.py (or not at all): {elsewhere}"
+
+
+def _fresh_import(statement: str) -> set[str]:
+    code = f"import sys; {statement}; print('\\n'.join(sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return set(result.stdout.split())
+
+
+def test_building_models_loads_neither_albumentations_nor_opencv() -> None:
+    loaded = _fresh_import("import finetune.models")
+    assert "timm" in loaded  # the import really happened
+    assert not {"albumentations", "cv2"} & loaded
+
+
+def test_scoring_two_csvs_loads_no_model_code() -> None:
+    loaded = _fresh_import("import finetune.scoring")
+    assert "finetune.evaluation" in loaded
+    assert not {"timm", "finetune.inference", "finetune.gradcam", "finetune.models"} & loaded
+
+
+def test_importing_the_package_is_light_and_the_api_still_resolves() -> None:
+    loaded = _fresh_import("import finetune")
+    assert "finetune.api" not in loaded and "torch" not in loaded
+    import finetune
+    from finetune.api import evaluate, predict
+
+    assert finetune.evaluate is evaluate and finetune.predict is predict
+
+
+def test_modules_are_not_shadowed_by_api_functions() -> None:
+    import importlib
+
+    import finetune
+
+    assert importlib.import_module("finetune.evaluation").__name__ == "finetune.evaluation"
+    with mock.patch("finetune.submission.write_rows") as patched:
+        import finetune.submission
+
+        assert finetune.submission.write_rows is patched
+    assert callable(finetune.evaluate) and callable(finetune.predict)
+
+
+def test_recipe_presets_are_the_ones_transforms_build() -> None:
+    from finetune.data.transforms import PRESETS
+    from finetune.recipe import PRESETS as NAMES
+
+    assert set(NAMES) == set(PRESETS)
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("finetune.report")))
+def test_figure_modules_leave_the_matplotlib_backend_alone(module: str) -> None:
+    loaded = _fresh_import(f"import {module}")
+    assert "matplotlib.pyplot" not in loaded
