@@ -3,19 +3,31 @@
 Weights are switched off (random init, no download) and images are tiny; each recipe still
 goes through its own data layout, augmentation, backbone, freezing, unfreezing schedule and
 learning-rate groups.
+
+Each recipe starts with a `#` comment header (big_vision style) that holds, besides free text,
+three machine-readable lines, each `# key: value` on one line:
+
+    # command: finetune train recipes/<file>.yaml --data DIR     the exact command that runs it
+    # hardware: ...                                              the CPU/GPU it was measured on (or needs)
+    # result: <accuracy 0.xx>, <time: 289 s / 5 min>; measured with <how>
+    # result: not run here (<why>)                               when nobody measured it: never a guess
+
+Indented `#   ...` lines may follow with details (more commands, per-seed figures).
 """
 
 from __future__ import annotations
 
 import math
 import re
+import shlex
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_folder_dataset, write_hw03_dataset
+from conftest import RECIPES, write_folder_dataset, write_hw03_dataset
 from torch import nn
 
+from finetune.cli import build_parser
 from finetune.data.loaders import ImageDataset, make_loader
 from finetune.data.sources import discover
 from finetune.data.transforms import build_train_transform
@@ -23,7 +35,8 @@ from finetune.engine.optim import create_optimizer, create_scheduler
 from finetune.models import build_model, plan_unfreezing
 from finetune.recipe import load_recipe
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+RECIPE_FILES = sorted(RECIPES.glob("*.yaml"))
+HEADER_KEY = re.compile(r"^# (command|hardware|result): (.+)$")
 CHEAP = ["data.image_size=32", "data.batch_size=4", "data.num_workers=0", "model.pretrained=false",
          "model.weights=null"]
 
@@ -38,23 +51,50 @@ def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_there_are_recipes_for_the_classic_networks() -> None:
-    backbones = {load_recipe(path).model.backbone for path in RECIPES}
+    backbones = {load_recipe(path).model.backbone for path in RECIPE_FILES}
     wanted = {"tv/resnet101", "tv/resnet50", "tv/vgg16_bn", "tv/densenet121", "squeezenet1_1",
               "tf_efficientnet_lite0", "convnext_tiny", "hw03net"}
     assert wanted <= backbones
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
-def test_recipe_header_says_how_to_run_it(path: Path) -> None:
+def header_fields(text: str) -> dict[str, list[str]]:
+    """The `# command:`, `# hardware:` and `# result:` lines of the leading comment block, by key."""
+    fields: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break  # the header ends at the first YAML line; comments further down are not the header
+        match = HEADER_KEY.match(line)
+        if match:
+            fields.setdefault(match.group(1), []).append(match.group(2).strip())
+    return fields
+
+
+@pytest.mark.parametrize("path", RECIPE_FILES, ids=[p.name for p in RECIPE_FILES])
+def test_recipe_header_says_how_to_run_it_and_what_it_gave(path: Path) -> None:
     text = path.read_text()
-    header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
     assert text.startswith("#"), "a recipe starts with a comment header (big_vision style)"
-    assert f"recipes/{path.name}" in header, "the header gives the exact command"
-    assert re.search(r"hardware", header, re.IGNORECASE), "the header names the hardware and the result"
+    fields = header_fields(text)
+    assert set(fields) == {"command", "hardware", "result"}, f"header keys {sorted(fields)}; see the docstring"
+    assert all(len(values) == 1 for values in fields.values()), "one line per key"
+    (command,), (hardware,), (result,) = fields["command"], fields["hardware"], fields["result"]
+
+    # The command is the real CLI call for this file: parsed by the CLI's own parser, not just text.
+    argv = shlex.split(command, comments=True)
+    assert argv[:3] == ["finetune", "train", f"recipes/{path.name}"], command
+    args = build_parser().parse_args(argv[1:])
+    assert args.data, "the command says which data folder it trains on (--data)"
+    load_recipe(path, args.overrides)  # any --set in the command is a valid override
+
+    assert re.search(r"\b(CPU|GPU)\b", hardware), f"name the hardware: {hardware!r}"
+    if "not run here" not in result:
+        # A claimed result carries an accuracy, how long it took, and how it was measured.
+        assert re.search(r"accuracy|val_acc", result) and re.search(r"\b0?\.\d+|\d+(\.\d+)?\s*%", result), result
+        assert re.search(r"\d\s*(s|min|minutes|seconds|h|hours)\b", result), f"no time in {result!r}"
+        assert "measured with" in result, f"say how it was measured: {result!r}"
     assert load_recipe(path).name == path.stem, "the run folder is named after the recipe file"
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+@pytest.mark.parametrize("path", RECIPE_FILES, ids=[p.name for p in RECIPE_FILES])
 def test_recipe_takes_a_training_step(path: Path, datasets: dict[str, Path]) -> None:
     torch.manual_seed(0)
     recipe = load_recipe(path, CHEAP)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
+from typing import Any, Callable, NoReturn
 
 import pytest
 import timm
@@ -70,15 +70,41 @@ def test_missing_weights_file_says_what_to_give(tmp_path: Path):
         create_backbone(ModelConfig(backbone="test_resnet", weights=str(tmp_path / "nope.pth")))
 
 
-def test_pretrained_offline_fails_fast_naming_model_weights(monkeypatch):
+class NetworkAttempted(Exception):
+    """Raised by the spies below: reaching them means the code tried to download or connect."""
+
+
+def test_pretrained_offline_fails_fast_naming_model_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline, `pretrained: true` must stop before any download: timm's retries would hang for minutes.
+
+    "Fast" is checked by behaviour, not by the clock: every way out to the network (timm's model
+    factory, the hub download, sockets, DNS) is replaced by a spy, and none of them may be called.
+    """
+    import socket
+
     import huggingface_hub
 
     from finetune.models import backbones
 
+    attempts: list[str] = []
+
+    def spy(name: str) -> Callable[..., NoReturn]:
+        def record(*args: Any, **kwargs: Any) -> NoReturn:
+            attempts.append(name)
+            raise NetworkAttempted(name)
+
+        return record
+
+    # The test's "offline": the hub is unreachable and its local cache is empty.
     monkeypatch.setattr(backbones, "host_reachable", lambda *args, **kwargs: False)
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *args, **kwargs: None)
-    start = time.perf_counter()
+    # Pretrained timm models download inside timm.create_model, so reaching it at all is too late.
+    monkeypatch.setattr(timm, "create_model", spy("timm.create_model"))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", spy("hf_hub_download"))
+    monkeypatch.setattr(socket, "create_connection", spy("socket.create_connection"))
+    monkeypatch.setattr(socket, "getaddrinfo", spy("socket.getaddrinfo"))
+    monkeypatch.setattr(socket.socket, "connect", spy("socket.connect"))
     with pytest.raises(FinetuneError) as err:
         create_backbone(ModelConfig(backbone="resnet18", pretrained=True))
-    assert time.perf_counter() - start < 10
+    assert attempts == [], f"tried the network before failing: {attempts}"
     assert "model.weights" in str(err.value)
