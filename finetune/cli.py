@@ -10,12 +10,15 @@ from finetune.errors import FinetuneError
 
 __all__ = ["main", "build_parser"]
 
+RECIPE_HELP = "recipe: a YAML path, or the name of a shipped recipe (`finetune recipes` lists them)"
+
 
 def _train(args: argparse.Namespace) -> None:
     from finetune.api import train
 
     if not args.recipe and not args.resume:
-        raise FinetuneError("give a recipe YAML to train (see recipes/), or --resume RUN_DIR to continue a run")
+        raise FinetuneError("give a recipe to train (a YAML path or a shipped recipe's name: `finetune recipes` "
+                            "lists them), or --resume RUN_DIR to continue a run")
     if args.folds is not None:
         from finetune.kfold import train_kfold
 
@@ -92,6 +95,56 @@ def _inspect(args: argparse.Namespace) -> None:
     print(format_summary(stage_summary(model), multipliers))
 
 
+def _recipes(args: argparse.Namespace) -> None:
+    from finetune.recipe_library import copy_recipe, shipped_recipe, shipped_recipes
+
+    if args.action == "show":
+        print(shipped_recipe(args.name).path.read_text(encoding="utf-8"), end="")
+    elif args.action == "copy":
+        path = copy_recipe(args.name, args.dest)
+        print(f"wrote {path}; edit it, then: finetune train {path} --data DIR")
+    else:
+        recipes = shipped_recipes()
+        width = max(len(name) for name in recipes)
+        for name, recipe in recipes.items():
+            print(f"{name:<{width}}  {recipe.purpose}")
+        print("\nfinetune recipes show NAME | finetune recipes copy NAME [DEST] | finetune train NAME --data DIR")
+
+
+def _add_recipes_command(commands: argparse._SubParsersAction) -> None:
+    """`finetune recipes [show NAME | copy NAME [DEST]]`."""
+    recipes = commands.add_parser("recipes", help="list the shipped recipes; show one; copy one to edit")
+    actions = recipes.add_subparsers(dest="action", metavar="ACTION")
+    show = actions.add_parser("show", help="print a shipped recipe")
+    show.add_argument("name")
+    copy = actions.add_parser("copy", help="write an editable copy of a shipped recipe (never overwrites)")
+    copy.add_argument("name")
+    copy.add_argument("dest", nargs="?", help="file or folder (default ./NAME.yaml)")
+    recipes.set_defaults(func=_recipes)
+
+
+class _VersionAction(argparse.Action):
+    """`finetune --version`: the versions a bug report needs, and the device training would use."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        import timm
+        import torch
+        import torchvision
+
+        from finetune.version import __version__
+
+        if torch.cuda.is_available():
+            device = f"cuda ({torch.cuda.get_device_name(0)}, {torch.cuda.device_count()} device(s))"
+        else:
+            device = "cpu (no CUDA device found)"
+        print(f"finetune {__version__}\ntorch {torch.__version__}\ntorchvision {torchvision.__version__}\n"
+              f"timm {timm.__version__}\ndevice {device}")
+        parser.exit()
+
+
 def _datasets_fashion_mnist(args: argparse.Namespace) -> None:
     from finetune.datasets import describe, export_fashion_mnist
 
@@ -133,7 +186,7 @@ def _add_demo_commands(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--val-per-class", type=int, default=DEFAULT_VAL_PER_CLASS, help=val_help)
     demo.add_argument("--test-limit", type=int, default=None, help="first K test images (default: all 10 000)")
     demo.add_argument("--epochs", type=int, default=None, help="override the recipe's train.epochs")
-    demo.add_argument("--recipe", default=None, help="another recipe (default recipes/demo_fashion_mnist_lite0.yaml)")
+    demo.add_argument("--recipe", default=None, help="another recipe: a YAML path or a shipped recipe's name (default demo_fashion_mnist_lite0)")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a recipe value, e.g. --set data.image_size=64 (repeatable)")
     demo.add_argument("--tta", default="flip", help="test-time augmentation for the submission: flip (default) "
@@ -158,10 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     from finetune.submission import ID_FORMATS, VALUE_KINDS
 
     parser = argparse.ArgumentParser(prog="finetune", description="Fine-tune pretrained image classifiers.")
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print the finetune, torch, torchvision and timm versions and the device, then exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="fine-tune a backbone as a recipe says")
-    train.add_argument("recipe", nargs="?", help="recipe YAML (see recipes/); not needed with --resume")
+    train.add_argument("recipe", nargs="?", help=f"{RECIPE_HELP}; not needed with --resume")
     _recipe_options(train)
     train.add_argument("--resume", metavar="RUN_DIR_OR_LAST_PT",
                        help="continue an interrupted run in its folder, with its saved recipe")
@@ -174,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     # defaults live in the API functions' signatures.
     augment = commands.add_parser("augment", help="write a PNG grid of augmented training images",
                                   argument_default=argparse.SUPPRESS)
-    augment.add_argument("recipe", help="recipe YAML (its augment section is shown)")
+    augment.add_argument("recipe", help=f"{RECIPE_HELP} (its augment section is shown)")
     _recipe_options(augment)
     augment.add_argument("--out", help="PNG to write (default augment_grid.png)")
     augment.add_argument("--n", type=int, help="number of images (default 16)")
@@ -182,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     lr_find = commands.add_parser("lr-find", help="learning-rate range test: plot and a suggested train.lr",
                                   argument_default=argparse.SUPPRESS)
-    lr_find.add_argument("recipe", help="recipe YAML")
+    lr_find.add_argument("recipe", help=RECIPE_HELP)
     _recipe_options(lr_find)
     lr_find.add_argument("--out", help="PNG to write (default lr_find.png)")
     lr_find.add_argument("--steps", type=int, help="batches in the sweep, default 100 (stops early on divergence)")
@@ -256,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--num-classes", type=int, default=10)
     inspect.add_argument("--image-size", type=int, default=None)
     inspect.set_defaults(func=_inspect)
+    _add_recipes_command(commands)
     _add_demo_commands(commands)
     return parser
 

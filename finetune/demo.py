@@ -1,7 +1,7 @@
 """The built-in demo: Fashion-MNIST → fine-tuned EfficientNet-Lite0 → submission.csv → score, offline.
 
-It runs the same public path a user runs (`api.train`, then `api.predict`) with the recipe in
-`recipes/demo_fashion_mnist_lite0.yaml`, and scores the submission against the held-back answers.
+It runs the same public path a user runs (`api.train`, then `api.predict`) with the shipped recipe
+`demo_fashion_mnist_lite0`, and scores the submission against the held-back answers.
 """
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ from typing import Callable, Optional, Union
 from finetune.api import TrainResult, predict, train
 from finetune.datasets import (DEFAULT_PER_CLASS, DEFAULT_VAL_PER_CLASS, FashionMNISTExport, describe,
                                export_fashion_mnist)
-from finetune.errors import FinetuneError
 from finetune.evaluation import format_report
 from finetune.recipe import load_recipe
+from finetune.recipe_library import find_recipe, shipped_recipe
 from finetune.run import RunDir
 from finetune.scoring import score_csv
 
 __all__ = ["DEMO_RECIPE", "DemoResult", "run_demo"]
 
-DEMO_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo_fashion_mnist_lite0.yaml"
+DEMO_RECIPE = shipped_recipe("demo_fashion_mnist_lite0").path
 
 Log = Callable[[str], None]
 
@@ -54,9 +54,7 @@ def run_demo(
     """Export Fashion-MNIST, fine-tune Lite0 from ImageNet weights, predict the test folder and score it."""
     start = time.perf_counter()
     out = Path(out).expanduser().resolve()
-    recipe_path = Path(recipe).expanduser() if recipe else DEMO_RECIPE
-    if not recipe_path.is_file():
-        raise FinetuneError(f"demo recipe not found: {recipe_path}; pass one with --recipe PATH")
+    recipe_path = find_recipe(recipe) if recipe else DEMO_RECIPE
     settings = [f"output={out / 'runs'}"] + ([f"train.epochs={epochs}"] if epochs is not None else [])
     demo_recipe = load_recipe(recipe_path, settings + list(overrides or []))
 

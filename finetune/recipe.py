@@ -16,6 +16,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from finetune.errors import FinetuneError
+from finetune.recipe_library import find_recipe
 
 __all__ = [
     "DataConfig",
@@ -352,12 +353,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def load_recipe(path: Optional[Union[str, Path]] = None, overrides: Optional[list[str]] = None) -> Recipe:
-    """Read a recipe YAML (or start from defaults), apply overrides and validate."""
+    """Read a recipe YAML or a shipped recipe by name (or start from defaults), apply overrides and validate."""
     raw: dict = {}
     if path is not None:
-        path = Path(path).expanduser()
-        if not path.is_file():
-            raise FinetuneError(f"recipe file not found: {path}")
+        path = find_recipe(path)
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:

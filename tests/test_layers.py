@@ -3,7 +3,7 @@
 Layers, top to bottom (a module may import its own layer or any layer below, never one above):
 
     cli → api, kfold, demo, preview → evaluation, inference, submission, scoring, tta, gradcam, export, datasets,
-    report_page → run → reports (figures) → engine → models → data → recipe, errors, version
+    report_page → run → reports (figures) → engine → models → data → recipe, recipe_library, errors, version
 
 Imports inside `if TYPE_CHECKING:` are type hints only and do not count; imports inside functions do.
 """
@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("engine",),
     ("models",),
     ("data",),
-    ("recipe", "errors", "version"),
+    ("recipe", "recipe_library", "errors", "version"),
 ]
 
 # Every file a run folder holds; only finetune/run.py may spell them out.

@@ -7,7 +7,7 @@ learning-rate groups.
 Each recipe starts with a `#` comment header (big_vision style) that holds, besides free text,
 three machine-readable lines, each `# key: value` on one line:
 
-    # command: finetune train recipes/<file>.yaml --data DIR     the exact command that runs it
+    # command: finetune train <name> --data DIR                   the exact command (a shipped recipe's name)
     # hardware: ...                                              the CPU/GPU it was measured on (or needs)
     # result: <accuracy 0.xx>, <time: 289 s / 5 min>; measured with <how>
     # result: not run here (<why>)                               when nobody measured it: never a guess
@@ -28,6 +28,7 @@ from conftest import RECIPES, write_folder_dataset, write_hw03_dataset
 from torch import nn
 
 from finetune.cli import build_parser
+from finetune.recipe_library import find_recipe, shipped_recipes
 from finetune.data.loaders import ImageDataset, make_loader
 from finetune.data.sources import discover
 from finetune.data.transforms import build_train_transform
@@ -80,7 +81,8 @@ def test_recipe_header_says_how_to_run_it_and_what_it_gave(path: Path) -> None:
 
     # The command is the real CLI call for this file: parsed by the CLI's own parser, not just text.
     argv = shlex.split(command, comments=True)
-    assert argv[:3] == ["finetune", "train", f"recipes/{path.name}"], command
+    assert argv[:3] == ["finetune", "train", path.stem], command
+    assert find_recipe(argv[2]) == shipped_recipes()[path.stem].path, "the name finds this very file when installed"
     args = build_parser().parse_args(argv[1:])
     assert args.data, "the command says which data folder it trains on (--data)"
     load_recipe(path, args.overrides)  # any --set in the command is a valid override

