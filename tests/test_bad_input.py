@@ -1,0 +1,191 @@
+"""Bad input, tried as a careless or unlucky user would: one `error:` line and exit 2, nothing lost, nothing wrong.
+
+Every case goes through the CLI (`finetune.cli.main`): a user mistake must print exactly one line
+starting with `error:` on stderr and return 2 — an uncaught exception fails the test — and must
+leave no `*.tmp` file behind. The few checks below the CLI cases test the data rules directly.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import COLOURS, QUICK_CPU, TINY_OVERRIDES, make_image, write_folder_dataset
+from finetune.cli import main
+from finetune.data.prepare import prepare, readable
+from finetune.data.sources import discover
+from finetune.engine.checkpoint import read_checkpoint, save_checkpoint
+from finetune.models.backbones import feature_dim
+from finetune.recipe import DataConfig, load_recipe
+from untrained import untrained_checkpoint
+
+CLASSES = sorted(COLOURS)
+
+
+def settings(*extra: str) -> list[str]:
+    """TINY_OVERRIDES (and `extra`) as --set options."""
+    return [arg for item in (*TINY_OVERRIDES, *extra) for arg in ("--set", item)]
+
+
+def refused(capsys, argv: list[str], *fragments: str) -> str:
+    """Run the CLI, check it refused with one `error:` line naming `fragments`; returns that line."""
+    code = main(argv)
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, (code, out, err)
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def no_leftovers(folder: Path) -> None:
+    assert not list(folder.rglob("*.tmp")), list(folder.rglob("*.tmp"))
+
+
+@pytest.fixture(scope="module")
+def kit(tmp_path_factory):
+    """A small colour data set and an untrained checkpoint in a run folder (inference plumbing only)."""
+    tmp = tmp_path_factory.mktemp("bad")
+    root = write_folder_dataset(tmp / "shapes", per_class=4, val_per_class=2, test=4)
+    checkpoint = untrained_checkpoint(tmp / "runs" / "run" / "best.pt", CLASSES)
+    return root, checkpoint, tmp
+
+
+def predict_argv(kit, out: Path, *extra: str) -> list[str]:
+    root, checkpoint, _ = kit
+    return ["predict", str(checkpoint), "--images", str(root / "test"), "--out", str(out), "--workers", "0", *extra]
+
+
+# --- item 7: tracebacks become one error line ------------------------------------------------------------
+
+
+def test_malformed_set_value(capsys, kit):
+    refused(capsys, ["train", QUICK_CPU, "--data", str(kit[0]), "--set", "train.epochs=[1"], "train.epochs=[1",
+            "not valid YAML")
+
+
+def test_recipe_that_is_not_utf8(capsys, tmp_path):
+    recipe = tmp_path / "latin1.yaml"
+    recipe.write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    refused(capsys, ["train", str(recipe), "--data", str(tmp_path)], "not UTF-8")
+
+
+# --- item 10: small ones -------------------------------------------------------------------------------
+
+
+def test_empty_recipe_is_refused(capsys, kit, tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("\n")
+    refused(capsys, ["train", str(empty), "--data", str(kit[0])], "is empty")
+
+
+def test_warmup_conflict_names_the_value_to_change(capsys, kit):
+    refused(capsys, ["train", QUICK_CPU, "--data", str(kit[0]), "--set", "train.epochs=1"],
+            "train.warmup_epochs=0")
+
+
+# --- item 8: image size bound ------------------------------------------------------------------------------
+
+
+def test_huge_image_size_is_refused_with_the_reason(capsys, kit):
+    line = refused(capsys, ["train", QUICK_CPU, "--data", str(kit[0]), "--set", "data.image_size=100000"],
+                   "data.image_size", "2048")
+    assert "too small" not in line
+
+
+def test_out_of_memory_is_named():
+    class Hungry(torch.nn.Module):
+        def forward(self, x):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 GiB")
+
+    with pytest.raises(Exception, match="not enough memory") as info:
+        feature_dim(Hungry(), 2048)
+    assert "too small" not in str(info.value)
+
+
+# --- item 3: divergence ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lr", [".inf", ".nan", "0", "-0.1"])
+def test_non_finite_or_non_positive_rate_is_refused(capsys, kit, lr):
+    refused(capsys, ["train", QUICK_CPU, "--data", str(kit[0]), "--set", f"train.lr={lr}"], "train.lr")
+
+
+@pytest.mark.parametrize("batch_size, where", [(4, "epoch 1/2, batch 2/3"), (8, "epoch 1/2: the validation loss")])
+def test_diverging_training_stops_naming_epoch_and_batch(capsys, kit, tmp_path, one_torch_thread, batch_size, where):
+    # 12 training images: three batches of 4 (caught at the next batch), or one of 8 (caught by validation).
+    line = refused(capsys, ["train", QUICK_CPU, "--data", str(kit[0]),
+                            *settings(f"output={tmp_path}", "train.lr=1.0e+30", "train.warmup_epochs=0",
+                                      f"data.batch_size={batch_size}")],
+                   where, "lower train.lr")
+    assert "nan" in line or "inf" in line
+    assert not list(tmp_path.rglob("best.pt"))  # nothing saved from a diverged epoch
+    no_leftovers(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def nan_checkpoint(kit):
+    _, checkpoint, tmp = kit
+    payload = read_checkpoint(checkpoint)
+    state = dict(payload["model_state"])
+    name = next(k for k, v in state.items() if v.is_floating_point() and "running_" not in k)
+    state[name] = torch.full_like(state[name], float("nan"))
+    path = tmp / "diverged" / "best.pt"
+    path.parent.mkdir()
+    save_checkpoint(path, {**{k: v for k, v in payload.items() if k not in ("format", "versions")},
+                           "model_state": state})
+    return path
+
+
+def test_predict_refuses_non_finite_weights(capsys, kit, nan_checkpoint, tmp_path):
+    root = kit[0]
+    refused(capsys, ["predict", str(nan_checkpoint), "--images", str(root / "test"), "--out",
+                     str(tmp_path / "s.csv")], "non-finite weights", "train.lr")
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_evaluate_refuses_non_finite_weights(capsys, kit, nan_checkpoint, tmp_path):
+    refused(capsys, ["evaluate", str(nan_checkpoint), "--data", str(kit[0] / "val"), "--out", str(tmp_path / "e")],
+            "non-finite weights")
+
+
+def test_export_refuses_non_finite_weights(capsys, nan_checkpoint, tmp_path):
+    refused(capsys, ["export", str(nan_checkpoint), "--format", "torchscript", "--out", str(tmp_path / "m.pt")],
+            "non-finite weights")
+    assert not (tmp_path / "m.pt").exists()
+
+
+# --- item 2: written files respect the umask ------------------------------------------------------------------
+
+
+@pytest.fixture
+def umask_022():
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+# --- item 1: outputs never overwrite inputs ---------------------------------------------------------------
+
+
+# --- items 4 and 5: one file is one sample; symlinked class folders -------------------------------------------
+
+
+def write_manifest(root: Path, rows: list[tuple[str, str]]) -> None:
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    for k, (name, label) in enumerate(rows):
+        if not (images / name).exists():
+            make_image(COLOURS[label], k).save(images / name)
+    (root / "labels.csv").write_text("path,label\n" + "".join(f"{n},{lab}\n" for n, lab in rows))
+
+
+# --- item 6: nested test images ------------------------------------------------------------------------------
+
+
