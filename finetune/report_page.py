@@ -62,7 +62,7 @@ def _read_json(path: Path) -> Optional[dict]:
 def _read_csv(path: Path) -> list[list[str]]:
     if not path.is_file():
         return []
-    with path.open(newline="") as handle:
+    with path.open(newline="", encoding="utf-8-sig") as handle:
         return list(csv.reader(handle))
 
 

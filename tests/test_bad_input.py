@@ -76,6 +76,23 @@ def test_recipe_that_is_not_utf8(capsys, tmp_path):
     refused(capsys, ["train", str(recipe), "--data", str(tmp_path)], "not UTF-8")
 
 
+def test_predict_out_naming_a_folder(capsys, kit, tmp_path):
+    folder = tmp_path / "existing"
+    folder.mkdir()
+    refused(capsys, predict_argv(kit, folder), "is a folder")
+    no_leftovers(tmp_path)
+
+
+def test_evaluate_out_naming_a_file(capsys, kit, tmp_path):
+    root, checkpoint, _ = kit
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    refused(capsys, ["evaluate", str(checkpoint), "--data", str(root / "val"), "--out", str(taken), "--workers", "0"],
+            "is a file")
+    assert taken.read_text() == "mine"
+    no_leftovers(tmp_path)
+
+
 # --- item 10: small ones -------------------------------------------------------------------------------
 
 
@@ -88,6 +105,14 @@ def test_empty_recipe_is_refused(capsys, kit, tmp_path):
 def test_warmup_conflict_names_the_value_to_change(capsys, kit):
     refused(capsys, ["train", QUICK_CPU, "--data", str(kit[0]), "--set", "train.epochs=1"],
             "train.warmup_epochs=0")
+
+
+def test_byte_order_mark_in_csv_headers(capsys, tmp_path):
+    truth, submission = tmp_path / "truth.csv", tmp_path / "sub.csv"
+    truth.write_text("\ufeffId,Category\n1,red\n2,blue\n", encoding="utf-8")
+    submission.write_text("\ufeffId,Category\n1,red\n2,red\n", encoding="utf-8")
+    assert main(["score", str(submission), "--truth", str(truth), "--id-column", "Id"]) == 0
+    assert "accuracy 0.5000" in capsys.readouterr().out
 
 
 # --- item 8: image size bound ------------------------------------------------------------------------------
@@ -171,7 +196,76 @@ def umask_022():
     os.umask(previous)
 
 
+def test_submission_and_checkpoint_get_a_normal_mode(capsys, kit, tmp_path, umask_022):
+    out = tmp_path / "submission.csv"
+    out.write_text("Id,Category\n")
+    out.chmod(0o644)
+    assert main(predict_argv(kit, out, "--probs")) == 0
+    assert out.stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "submission_probs.csv").stat().st_mode & 0o777 == 0o644
+    saved = tmp_path / "copy.pt"
+    save_checkpoint(saved, {"model_state": {}})
+    assert saved.stat().st_mode & 0o777 == 0o644
+    os.umask(0o077)  # a private umask is respected too
+    save_checkpoint(saved, {"model_state": {}})
+    assert saved.stat().st_mode & 0o777 == 0o600
+
+
 # --- item 1: outputs never overwrite inputs ---------------------------------------------------------------
+
+
+def test_predict_never_writes_over_its_checkpoint(capsys, kit):
+    checkpoint = kit[1]
+    before = checkpoint.read_bytes()
+    refused(capsys, predict_argv(kit, checkpoint), "reads that file")
+    refused(capsys, predict_argv(kit, checkpoint, "--force"), "reads that file")
+    assert checkpoint.read_bytes() == before
+    no_leftovers(checkpoint.parent)
+
+
+def test_predict_never_writes_over_an_image_it_reads(capsys, kit):
+    image = kit[0] / "test" / "0001.jpg"
+    before = image.read_bytes()
+    refused(capsys, predict_argv(kit, image, "--force"), "reads that file")
+    assert image.read_bytes() == before
+
+
+def test_predict_never_writes_over_the_sample_submission(capsys, kit, tmp_path):
+    sample = tmp_path / "sample.csv"
+    sample.write_text("Id,Category\n" + "".join(f"{i:04d},red\n" for i in range(1, 5)))
+    before = sample.read_text()
+    refused(capsys, predict_argv(kit, sample, "--sample-submission", str(sample)), "reads that file")
+    assert sample.read_text() == before
+
+
+def test_predict_replaces_another_file_only_with_force(capsys, kit, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("precious")
+    refused(capsys, predict_argv(kit, notes), "--force")
+    assert notes.read_text() == "precious"
+    assert main(predict_argv(kit, notes, "--force")) == 0
+    assert notes.read_text().startswith("Id,Category")
+
+
+def test_predict_may_replace_its_own_earlier_submission(capsys, kit, tmp_path):
+    out = tmp_path / "submission.csv"
+    assert main(predict_argv(kit, out)) == 0
+    assert "replaced" not in capsys.readouterr().out
+    assert main(predict_argv(kit, out)) == 0
+    assert f"replaced the earlier {out}" in capsys.readouterr().out
+    assert len(list(csv.reader(out.open()))) == 5
+
+
+def test_export_never_writes_over_its_checkpoint(capsys, kit, tmp_path):
+    checkpoint = kit[1]
+    before = checkpoint.read_bytes()
+    refused(capsys, ["export", str(checkpoint), "--format", "torchscript", "--out", str(checkpoint), "--force"],
+            "reads that file")
+    assert checkpoint.read_bytes() == before
+    other = tmp_path / "other.pt"  # another checkpoint is not an earlier TorchScript export
+    other.write_bytes(before)
+    refused(capsys, ["export", str(checkpoint), "--format", "torchscript", "--out", str(other)], "--force")
+    assert other.read_bytes() == before
 
 
 # --- items 4 and 5: one file is one sample; symlinked class folders -------------------------------------------
@@ -189,3 +283,11 @@ def write_manifest(root: Path, rows: list[tuple[str, str]]) -> None:
 # --- item 6: nested test images ------------------------------------------------------------------------------
 
 
+def test_images_in_sub_folders_are_not_dropped_silently(capsys, kit, tmp_path):
+    images = tmp_path / "test"
+    (images / "more").mkdir(parents=True)
+    make_image(COLOURS["red"], 1).save(images / "0001.jpg")
+    make_image(COLOURS["red"], 2).save(images / "more" / "0002.jpg")
+    refused(capsys, ["predict", str(kit[1]), "--images", str(images), "--out", str(tmp_path / "s.csv")],
+            "1 image(s) sit in sub-folders", "more/0002.jpg")
+    assert not (tmp_path / "s.csv").exists()
