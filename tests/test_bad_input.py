@@ -115,6 +115,34 @@ def test_byte_order_mark_in_csv_headers(capsys, tmp_path):
     assert "accuracy 0.5000" in capsys.readouterr().out
 
 
+def test_byte_order_mark_in_a_manifest(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = []
+    for k, (name, colour) in enumerate(COLOURS.items()):
+        for i in range(3):
+            make_image(colour, 10 * k + i).save(images / f"{name}{i}.png")
+            rows.append(f"{name}{i}.png,{name}")
+    (tmp_path / "labels.csv").write_text("\ufeffId,Category\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    splits = discover(DataConfig(root=str(tmp_path), layout="csv", csv="labels.csv", csv_image_dir="images",
+                                 csv_id_column="Id", val_fraction=0.34))
+    assert splits.classes == CLASSES and len(splits.train) + len(splits.val) == 9
+
+
+def test_unreadable_images_are_dropped_before_the_split(tmp_path):
+    for name, colour in list(COLOURS.items())[:2]:
+        (tmp_path / name).mkdir()
+        for i in range(10):
+            make_image(colour, i).save(tmp_path / name / f"{i}.png")
+    for i in range(4):  # four broken files in one class
+        (tmp_path / "green" / f"broken{i}.png").write_bytes(b"not an image")
+    for seed in range(4):  # splitting first would give 12 minus the broken ones that landed in validation
+        recipe = load_recipe(None, [f"data.root={tmp_path}", "data.val_fraction=0.5", f"train.seed={seed}"])
+        prepared = prepare(recipe, log=lambda line: None)
+        assert len(prepared.skipped) == 4
+        assert len(prepared.val) == 10 and len(prepared.train) == 10  # half of the 20 usable images
+
+
 # --- item 8: image size bound ------------------------------------------------------------------------------
 
 
@@ -278,6 +306,40 @@ def write_manifest(root: Path, rows: list[tuple[str, str]]) -> None:
         if not (images / name).exists():
             make_image(COLOURS[label], k).save(images / name)
     (root / "labels.csv").write_text("path,label\n" + "".join(f"{n},{lab}\n" for n, lab in rows))
+
+
+def test_conflicting_manifest_rows_are_an_error(capsys, tmp_path):
+    rows = [(f"{c}{i}.png", c) for c in CLASSES for i in range(3)] + [("red0.png", "blue")]
+    write_manifest(tmp_path, rows)
+    refused(capsys, ["train", QUICK_CPU, "--data", str(tmp_path), "--set", "data.layout=csv",
+                     "--set", "data.csv=labels.csv", "--set", "data.csv_image_dir=images"],
+            "1 image(s)", "red0.png (blue, red)")
+
+
+def test_repeated_manifest_rows_are_used_once_and_listed(tmp_path):
+    rows = [(f"{c}{i}.png", c) for c in CLASSES for i in range(4)]
+    write_manifest(tmp_path, rows + rows[:3])
+    splits = discover(DataConfig(root=str(tmp_path), layout="csv", csv="labels.csv", csv_image_dir="images",
+                                 val_fraction=0.25))
+    paths = [s.path.resolve() for s in splits.train + splits.val]
+    assert len(paths) == len(set(paths)) == 12  # each image once, so never in both train and validation
+    assert sum("used once" in s.reason for s in splits.skipped) == 3
+
+
+def test_an_image_in_train_and_val_is_an_error(capsys, tmp_path):
+    root = write_folder_dataset(tmp_path / "d", per_class=3, val_per_class=2, test=0)
+    (root / "val" / "red" / "same.jpg").symlink_to(root / "train" / "red" / "red_0.jpg")
+    refused(capsys, ["train", QUICK_CPU, "--data", str(root)], "both the training and the validation")
+
+
+def test_symlinked_class_folder_is_not_a_class(tmp_path):
+    root = write_folder_dataset(tmp_path / "d", per_class=3, val_per_class=0, test=0)
+    (root / "train" / "loopy").symlink_to(".")
+    (root / "train" / "again").symlink_to(root / "train" / "red")
+    splits = discover(DataConfig(root=str(root), val=None, val_fraction=0.34))
+    assert splits.classes == CLASSES
+    assert len(splits.train) + len(splits.val) == 9
+    assert {s.path.name for s in splits.skipped} == {"loopy", "again"}
 
 
 # --- item 6: nested test images ------------------------------------------------------------------------------
