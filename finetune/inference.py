@@ -20,7 +20,8 @@ from finetune.models import Classifier, build_model
 from finetune.recipe import Recipe
 from finetune.tta import ViewTransform, average_views
 
-__all__ = ["LoadedModel", "check_finite_weights", "load_model", "load_ensemble", "predict_probs", "stream_probs", "resolve_device"]
+__all__ = ["LoadedModel", "check_finite_weights", "load_model", "load_ensemble", "predict_probs", "stream_probs",
+           "resolve_device"]
 
 
 @dataclass

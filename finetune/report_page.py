@@ -118,6 +118,11 @@ def _evaluation_sections(files: EvalFiles) -> tuple[list[str], list[str]]:
     if confused:
         parts.append("<p>Most confused pairs:</p>" + _table([[_esc(c) for c in row] for row in confused],
                                                             ["true", "predicted", "images"]))
+    for figure, alt, caption in ((files.most_confused_png, "most confused pairs", "the most frequent mistakes"),
+                                 (files.class_recall_png, "per-class recall", "classes with the lowest recall first")):
+        image = _img(figure, alt, caption)
+        if image:
+            parts.append(image)
     if report:
         parts.append("<h2>Per-class results</h2>" + _per_class(report))
     gallery = _img(files.misclassified, "misclassified images",

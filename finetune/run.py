@@ -90,6 +90,8 @@ class EvalFiles:
         self.confusion_png = self.folder / "confusion_matrix.png"
         self.confusion_csv = self.folder / "confusion_matrix.csv"
         self.most_confused = self.folder / "most_confused.csv"
+        self.most_confused_png = self.folder / "most_confused.png"
+        self.class_recall_png = self.folder / "class_recall.png"
         self.report_json = self.folder / "classification_report.json"
         self.predictions = self.folder / "predictions.csv"
         self.metrics = self.folder / "metrics.json"

@@ -11,8 +11,10 @@ import csv
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import COLOURS, QUICK_CPU, TINY_OVERRIDES, make_image, write_folder_dataset
 from finetune.cli import main
@@ -353,3 +355,24 @@ def test_images_in_sub_folders_are_not_dropped_silently(capsys, kit, tmp_path):
     refused(capsys, ["predict", str(kit[1]), "--images", str(images), "--out", str(tmp_path / "s.csv")],
             "1 image(s) sit in sub-folders", "more/0002.jpg")
     assert not (tmp_path / "s.csv").exists()
+
+
+# --- item 9: many classes -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_classes", [120, 1000])
+def test_many_classes_give_bounded_readable_figures(capsys, tmp_path, n_classes):
+    """score writes the evaluation bundle; with 120 classes the matrix used to be 15 070 x 7 480 px."""
+    rng = np.random.default_rng(0)
+    names = [f"class_{k:04d}" for k in range(n_classes)]
+    truth = rng.integers(0, n_classes, size=3 * n_classes)
+    guess = np.where(rng.random(truth.size) < 0.7, truth, rng.integers(0, n_classes, size=truth.size))
+    for path, labels in ((tmp_path / "truth.csv", truth), (tmp_path / "sub.csv", guess)):
+        path.write_text("Id,Category\n" + "".join(f"{i},{names[k]}\n" for i, k in enumerate(labels)))
+    assert main(["score", str(tmp_path / "sub.csv"), "--truth", str(tmp_path / "truth.csv"),
+                 "--out", str(tmp_path / "score")]) == 0
+    capsys.readouterr()
+    for name, pixels in (("confusion_matrix.png", 4_000_000), ("most_confused.png", 1_000_000),
+                         ("class_recall.png", 1_500_000)):
+        with Image.open(tmp_path / "score" / name) as image:
+            assert image.width * image.height <= pixels, (name, image.size)
