@@ -131,6 +131,10 @@ def evaluate(
         raise FinetuneError(f"no readable labelled images in {data}")
     run = RunDir.open(checkpoint)
     files = EvalFiles(out) if out else run.eval
+    if files.folder.resolve().is_relative_to(Path(data).expanduser().resolve()):
+        # Its PNGs would sit among the images being evaluated (and be read as images the next time).
+        raise FinetuneError(f"the evaluation folder {files.folder} is inside the data folder {data}; give --out a "
+                            "folder outside the data")
     files.prepare()
     write_skipped_list(files.skipped, skipped, log)
     metrics = evaluate_samples(loaded, samples, files, batch_size, num_workers, log, views)

@@ -298,6 +298,27 @@ def test_export_never_writes_over_its_checkpoint(capsys, kit, tmp_path):
     assert other.read_bytes() == before
 
 
+def test_evaluate_never_writes_into_its_data(capsys, kit):
+    root, checkpoint, _ = kit
+    inside = root / "val" / "red"
+    before = sorted(p.name for p in inside.iterdir())
+    refused(capsys, ["evaluate", str(checkpoint), "--data", str(root / "val"), "--out", str(inside)],
+            "inside the data folder")
+    assert sorted(p.name for p in inside.iterdir()) == before
+
+
+@pytest.mark.parametrize("command", ["augment", "lr-find"])
+def test_figures_never_land_in_the_data_or_on_the_recipe(capsys, kit, tmp_path, command):
+    root = kit[0]
+    refused(capsys, [command, QUICK_CPU, "--data", str(root), "--out", str(root / "train" / "red" / "grid.png")],
+            "inside the data folder")
+    assert not (root / "train" / "red" / "grid.png").exists()
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(Path(QUICK_CPU).read_text())
+    refused(capsys, [command, str(recipe), "--data", str(root), "--out", str(recipe)], "the recipe being read")
+    assert recipe.read_text() == Path(QUICK_CPU).read_text()
+
+
 # --- items 4 and 5: one file is one sample; symlinked class folders -------------------------------------------
 
 
