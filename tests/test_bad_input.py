@@ -23,6 +23,7 @@ from finetune.data.sources import discover
 from finetune.engine.checkpoint import read_checkpoint, save_checkpoint
 from finetune.models.backbones import feature_dim
 from finetune.recipe import DataConfig, load_recipe
+from finetune.submission import SubmissionPlan, write_rows
 from untrained import untrained_checkpoint
 
 CLASSES = sorted(COLOURS)
@@ -83,6 +84,17 @@ def test_predict_out_naming_a_folder(capsys, kit, tmp_path):
     folder.mkdir()
     refused(capsys, predict_argv(kit, folder), "is a folder")
     no_leftovers(tmp_path)
+
+
+def test_a_failed_rename_leaves_no_temporary_file(tmp_path):
+    """Below the CLI's check: write_rows onto a folder fails on the rename and still cleans up."""
+    folder = tmp_path / "taken"
+    folder.mkdir()
+    plan = SubmissionPlan(["1", "2"], [tmp_path / "1.jpg", tmp_path / "2.jpg"])
+    with pytest.raises(OSError):
+        write_rows(plan, [np.array([[0.9, 0.1], [0.2, 0.8]])], ["a", "b"], folder, probs_out=tmp_path / "p.csv")
+    no_leftovers(tmp_path)
+    assert not (tmp_path / "p.csv").exists()
 
 
 def test_evaluate_out_naming_a_file(capsys, kit, tmp_path):
