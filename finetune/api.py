@@ -5,6 +5,7 @@ Each function reads top to bottom: recipe → prepare data → build model → R
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -25,7 +26,7 @@ from finetune.models import build_model, format_summary, stage_summary
 from finetune.models.backbones import check_backbone_name
 from finetune.recipe import Recipe, resolve_recipe
 from finetune.report_page import build_report
-from finetune.run import EvalFiles, RunDir, write_skipped_list
+from finetune.run import EvalFiles, RunDir, check_output, write_skipped_list
 from finetune.submission import plan_submission, write_rows
 from finetune.tta import parse_tta, view_count
 
@@ -130,6 +131,10 @@ def evaluate(
         raise FinetuneError(f"no readable labelled images in {data}")
     run = RunDir.open(checkpoint)
     files = EvalFiles(out) if out else run.eval
+    if files.folder.resolve().is_relative_to(Path(data).expanduser().resolve()):
+        # Its PNGs would sit among the images being evaluated (and be read as images the next time).
+        raise FinetuneError(f"the evaluation folder {files.folder} is inside the data folder {data}; give --out a "
+                            "folder outside the data")
     files.prepare()
     write_skipped_list(files.skipped, skipped, log)
     metrics = evaluate_samples(loaded, samples, files, batch_size, num_workers, log, views)
@@ -155,37 +160,75 @@ def predict(
     id_format: str = "stem",
     id_width: int = 4,
     index_start: int = 1,
+    force: bool = False,
 ) -> Path:
     """Predict every image in a folder and write a Kaggle-style CSV with one row per image.
 
     Several checkpoints are an ensemble (probabilities averaged); `tta` adds flips/crops; `probs`
     and `topk` also write `<out>_probs.csv` and `<out>_top<K>.csv`; `sample_submission` fixes the
-    Ids, their order and the columns.
+    Ids, their order and the columns. Outputs never replace a file the command reads; an existing
+    file that is not an earlier CSV of the same kind is replaced only with `force`.
     """
     checkpoints = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     views = parse_tta(tta)
     models = load_ensemble(checkpoints, resolve_device(device))
     classes = models[0].classes
-    paths = list_images(Path(images).expanduser())
+    folder = Path(images).expanduser()
+    paths = list_images(folder)
+    _refuse_nested_images(folder, paths)
     if not paths:
         raise FinetuneError(f"no images in {images} (looked for .jpg/.png/... files, hidden files ignored)")
     out = Path(out).expanduser()
     sample = Path(sample_submission).expanduser() if sample_submission else None
     plan = plan_submission(paths, classes, id_format, id_width, index_start, id_column, label_column, sample)
+    outputs = {out: plan.id_column, out.with_name(out.stem + "_unreadable.csv"): "path"}
+    probs_out = out.with_name(out.stem + "_probs.csv") if probs else None
+    topk_out = out.with_name(f"{out.stem}_top{topk}.csv") if topk else None
+    outputs.update({path: plan.id_column for path in (probs_out, topk_out) if path is not None})
+    inputs = [*map(Path, checkpoints), *paths, *([sample] if sample else [])]
+    replaced = [path for path, first in outputs.items()
+                if check_output(path, inputs, "prediction CSV", _csv_starting_with(first), force)]
     skipped = check_images(paths)
     if len(models) > 1 or views:
         log(f"averaging {len(models)} model(s) x {view_count(views)} view(s) per image")
     batches = stream_probs(models, plan.paths, batch_size, num_workers, views, {s.path for s in skipped})
-    rows_written = write_rows(plan, batches, classes, out, value,
-                              out.with_name(out.stem + "_probs.csv") if probs else None,
-                              topk, out.with_name(f"{out.stem}_top{topk}.csv") if topk else None)
+    rows_written = write_rows(plan, batches, classes, out, value, probs_out, topk, topk_out)
     if skipped:
         # Still one row per image: an unreadable image is scored as a blank (mean-colour) input.
         listing = out.with_name(out.stem + "_unreadable.csv")
         write_skipped_list(listing, skipped, log)
         log(f"warning: {len(skipped)} unreadable image(s) got a blank-image prediction; listed in {listing}")
     log(f"wrote {rows_written} predictions for {len(paths)} images to {out}")
+    written = {out, probs_out, topk_out, out.with_name(out.stem + "_unreadable.csv") if skipped else None}
+    for path in replaced:
+        if path in written:
+            log(f"note: replaced the earlier {path}")
     return out
+
+
+def _refuse_nested_images(folder: Path, top_level: Sequence[Path]) -> None:
+    """Images in sub-folders would get no row: refuse rather than leave them out silently."""
+    nested = sorted(set(list_images(folder, recursive=True)) - set(top_level))
+    if nested:
+        raise FinetuneError(
+            f"{len(nested)} image(s) sit in sub-folders of {folder} (e.g. {nested[0].relative_to(folder)}) and "
+            f"would get no prediction; only images directly in --images are read. Move them into {folder} itself "
+            "(Ids are file names, so they must be unique), or run predict on each sub-folder"
+        )
+
+
+def _csv_starting_with(first_column: str) -> Callable[[Path], bool]:
+    """Whether a file is a CSV whose header starts with `first_column`: an earlier output of predict."""
+    def earlier(path: Path) -> bool:
+        if path.suffix.lower() != ".csv":
+            return False
+        try:
+            with path.open(newline="", encoding="utf-8-sig") as handle:
+                header = next(csv.reader(handle), [])
+        except (OSError, UnicodeDecodeError, csv.Error):
+            return False
+        return bool(header) and header[0].strip() == first_column
+    return earlier
 
 
 def report(run_dir: Union[str, Path], eval_dir: Optional[Union[str, Path]] = None) -> Path:

@@ -77,7 +77,7 @@ def _report(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from finetune.export import export_model
 
-    export_model(args.checkpoint, args.format, out=args.out, tolerance=args.tolerance)
+    export_model(args.checkpoint, args.format, out=args.out, tolerance=args.tolerance, force=args.force)
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -274,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "in file-name order zero-padded (HW03 sample code: pad4 from 1)")
     predict.add_argument("--id-width", type=int, help="--id-format index: digits, zero-padded (default 4; 0: none)")
     predict.add_argument("--index-start", type=int, help="--id-format index: number of the first image (default 1)")
+    predict.add_argument("--force", action="store_true",
+                         help="replace an existing --out file that is not an earlier prediction CSV (never an input)")
     _inference_options(predict)
     predict.set_defaults(func=_predict)
 
@@ -296,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", default=None, help="output file (default: next to the checkpoint)")
     export.add_argument("--tolerance", type=float, default=1e-3,
                         help="largest allowed difference between exported and PyTorch logits")
+    export.add_argument("--force", action="store_true",
+                        help="replace an existing --out file that is not an earlier export of this format "
+                             "(never the checkpoint)")
     export.set_defaults(func=_export)
 
     inspect = commands.add_parser("inspect", help="show a backbone's stages and parameter counts")

@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -19,6 +20,7 @@ import torch
 
 from finetune.errors import FinetuneError
 from finetune.inference import LoadedModel, load_model
+from finetune.run import check_output
 
 __all__ = ["EXPORT_FORMATS", "ExportResult", "export_model"]
 
@@ -87,22 +89,53 @@ def _export_onnx(loaded: LoadedModel, out: Path) -> Callable[[torch.Tensor], np.
     return lambda x: session.run(None, {"input": x.numpy()})[0]
 
 
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive holds the model's code; a checkpoint (also a torch zip) does not."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any("/code/" in name for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _is_export_metadata(path: Path) -> bool:
+    try:
+        return "max_abs_diff" in json.loads(path.read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+# What counts as an earlier export of each format, which --out may replace without --force.
+_EARLIER: dict[str, Callable[[Path], bool]] = {
+    "onnx": lambda path: path.suffix.lower() == ".onnx",
+    "torchscript": _is_torchscript,
+}
+
+
 def export_model(
     checkpoint: Union[str, Path],
     fmt: str = "onnx",
     out: Optional[Union[str, Path]] = None,
     tolerance: float = 1e-3,
     log: Callable[[str], None] = print,
+    force: bool = False,
 ) -> ExportResult:
-    """Export `checkpoint` as ONNX or TorchScript, then fail unless its logits match PyTorch's within `tolerance`."""
+    """Export `checkpoint` as ONNX or TorchScript, then fail unless its logits match PyTorch's within `tolerance`.
+
+    `out` is never the checkpoint itself; an existing file that is not an earlier export of the same
+    format is replaced only with `force`.
+    """
     if fmt not in EXPORT_FORMATS:
         raise FinetuneError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
     if fmt == "onnx":
         _onnx_modules()  # fail before the slow part when the packages are missing
     checkpoint = Path(checkpoint).expanduser()
+    out = Path(out).expanduser() if out else checkpoint.with_suffix(SUFFIXES[fmt])
+    metadata = out.with_name(out.name + ".json")
+    replaced = [path for path, earlier in ((out, _EARLIER[fmt]), (metadata, _is_export_metadata))
+                if check_output(path, [checkpoint], f"{fmt} export", earlier, force)]
     loaded = load_model(checkpoint, "cpu")
     loaded.model.float().eval()
-    out = Path(out).expanduser() if out else checkpoint.with_suffix(SUFFIXES[fmt])
     out.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         run = _export_torchscript(loaded, out) if fmt == "torchscript" else _export_onnx(loaded, out)
@@ -114,7 +147,6 @@ def export_model(
         except Exception as err:  # runtime errors of the exported graph come in many types
             raise FinetuneError(f"the exported {fmt} model does not run on a batch of 3: {str(err)[:300]}") from None
     diff = float(np.abs(got - expected).max()) if got.shape == expected.shape else float("inf")
-    metadata = out.with_name(out.name + ".json")
     metadata.write_text(json.dumps({
         "format": fmt, "checkpoint": str(checkpoint), "input": "input: float32 N x 3 x H x W, normalised",
         "output": "logits: N x classes (apply softmax for probabilities)", "classes": loaded.classes,
@@ -122,6 +154,8 @@ def export_model(
     }, indent=2) + "\n")
     log(f"exported {fmt} model to {out} (classes and preprocessing in {metadata.name}); "
         f"max abs difference from PyTorch {diff:.2e} on a batch of 3")
+    for path in replaced:
+        log(f"note: replaced the earlier {path}")
     if not diff <= tolerance:
         raise FinetuneError(
             f"the exported {fmt} model's outputs differ from PyTorch's by up to {diff:.3g} (tolerance {tolerance:g}; "

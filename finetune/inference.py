@@ -20,7 +20,8 @@ from finetune.models import Classifier, build_model
 from finetune.recipe import Recipe
 from finetune.tta import ViewTransform, average_views
 
-__all__ = ["LoadedModel", "load_model", "load_ensemble", "predict_probs", "stream_probs", "resolve_device"]
+__all__ = ["LoadedModel", "check_finite_weights", "load_model", "load_ensemble", "predict_probs", "stream_probs",
+           "resolve_device"]
 
 
 @dataclass
@@ -43,9 +44,21 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def check_finite_weights(path: Union[str, Path], state: dict) -> None:
+    """Refuse weights holding NaN or inf: a diverged run's checkpoint would predict garbage without a word."""
+    bad = [name for name, tensor in state.items()
+           if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise FinetuneError(
+            f"checkpoint {path} holds non-finite weights (NaN or inf) in {len(bad)} tensor(s), e.g. {bad[0]}: its "
+            "run diverged; train again with a lower train.lr (or train.grad_clip)"
+        )
+
+
 def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> LoadedModel:
     """Rebuild the architecture a checkpoint describes and load its weights (no download)."""
     payload = read_checkpoint(path)
+    check_finite_weights(path, payload["model_state"])
     recipe = Recipe.from_dict(payload["recipe"])
     recipe.model.pretrained, recipe.model.weights = False, None
     preprocessing = Preprocessing.from_dict(payload["preprocessing"])

@@ -46,6 +46,19 @@ def _caption(label: int, target: Optional[torch.Tensor], classes: list[str]) -> 
     return classes[label]
 
 
+def _check_figure_out(out: Union[str, Path], recipe: Recipe, source: Union[Recipe, str, Path, None]) -> Path:
+    """The PNG path, refused when it would land among the training images or replace the recipe being read."""
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise FinetuneError(f"{path} is a folder; give --out a PNG file name")
+    if recipe.data.root and path.resolve().is_relative_to(Path(recipe.data.root).expanduser().resolve()):
+        raise FinetuneError(f"--out {path} is inside the data folder {recipe.data.root}, where the PNG would be read "
+                            "as a training image; write it outside the data")
+    if isinstance(source, (str, Path)) and path.exists() and path.resolve() == Path(source).expanduser().resolve():
+        raise FinetuneError(f"--out {path} is the recipe being read; choose another file name")
+    return path
+
+
 def augment_preview(
     recipe: Union[Recipe, str, Path, None] = None,
     data: Optional[Union[str, Path]] = None,
@@ -57,7 +70,8 @@ def augment_preview(
     """Write a PNG grid of `n` training images as the model sees them: augmented, mixed, denormalised."""
     if n < 1:
         raise FinetuneError("--n must be at least 1")
-    recipe = resolve_recipe(recipe, overrides, data)
+    source, recipe = recipe, resolve_recipe(recipe, overrides, data)
+    out = _check_figure_out(out, recipe, source)
     seed_everything(recipe.train.seed)
     dataset = _training_data(recipe, log)
     # Only the preprocessing is needed: build the architecture without downloading weights.
@@ -92,7 +106,8 @@ def lr_find(
     """Learning-rate range test on the recipe's model and data; plots it and suggests train.lr."""
     if steps < 5:
         raise FinetuneError("--steps must be at least 5 (100 is usual)")
-    recipe = resolve_recipe(recipe, overrides, data)
+    source, recipe = recipe, resolve_recipe(recipe, overrides, data)
+    out = _check_figure_out(out, recipe, source)
     check_backbone_name(recipe.model.backbone)
     seed_everything(recipe.train.seed)
     dataset = _training_data(recipe, log)

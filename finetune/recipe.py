@@ -7,6 +7,7 @@ name, and ``--set data.batch_size=16`` style overrides are applied before valida
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -39,6 +40,9 @@ BALANCE = ("none", "sampler", "loss")
 POLICIES = ("none", "randaugment", "trivialaugment")
 PRESETS = ("none", "light", "medium", "heavy", "hw03")  # built in finetune/data/transforms.py
 MONITORS = ("val_acc", "val_loss")
+# Above this a single 32-image float batch is over 1.6 GB before the network sees it, and no pretrained
+# backbone was trained near it (224-600 px); larger images are downscaled to data.image_size anyway.
+MAX_IMAGE_SIZE = 2048
 
 
 def _choice(key: str, value: Any, choices: tuple) -> None:
@@ -79,8 +83,11 @@ class DataConfig:
             raise FinetuneError("recipe key 'data.batch_size' must be at least 1")
         if self.num_workers < 0:
             raise FinetuneError("recipe key 'data.num_workers' must be 0 or more")
-        if self.image_size is not None and self.image_size < 8:
-            raise FinetuneError("recipe key 'data.image_size' must be at least 8 pixels")
+        if self.image_size is not None and not 8 <= self.image_size <= MAX_IMAGE_SIZE:
+            raise FinetuneError(
+                f"recipe key 'data.image_size' is {self.image_size}; it must be between 8 and {MAX_IMAGE_SIZE} "
+                "pixels (pretrained backbones use 224-600; larger inputs exhaust memory without gaining accuracy)"
+            )
         if self.layout == "csv" and not self.csv:
             raise FinetuneError("data.layout is 'csv' but 'data.csv' (the manifest file) is not set")
 
@@ -198,12 +205,15 @@ class TrainConfig:
         _choice("train.schedule", self.schedule, SCHEDULES)
         if self.epochs < 1:
             raise FinetuneError("recipe key 'train.epochs' must be at least 1")
-        if self.lr <= 0:
-            raise FinetuneError("recipe key 'train.lr' must be positive")
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise FinetuneError(f"recipe key 'train.lr' is {self.lr!r}; it must be a positive finite number, e.g. 1e-3")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise FinetuneError("recipe key 'train.label_smoothing' must be in [0, 1)")
         if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
-            raise FinetuneError("recipe key 'train.warmup_epochs' must be >= 0 and below train.epochs")
+            raise FinetuneError(
+                f"recipe key 'train.warmup_epochs' is {self.warmup_epochs:g} but must be >= 0 and below train.epochs "
+                f"({self.epochs}); set train.warmup_epochs={max(self.epochs - 1, 0)} (or 0) or raise train.epochs"
+            )
         _choice("train.monitor", self.monitor, MONITORS)
         if self.accumulate < 1:
             raise FinetuneError("recipe key 'train.accumulate' must be at least 1 (1 = no accumulation)")
@@ -348,7 +358,14 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise FinetuneError(f"override {item!r}: '{part}' is not a section")
-        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+        try:
+            node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise FinetuneError(
+                f"override {item!r}: the value is not valid YAML ({problem}); quote lists and text, "
+                "e.g. --set 'model.trainable=[layer4]'"
+            ) from None
     return raw
 
 
@@ -358,9 +375,17 @@ def load_recipe(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
     if path is not None:
         path = find_recipe(path)
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as err:
+            raise FinetuneError(f"recipe {path} is not UTF-8 text (byte {err.start}); save it as UTF-8 YAML") from None
+        try:
+            raw = yaml.safe_load(text)
         except yaml.YAMLError as err:
             raise FinetuneError(f"recipe {path} is not valid YAML: {err}") from None
+        if raw is None:
+            # An empty file is more likely a mistake (wrong or unsaved file) than a wish for all defaults.
+            raise FinetuneError(f"recipe {path} is empty; write at least one section (e.g. 'model:'), or start "
+                                "from a file in recipes/")
         if not isinstance(raw, dict):
             raise FinetuneError(f"recipe {path} must be a mapping of sections (data:, model:, train:)")
     apply_overrides(raw, list(overrides or []))

@@ -62,7 +62,7 @@ def _read_json(path: Path) -> Optional[dict]:
 def _read_csv(path: Path) -> list[list[str]]:
     if not path.is_file():
         return []
-    with path.open(newline="") as handle:
+    with path.open(newline="", encoding="utf-8-sig") as handle:
         return list(csv.reader(handle))
 
 
@@ -118,6 +118,11 @@ def _evaluation_sections(files: EvalFiles) -> tuple[list[str], list[str]]:
     if confused:
         parts.append("<p>Most confused pairs:</p>" + _table([[_esc(c) for c in row] for row in confused],
                                                             ["true", "predicted", "images"]))
+    for figure, alt, caption in ((files.most_confused_png, "most confused pairs", "the most frequent mistakes"),
+                                 (files.class_recall_png, "per-class recall", "classes with the lowest recall first")):
+        image = _img(figure, alt, caption)
+        if image:
+            parts.append(image)
     if report:
         parts.append("<h2>Per-class results</h2>" + _per_class(report))
     gallery = _img(files.misclassified, "misclassified images",

@@ -21,7 +21,7 @@ from finetune.errors import FinetuneError
 from finetune.recipe import Recipe
 from finetune.reports.plots import plot_curves
 
-__all__ = ["EvalFiles", "RunDir", "is_main_process", "write_skipped_list"]
+__all__ = ["EvalFiles", "RunDir", "check_output", "is_main_process", "write_skipped_list"]
 
 Log = Callable[[str], None]
 
@@ -39,6 +39,34 @@ def _write_csv(path: Path, rows: Iterable[Sequence[Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as handle:
         csv.writer(handle).writerows(rows)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)  # also catches a symlink or hard link to an input
+    except OSError:  # one of them does not exist
+        return False
+
+
+def check_output(out: Path, inputs: Iterable[Path], kind: str, earlier: Callable[[Path], bool],
+                 force: bool = False) -> bool:
+    """Check that a command may write `out`; True when it replaces an earlier output (the caller says so).
+
+    A file the command reads is never written over, not even with `force`; an existing file that
+    `earlier` does not recognise as an output of the same kind is replaced only with `force`.
+    """
+    if out.is_dir():
+        raise FinetuneError(f"{out} is a folder; give --out a file name for the {kind}")
+    if not out.exists():
+        return False
+    for source in inputs:
+        if _same_file(out, Path(source)):
+            raise FinetuneError(f"refusing to write the {kind} to {out}: this command reads that file; "
+                                "choose another --out")
+    if force or earlier(out):
+        return True
+    raise FinetuneError(f"{out} exists and is not an earlier {kind}; choose another --out, or add --force to "
+                        "replace it")
 
 
 def write_skipped_list(path: Path, skipped: Sequence[SkippedImage], log: Log = print) -> None:
@@ -62,6 +90,8 @@ class EvalFiles:
         self.confusion_png = self.folder / "confusion_matrix.png"
         self.confusion_csv = self.folder / "confusion_matrix.csv"
         self.most_confused = self.folder / "most_confused.csv"
+        self.most_confused_png = self.folder / "most_confused.png"
+        self.class_recall_png = self.folder / "class_recall.png"
         self.report_json = self.folder / "classification_report.json"
         self.predictions = self.folder / "predictions.csv"
         self.metrics = self.folder / "metrics.json"
@@ -82,7 +112,10 @@ class EvalFiles:
         return self.metrics.is_file()
 
     def prepare(self) -> None:
-        """Create the folder (main process only)."""
+        """Create the folder (main process only); a file in its place is refused, not overwritten."""
+        if self.folder.exists() and not self.folder.is_dir():
+            raise FinetuneError(f"{self.folder} is a file, not a folder: give --out a new or existing folder for the "
+                                "evaluation files")
         if self.writes:
             self.folder.mkdir(parents=True, exist_ok=True)
 
@@ -253,7 +286,7 @@ class RunDir:
         with self.oof_predictions.open("w", newline="") as handle:
             writer = None
             for fold, path in enumerate(fold_predictions, 1):
-                with path.open(newline="") as source:
+                with path.open(newline="", encoding="utf-8-sig") as source:
                     for row in csv.DictReader(source):
                         if writer is None:
                             writer = csv.DictWriter(handle, fieldnames=["fold", *row])

@@ -18,7 +18,7 @@ def read_labels(path: Path, id_column: Optional[str] = None, label_column: Optio
     """Id → label from a CSV (default columns: the first two); duplicate Ids and missing columns are errors."""
     if not path.is_file():
         raise FinetuneError(f"CSV file not found: {path}")
-    with path.open(newline="") as handle:
+    with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: a BOM is not part of the header
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
         if len(columns) < 2:

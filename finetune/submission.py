@@ -17,6 +17,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from finetune.engine.checkpoint import replace_atomically
 from finetune.errors import FinetuneError
 
 __all__ = [
@@ -84,7 +85,7 @@ def read_sample_submission(path: Path) -> tuple[list[str], list[str]]:
     """(header, Ids in file order) of a Kaggle sample submission."""
     if not path.is_file():
         raise FinetuneError(f"sample submission not found: {path}")
-    with path.open(newline="") as handle:
+    with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: a BOM is not part of the header
         reader = csv.reader(handle)
         header = next(reader, None)
         if not header or len(header) < 2:
@@ -160,7 +161,7 @@ class _AtomicCSV:
 
     def commit(self) -> None:
         self.handle.close()
-        os.replace(self.tmp, self.path)
+        replace_atomically(self.tmp, self.path)
 
     def discard(self) -> None:
         self.handle.close()
@@ -228,11 +229,11 @@ def write_rows(
             row += len(probs)
         if row != len(plan.ids):
             raise FinetuneError(f"internal mismatch: {len(plan.ids)} images but {row} predictions")
-    except BaseException:
         for f in files.values():
+            f.commit()
+    except BaseException:
+        for f in files.values():  # no temporary file outlives a failed write
             f.discard()
         raise
-    for f in files.values():
-        f.commit()
     return row
 

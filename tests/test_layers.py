@@ -36,8 +36,8 @@ LAYERS: list[tuple[str, ...]] = [
 RUN_FOLDER_FILES = [
     "recipe.yaml", "classes.txt", "class_counts.csv", "skipped_images.csv", "history.csv", "curves.png", "best.pt",
     "last.pt", "report.html", "cv_summary.json", "oof_predictions.csv", "confusion_matrix.png",
-    "confusion_matrix.csv", "most_confused.csv", "classification_report.json", "predictions.csv", "metrics.json",
-    "reliability.png", "misclassified.png", "gradcam.png", "score.json", "test_eval",
+    "confusion_matrix.csv", "most_confused.csv", "most_confused.png", "class_recall.png", "classification_report.json",
+    "predictions.csv", "metrics.json", "reliability.png", "misclassified.png", "gradcam.png", "score.json", "test_eval",
 ]
 
 

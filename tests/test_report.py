@@ -44,7 +44,8 @@ def test_report_is_self_contained_with_every_figure_embedded(run):
                     "Training curves", "Data", "Recipe"):
         assert f">{heading}" in page, heading
     sources = re.findall(r'<img src="([^"]+)"', page)
-    assert len(sources) == 5  # confusion matrix, gallery, Grad-CAM, reliability diagram, curves
+    # confusion matrix, most-confused pairs, per-class recall, gallery, Grad-CAM, reliability diagram, curves
+    assert len(sources) == 7
     for src in sources:
         assert src.startswith("data:image/png;base64,")
         with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as image:

@@ -63,13 +63,12 @@ def _check_classes(prepared: Prepared, log: Log) -> None:
 
 def prepare(recipe: Recipe, log: Log = print) -> Prepared:
     """The recipe's data: discovered, decode-checked (unreadable images dropped and kept in `skipped`), counted."""
-    splits = discover(recipe.data, recipe.train.seed)
+    # Unreadable images are dropped before the validation split, so it holds val_fraction of the usable ones.
+    splits = discover(recipe.data, recipe.train.seed, keep=readable)
     val_source = splits.val_source
     if val_source == "split":
         val_source = f"{recipe.data.val_fraction:.0%} stratified split"
-    train, bad_train = readable(splits.train)
-    val, bad_val = readable(splits.val)
-    prepared = Prepared(splits.classes, train, val, splits.skipped + bad_train + bad_val, val_source, splits.test_dir)
+    prepared = Prepared(splits.classes, splits.train, splits.val, splits.skipped, val_source, splits.test_dir)
     _check_classes(prepared, log)
     return prepared
 

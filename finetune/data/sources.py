@@ -6,7 +6,7 @@ import csv
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 from finetune.data.images import SkippedImage, list_images
 from finetune.errors import FinetuneError
@@ -14,6 +14,7 @@ from finetune.recipe import DataConfig
 
 __all__ = [
     "Sample",
+    "one_sample_per_file",
     "LabelledSet",
     "DatasetSplits",
     "discover",
@@ -33,6 +34,10 @@ class Sample:
 
     path: Path
     label: Optional[int] = None
+
+
+# A filter on samples: (kept, skipped with reasons), e.g. finetune.data.prepare.readable.
+Keep = Callable[[Sequence[Sample]], tuple[list[Sample], list[SkippedImage]]]
 
 
 @dataclass
@@ -81,6 +86,49 @@ def _class_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def _real_class_dirs(folder: Path) -> tuple[list[Path], list[SkippedImage]]:
+    """Class folders, less symlinks that would read images a second time (skipped, with the reason).
+
+    `train/loopy -> .` would otherwise be a class holding every image again.
+    """
+    tree = folder.resolve()
+    kept, skipped, seen = [], [], set()
+    for class_dir in _class_dirs(folder):
+        target = class_dir.resolve()
+        if target in seen:
+            skipped.append(SkippedImage(class_dir, f"class folder links to {target}, a folder already read: skipped"))
+        elif target != tree / class_dir.name and (target.is_relative_to(tree) or tree.is_relative_to(target)):
+            skipped.append(SkippedImage(class_dir, f"class folder links to {target}, inside the data it belongs "
+                                                   "to: skipped (it would repeat those images as a fake class)"))
+        else:
+            kept.append(class_dir)
+            seen.add(target)
+    return kept, skipped
+
+
+def one_sample_per_file(found: LabelledSet, where: Path) -> LabelledSet:
+    """One file (after resolving symlinks) is one sample: repeats are dropped and listed, two labels are an error."""
+    first: dict[Path, tuple[Path, str]] = {}
+    items, skipped = [], list(found.skipped)
+    conflicts: dict[Path, set[str]] = {}
+    for path, name in found.items:
+        key = path.resolve()
+        if key not in first:
+            first[key] = (path, name)
+            items.append((path, name))
+        elif first[key][1] == name:
+            skipped.append(SkippedImage(path, f"same image as {first[key][0]} with the same label: used once"))
+        else:
+            conflicts.setdefault(key, {first[key][1]}).add(name)
+    if conflicts:
+        examples = "; ".join(f"{p} ({', '.join(sorted(labels))})" for p, labels in list(conflicts.items())[:5])
+        raise FinetuneError(
+            f"{len(conflicts)} image(s) in {where} have two or more labels, e.g. {examples}; a file is one sample "
+            "with one label: remove the wrong rows or copies"
+        )
+    return LabelledSet(items, skipped)
+
+
 def _detect_layout(folder: Path) -> str:
     if _class_dirs(folder):
         return "folder"
@@ -98,7 +146,7 @@ def read_labelled_folder(folder: Path, layout: str, label_regex: str) -> Labelle
         layout = _detect_layout(folder)
     if layout == "folder":
         items: list[tuple[Path, str]] = []
-        class_dirs = _class_dirs(folder)
+        class_dirs, skipped_dirs = _real_class_dirs(folder)
         if not class_dirs:
             raise FinetuneError(f"{folder} has no class sub-folders; expected {folder}/<class>/<image>")
         for class_dir in class_dirs:
@@ -108,7 +156,7 @@ def read_labelled_folder(folder: Path, layout: str, label_regex: str) -> Labelle
                     f"class '{class_dir.name}' has no images in {class_dir}; add images or remove the folder"
                 )
             items.extend((path, class_dir.name) for path in images)
-        return LabelledSet(items)
+        return one_sample_per_file(LabelledSet(items, skipped_dirs), folder)
     try:
         pattern = re.compile(label_regex)
     except re.error as err:
@@ -126,7 +174,7 @@ def read_labelled_folder(folder: Path, layout: str, label_regex: str) -> Labelle
         raise FinetuneError(
             f"no file in {folder} matches data.label_regex {label_regex!r} (e.g. '3_120.jpg' → class 3)"
         )
-    return LabelledSet(items, skipped)
+    return one_sample_per_file(LabelledSet(items, skipped), folder)
 
 
 def _resolve_manifest_path(value: str, image_dir: Path, by_stem: dict[str, Path]) -> Optional[Path]:
@@ -146,7 +194,7 @@ def read_manifest(cfg: DataConfig, root: Path) -> LabelledSet:
     image_dir = Path(cfg.csv_image_dir).expanduser() if cfg.csv_image_dir else manifest.parent
     if not image_dir.is_absolute():
         image_dir = root / image_dir
-    with manifest.open(newline="") as handle:
+    with manifest.open(newline="", encoding="utf-8-sig") as handle:  # -sig: a BOM is not part of the header
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
         if len(columns) < 2:
@@ -170,7 +218,7 @@ def read_manifest(cfg: DataConfig, root: Path) -> LabelledSet:
             items.append((path, label))
     if not items:
         raise FinetuneError(f"no manifest row of {manifest} points to an image in {image_dir}")
-    return LabelledSet(items, skipped)
+    return one_sample_per_file(LabelledSet(items, skipped), manifest)
 
 
 def _to_samples(labelled: LabelledSet, classes: list[str]) -> list[Sample]:
@@ -202,8 +250,21 @@ def _stratified_split(samples: list[Sample], fraction: float, seed: int) -> tupl
     return list(train), list(val)
 
 
-def discover(cfg: DataConfig, seed: int = 0) -> DatasetSplits:
-    """Find the training/validation/test images that `cfg` describes."""
+def _check_disjoint(train_set: LabelledSet, val_set: LabelledSet) -> None:
+    both = {p.resolve() for p, _ in train_set.items} & {p.resolve() for p, _ in val_set.items}
+    if both:
+        raise FinetuneError(
+            f"{len(both)} image(s) are in both the training and the validation data (e.g. {sorted(both)[0]}); "
+            "that inflates validation accuracy: keep each image in one of them"
+        )
+
+
+def discover(cfg: DataConfig, seed: int = 0, keep: Optional[Keep] = None) -> DatasetSplits:
+    """Find the training/validation/test images that `cfg` describes.
+
+    `keep` (e.g. the decode check) filters the samples before the validation split, so the split
+    holds the share of images that will really be used; what it drops joins `skipped`.
+    """
     if not cfg.root:
         raise FinetuneError("no dataset folder: pass --data DIR or set data.root in the recipe")
     root = Path(cfg.root).expanduser()
@@ -221,8 +282,12 @@ def discover(cfg: DataConfig, seed: int = 0) -> DatasetSplits:
     if len(classes) < 2:
         raise FinetuneError(f"found only one class ({classes[0]}) in {root}; a classifier needs at least two")
     skipped = list(train_set.skipped) + (list(val_set.skipped) if val_set else [])
-    train = _to_samples(train_set, classes)
+    keep = keep or (lambda samples: (list(samples), []))
+    train, dropped = keep(_to_samples(train_set, classes))
+    skipped += dropped
     if val_set is not None:
-        return DatasetSplits(classes, train, _to_samples(val_set, classes), "folder", test_dir, skipped)
+        _check_disjoint(train_set, val_set)
+        val, dropped = keep(_to_samples(val_set, classes))
+        return DatasetSplits(classes, train, val, "folder", test_dir, skipped + dropped)
     train, val = _stratified_split(train, cfg.val_fraction, seed)
     return DatasetSplits(classes, train, val, "split", test_dir, skipped)

@@ -12,7 +12,7 @@ import torch
 from finetune.errors import FinetuneError
 from finetune.version import __version__
 
-__all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "read_checkpoint", "library_versions"]
+__all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "read_checkpoint", "library_versions", "replace_atomically"]
 
 CHECKPOINT_FORMAT = "finetune-checkpoint-v1"
 
@@ -27,6 +27,27 @@ def library_versions() -> dict[str, str]:
             "timm": str(timm.__version__)}
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def replace_atomically(tmp: Union[str, Path], path: Union[str, Path]) -> None:
+    """Rename a finished temporary file onto `path`, with the mode a plain write would give it.
+
+    mkstemp creates files 0600; without the chmod a checkpoint or submission would be unreadable to the
+    group and an overwritten 0644 file would turn 0600. On failure the temporary file is removed.
+    """
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def save_checkpoint(path: Union[str, Path], payload: dict[str, Any]) -> None:
     """Write `payload` to `path` atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
@@ -35,7 +56,7 @@ def save_checkpoint(path: Union[str, Path], payload: dict[str, Any]) -> None:
     os.close(fd)
     try:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
+        replace_atomically(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

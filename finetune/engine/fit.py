@@ -127,6 +127,14 @@ def train_one_epoch(
         # (the last group of an epoch may be shorter).
         group_start = index - index % cfg.accumulate
         group = min(cfg.accumulate, batches - group_start)
+        value = loss.item()
+        if not math.isfinite(value):
+            # Stepping on a NaN/inf loss turns every weight into NaN; a checkpoint of those predicts nothing.
+            raise FinetuneError(
+                f"{description}, batch {index + 1}/{batches}: the loss is {value} (training diverged); lower "
+                f"train.lr (now {optimizer.param_groups[0]['lr']:.3g}) or set train.grad_clip, e.g. 1.0. The last "
+                "good checkpoints are kept"
+            )
         scaled = loss / group
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         if index + 1 == group_start + group:
@@ -135,7 +143,7 @@ def train_one_epoch(
             if ema is not None:
                 ema.update(model)
         batch = labels.shape[0]
-        total_loss += loss.item() * batch
+        total_loss += value * batch
         # With mixed targets, a prediction counts as right when it names the label with the larger share.
         correct += (logits.argmax(1) == dominant_label(targets)).sum().item()
         seen += batch
@@ -236,6 +244,11 @@ def fit(
                 f"epoch {epoch}/{cfg.epochs}", mixer, ema,
             )
             val = validate(eval_model, val_loader, criterion, device, cfg)
+            if not math.isfinite(val.loss):  # the epoch's last step broke the weights: save nothing of them
+                raise FinetuneError(
+                    f"epoch {epoch}/{cfg.epochs}: the validation loss is {val.loss} (training diverged in the "
+                    f"epoch's last step); lower train.lr (now {lr:.3g}) or set train.grad_clip, e.g. 1.0"
+                )
             row = {
                 "epoch": epoch,
                 "train_loss": round(train.loss, 6),
@@ -276,6 +289,11 @@ def fit(
                 log(f"early stop: {cfg.monitor} has not improved for {cfg.patience} epoch(s); "
                     f"best {monitor.best:.4f} at epoch {monitor.best_epoch}")
                 break
+    except (torch.OutOfMemoryError, MemoryError) as err:
+        raise FinetuneError(
+            f"out of memory in epoch {epoch} ({type(err).__name__}); lower data.batch_size or data.image_size "
+            "(or use train.accumulate to keep the effective batch)"
+        ) from None
     except KeyboardInterrupt:
         if saved_epoch > 0:
             log(f"interrupted in epoch {epoch}; {run.last} holds epoch {saved_epoch}. "

@@ -53,6 +53,10 @@ def feature_dim(body: nn.Module, size: int, in_chans: int = 3) -> int:
         with torch.no_grad():
             out = body(torch.zeros(2, in_chans, size, size))
     except RuntimeError as err:  # convolutions and pools refuse inputs smaller than their kernels
+        if isinstance(err, torch.OutOfMemoryError) or "memory" in str(err).lower():
+            raise FinetuneError(
+                f"not enough memory for one forward pass at {size}px; set a smaller data.image_size"
+            ) from None
         raise FinetuneError(
             f"images of {size}px are too small for this backbone ({str(err).splitlines()[0]}); "
             "set a larger data.image_size"
