@@ -385,7 +385,7 @@ def load_recipe(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
         if raw is None:
             # An empty file is more likely a mistake (wrong or unsaved file) than a wish for all defaults.
             raise FinetuneError(f"recipe {path} is empty; write at least one section (e.g. 'model:'), or start "
-                                "from a file in recipes/")
+                                "from a shipped recipe (finetune recipes copy NAME)")
         if not isinstance(raw, dict):
             raise FinetuneError(f"recipe {path} must be a mapping of sections (data:, model:, train:)")
     apply_overrides(raw, list(overrides or []))
