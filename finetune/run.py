@@ -2,7 +2,7 @@
 
 A run folder is ``<output>/<name>`` (``name-2``, ``name-3``, ... when taken: never overwritten):
 recipe.yaml, classes.txt, class_counts.csv, skipped_images.csv, history.csv, curves.png, best.pt,
-last.pt, eval/ (an `EvalFiles` bundle), report.html; a k-fold parent adds cv_summary.json,
+last.pt, eval/ (an `EvalFiles` bundle), report.html, tensorboard_events/ (with train.loggers: [tensorboard]); a k-fold parent adds cv_summary.json,
 oof_predictions.csv and one run folder per fold. Only the main process (rank 0 under torchrun)
 writes; every other process sees the same names and writes nothing.
 """
@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 from finetune.data.images import SkippedImage
 from finetune.engine.checkpoint import save_checkpoint
 from finetune.errors import FinetuneError
+from finetune.loggers import Logger, create_loggers
 from finetune.recipe import Recipe
 from finetune.reports.plots import plot_curves
 
@@ -125,6 +126,8 @@ class RunDir:
         self.submission = self.path / "submission.csv"  # k-fold: the suggested ensemble submission
         self.test_submission = self.path / "predictions" / "submission.csv"  # demo: the test folder's predictions
         self.test_eval = EvalFiles(self.path / "test_eval")  # demo: the submission scored against the answers
+        self.tensorboard = self.path / "tensorboard_events"  # train.loggers: [tensorboard]
+        self._loggers: list[Logger] = []
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -211,8 +214,28 @@ class RunDir:
         if self.is_main:
             save_checkpoint(path, payload)
 
+    def start_loggers(self, recipe: Recipe) -> None:
+        """Open the loggers train.loggers names; from now on every history row goes to them too."""
+        if self.is_main:
+            self._loggers = create_loggers(recipe.train.loggers, recipe, self.path, self.tensorboard)
+
+    def finish_loggers(self, metrics: dict) -> None:
+        """Give the loggers the final metrics and figures, then close them."""
+        try:
+            images = {"confusion_matrix": self.eval.confusion_png, "curves": self.curves}
+            for logger in self._loggers:
+                logger.finish(metrics, images)
+        finally:
+            self.close_loggers()
+
+    def close_loggers(self) -> None:
+        """Close the loggers (also when training stops with an error, so what was logged is flushed)."""
+        loggers, self._loggers = self._loggers, []
+        for logger in loggers:
+            logger.close()
+
     def append_history(self, row: dict) -> None:
-        """One epoch's row of history.csv (the header comes with the first row)."""
+        """One epoch's row of history.csv (the header comes with the first row), passed on to the loggers."""
         if not self.is_main:
             return
         new = not self.history.exists()
@@ -221,6 +244,15 @@ class RunDir:
             if new:
                 writer.writeheader()
             writer.writerow(row)
+        for logger in self._loggers:
+            logger.log_epoch(row)
+
+    def read_history(self) -> list[dict]:
+        """history.csv's rows (empty when the run has not finished an epoch)."""
+        if not self.history.is_file():
+            return []
+        with self.history.open(newline="") as handle:
+            return list(csv.DictReader(handle))
 
     def rewrite_history(self, rows: Sequence[dict]) -> None:
         """history.csv holding exactly `rows` (a resumed run drops rows written after its last checkpoint)."""

@@ -15,16 +15,21 @@ from tqdm import tqdm
 
 from finetune.data.mixing import BatchMixer, dominant_label
 from finetune.engine.ema import WeightEma
-from finetune.engine.optim import base_lr, create_optimizer, create_scheduler
+from finetune.engine.optim import base_lr, create_optimizer, create_scheduler, stage_lrs
 from finetune.engine.resume import capture_rng_state, check_resumable, restore_rng_state
 from finetune.engine.step import autocast, optimizer_step, to_device
 from finetune.errors import FinetuneError
 from finetune.models.unfreezing import plan_unfreezing
 from finetune.recipe import TrainConfig
 
-__all__ = ["EpochStats", "FitState", "Monitor", "RunFolder", "train_one_epoch", "validate", "fit", "HISTORY_COLUMNS"]
+__all__ = ["EpochStats", "FitState", "Monitor", "RunFolder", "EpochHook", "train_one_epoch", "validate", "fit",
+           "HISTORY_COLUMNS"]
 
+# With discriminative rates (layer_decay, lr_mult, fine_tune) each stage's rate follows as lr_<stage>.
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+
+# Called with each epoch's history row once it is saved; returning True stops training there (tune's pruner).
+EpochHook = Callable[[dict], bool]
 
 
 class RunFolder(Protocol):
@@ -200,12 +205,14 @@ def fit(
     log: Callable[[str], None] = print,
     mixer: Optional[BatchMixer] = None,
     resume: Optional[dict] = None,
+    on_epoch: Optional[EpochHook] = None,
 ) -> FitState:
     """Train up to cfg.epochs (fewer with early stopping), continuing from a last.pt payload if given.
 
     Every epoch writes last.pt (with the state to resume) and the curves, then its history row;
     best.pt is written when cfg.monitor improves. With EMA on, the averaged weights are validated
     and saved. All of it goes through `run`, which decides whether this process writes.
+    `on_epoch` sees each saved row and may stop training early, like patience does.
     """
     steps_per_epoch = math.ceil(len(train_loader) / cfg.accumulate)
     # Parameters that a later epoch unfreezes join the optimizer now; frozen, they get no gradient.
@@ -224,6 +231,8 @@ def fit(
         run.rewrite_history(history)
         log(f"resuming {run.path} at epoch {first_epoch}/{cfg.epochs}")
     epoch, saved_epoch = first_epoch, first_epoch - 1
+    # One lr column per stage when the stages' multipliers differ: fixed for the run, so the header stays valid.
+    per_stage = len({group.get("lr_mult", 1.0) for group in optimizer.param_groups}) > 1
     try:
         for epoch in range(first_epoch, cfg.epochs + 1):
             start = time.perf_counter()
@@ -231,6 +240,7 @@ def fit(
             if trainable_now:
                 log(f"epoch {epoch}: trainable stages now {', '.join(trainable_now)}")
             lr = base_lr(optimizer)
+            rates = stage_lrs(optimizer)
             train = train_one_epoch(
                 model, train_loader, criterion, optimizer, scheduler, scaler, device, cfg,
                 f"epoch {epoch}/{cfg.epochs}", mixer, ema,
@@ -245,6 +255,8 @@ def fit(
                 "lr": f"{lr:.6g}",
                 "seconds": round(time.perf_counter() - start, 2),
             }
+            if per_stage:
+                row.update({f"lr_{stage}": f"{rate:.6g}" for stage, rate in rates.items()})
             history.append(row)
             payload = {
                 **checkpoint_extras,
@@ -274,6 +286,10 @@ def fit(
             )
             if monitor.exhausted(cfg.patience):
                 log(f"early stop: {cfg.monitor} has not improved for {cfg.patience} epoch(s); "
+                    f"best {monitor.best:.4f} at epoch {monitor.best_epoch}")
+                break
+            if on_epoch is not None and on_epoch(row):
+                log(f"stopped after epoch {epoch} by the caller (e.g. a tuning trial pruned); "
                     f"best {monitor.best:.4f} at epoch {monitor.best_epoch}")
                 break
     except KeyboardInterrupt:
