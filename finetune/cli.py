@@ -111,6 +111,23 @@ def _recipes(args: argparse.Namespace) -> None:
         print("\nfinetune recipes show NAME | finetune recipes copy NAME [DEST] | finetune train NAME --data DIR")
 
 
+def _runs(args: argparse.Namespace) -> None:
+    from finetune.runs_table import runs_table
+
+    runs_table(args.dir, sort=args.sort, csv_out=args.csv, html_out=args.html)
+
+
+def _add_runs_command(commands: argparse._SubParsersAction) -> None:
+    """`finetune runs [DIR] [--sort COLUMN] [--csv OUT] [--html OUT]`."""
+    runs = commands.add_parser("runs", help="a table of every run under a folder: what differed, best metric, status")
+    runs.add_argument("dir", nargs="?", default="runs", help="folder to look in, sub-folders included (default runs/)")
+    runs.add_argument("--sort", metavar="COLUMN",
+                      help="sort by a column: best, run, a recipe key such as train.lr... (numbers high to low)")
+    runs.add_argument("--csv", metavar="OUT", help="also write the table as CSV")
+    runs.add_argument("--html", metavar="OUT", help="also write one HTML page: the table and all validation curves")
+    runs.set_defaults(func=_runs)
+
+
 def _add_recipes_command(commands: argparse._SubParsersAction) -> None:
     """`finetune recipes [show NAME | copy NAME [DEST]]`."""
     recipes = commands.add_parser("recipes", help="list the shipped recipes; show one; copy one to edit")
@@ -311,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--num-classes", type=int, default=10)
     inspect.add_argument("--image-size", type=int, default=None)
     inspect.set_defaults(func=_inspect)
+    _add_runs_command(commands)
     _add_recipes_command(commands)
     _add_demo_commands(commands)
     return parser
