@@ -111,6 +111,34 @@ def _recipes(args: argparse.Namespace) -> None:
         print("\nfinetune recipes show NAME | finetune recipes copy NAME [DEST] | finetune train NAME --data DIR")
 
 
+def _tune(args: argparse.Namespace) -> None:
+    from finetune.tune import tune
+
+    if not args.recipe and not args.resume:
+        raise FinetuneError("give a recipe to tune and --space SPACE.yaml, or --resume STUDY_DIR to continue a study")
+    tune(args.recipe, space=args.space, trials=args.trials, data=args.data, overrides=args.overrides,
+         folds=args.folds, resume=args.resume, startup_trials=args.startup_trials)
+
+
+def _add_tune_command(commands: argparse._SubParsersAction) -> None:
+    """`finetune tune RECIPE --space SPACE.yaml --trials N [--folds K] | --resume STUDY_DIR`."""
+    tune = commands.add_parser("tune", help="hyper-parameter search with Optuna: one run folder per trial, "
+                                            "the best recipe at the end")
+    tune.add_argument("recipe", nargs="?", help=f"{RECIPE_HELP}; not needed with --resume")
+    _recipe_options(tune)
+    tune.add_argument("--space", metavar="SPACE_YAML",
+                      help="recipe keys and their ranges, e.g. train.lr: {log_uniform: [1e-4, 1e-2]}, "
+                           "augment.preset: {choice: [light, medium]}, model.trainable_last: {int: [1, 4]}")
+    tune.add_argument("--trials", type=int, default=20, help="finished trials the study should have (default 20)")
+    tune.add_argument("--folds", type=int, default=None, metavar="K",
+                      help="score each trial by K-fold cross-validation accuracy instead of the validation split")
+    tune.add_argument("--resume", metavar="STUDY_DIR", help="continue an interrupted study (its saved recipe, "
+                                                            "space and finished trials)")
+    tune.add_argument("--startup-trials", type=int, default=3, metavar="N",
+                      help="trials run in full before the median pruner may stop one (default 3)")
+    tune.set_defaults(func=_tune)
+
+
 def _runs(args: argparse.Namespace) -> None:
     from finetune.runs_table import runs_table
 
@@ -328,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--num-classes", type=int, default=10)
     inspect.add_argument("--image-size", type=int, default=None)
     inspect.set_defaults(func=_inspect)
+    _add_tune_command(commands)
     _add_runs_command(commands)
     _add_recipes_command(commands)
     _add_demo_commands(commands)

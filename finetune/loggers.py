@@ -54,7 +54,7 @@ def _numbers(row: dict) -> dict[str, float]:
 
 
 def _scalar_tag(key: str) -> str:
-    """history.csv column → TensorBoard tag: train_loss → train/loss, lr_layer4 → lr/layer4, seconds → time/seconds."""
+    """history.csv column → TensorBoard tag: train_loss → train/loss, lr_layer4 → lr/layer4, lr → lr/base."""
     for prefix in ("train", "val", "lr"):
         if key.startswith(prefix + "_"):
             return f"{prefix}/{key[len(prefix) + 1:]}"

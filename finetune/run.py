@@ -2,9 +2,10 @@
 
 A run folder is ``<output>/<name>`` (``name-2``, ``name-3``, ... when taken: never overwritten):
 recipe.yaml, classes.txt, class_counts.csv, skipped_images.csv, history.csv, curves.png, best.pt,
-last.pt, eval/ (an `EvalFiles` bundle), report.html, tensorboard_events/ (with train.loggers: [tensorboard]); a k-fold parent adds cv_summary.json,
-oof_predictions.csv and one run folder per fold. Only the main process (rank 0 under torchrun)
-writes; every other process sees the same names and writes nothing.
+last.pt, eval/ (an `EvalFiles` bundle), report.html, tensorboard_events/ (train.loggers: [tensorboard]);
+a k-fold parent adds cv_summary.json, oof_predictions.csv and one run folder per fold; a tuning study
+folder (`StudyDir`) one run folder per trial. Only the main process (rank 0 under torchrun) writes;
+every other process sees the same names and writes nothing.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from finetune.loggers import Logger, create_loggers
 from finetune.recipe import Recipe
 from finetune.reports.plots import plot_curves
 
-__all__ = ["EvalFiles", "RunDir", "is_main_process", "write_skipped_list"]
+__all__ = ["EvalFiles", "RunDir", "StudyDir", "is_main_process", "write_skipped_list"]
 
 Log = Callable[[str], None]
 
@@ -304,3 +305,74 @@ class RunDir:
         if self.is_main:
             out.write_text(page, encoding="utf-8")
         return out
+
+
+class StudyDir:
+    """A tuning study folder (`finetune tune`): one run folder per trial, plus the study's own files.
+
+    study.db is Optuna's SQLite storage (what `--resume` continues); study_recipe.yaml and space.yaml
+    are what the study searches from and over; trials.csv, best_recipe.yaml, importance.png and
+    optimization_history.png are (re)written at the end of each session.
+    """
+
+    def __init__(self, path: Union[str, Path]) -> None:
+        self.path = Path(path).expanduser()
+        self.storage = self.path / "study.db"
+        self.base_recipe = self.path / "study_recipe.yaml"  # not recipe.yaml: the study folder is not a run
+        self.space = self.path / "space.yaml"
+        self.trials = self.path / "trials.csv"
+        self.best_recipe = self.path / "best_recipe.yaml"
+        self.importance = self.path / "importance.png"
+        self.history = self.path / "optimization_history.png"
+
+    def __repr__(self) -> str:
+        return f"StudyDir({str(self.path)!r})"
+
+    @property
+    def storage_url(self) -> str:
+        """The SQLAlchemy URL Optuna opens."""
+        return f"sqlite:///{self.storage.resolve()}"
+
+    @classmethod
+    def create(cls, output: Union[str, Path], name: str) -> "StudyDir":
+        """A new study folder `output/name` (suffixed -2, -3... like a run folder)."""
+        return cls(RunDir.create(output, name).path)
+
+    @classmethod
+    def open(cls, path: Union[str, Path]) -> "StudyDir":
+        """An existing study folder, to resume."""
+        study = cls(path)
+        if not study.storage.is_file():
+            raise FinetuneError(f"{study.path} is not a study folder (no {study.storage.name}); pass the folder "
+                                "`finetune tune` created")
+        return study
+
+    def trial_name(self, number: int) -> str:
+        """The run folder name of trial `number`."""
+        return f"trial{number:03d}"
+
+    def write_text(self, path: Path, text: str) -> None:
+        """One of the study's text files (recipes, space)."""
+        if path.parent != self.path:
+            raise ValueError(f"{path} is not a file of {self}")
+        if is_main_process():
+            path.write_text(text, encoding="utf-8")
+
+    def write_recipe(self, path: Path, recipe: Recipe) -> None:
+        """study_recipe.yaml or best_recipe.yaml."""
+        if path not in (self.base_recipe, self.best_recipe):
+            raise ValueError(f"{path} is not a recipe of {self}")
+        if is_main_process():
+            recipe.to_yaml(path)
+
+    def write_trials(self, rows: Sequence[Sequence[Any]]) -> None:
+        """trials.csv: header first."""
+        if is_main_process():
+            _write_csv(self.trials, rows)
+
+    def write_png(self, path: Path, data: bytes) -> None:
+        """importance.png or optimization_history.png."""
+        if path not in (self.importance, self.history):
+            raise ValueError(f"{path} is not a figure of {self}")
+        if is_main_process():
+            path.write_bytes(data)

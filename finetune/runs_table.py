@@ -156,7 +156,8 @@ def runs_table(
     root = Path(root).expanduser()
     runs = [read_run(run, root) for run in find_runs(root)]
     if not runs:
-        raise FinetuneError(f"no run folders under {root} (a run folder holds a recipe.yaml written by `finetune train`)")
+        raise FinetuneError(f"no run folders under {root}: a run folder is one `finetune train` wrote "
+                            f"(it holds {RunDir(root).recipe.name})")
     header, rows = table_rows(runs)
     if sort:
         rows = _sort(header, rows, sort)
