@@ -190,11 +190,16 @@ def _trials_table(optuna, study, space: dict, root: Path) -> list[list[Any]]:
     rows: list[list[Any]] = [header]
     for trial in study.get_trials(deepcopy=False):
         run_dir = trial.user_attrs.get("run_dir")
-        info = read_run(RunDir(run_dir), root) if run_dir and RunDir(run_dir).recipe.is_file() else None
-        rows.append([trial.number, trial.state.name.lower(), "" if trial.value is None else trial.value,
-                     *(trial.params.get(k, "") for k in space),
-                     info.name if info else "", info.best_epoch if info else "",
-                     info.epochs_done if info else "", info.status if info else ""])
+        run = RunDir(run_dir) if run_dir else None
+        values = [trial.number, trial.state.name.lower(), "" if trial.value is None else trial.value,
+                  *(trial.params.get(k, "") for k in space)]
+        if run is not None and run.cv_summary.is_file():  # --folds: a k-fold parent, its folds are the runs
+            rows.append([*values, run.path.name, "", "", "cross-validated"])
+        elif run is not None and run.recipe.is_file():
+            info = read_run(run, root)
+            rows.append([*values, info.name, info.best_epoch, info.epochs_done, info.status])
+        else:
+            rows.append([*values, "", "", "", ""])
     return rows
 
 

@@ -15,7 +15,7 @@ from finetune.api import train  # noqa: E402
 from finetune.cli import main  # noqa: E402
 from finetune.errors import FinetuneError  # noqa: E402
 from finetune.recipe import Recipe, load_recipe  # noqa: E402
-from finetune.run import StudyDir  # noqa: E402
+from finetune.run import RunDir, StudyDir  # noqa: E402
 from finetune.tune import load_space, tune  # noqa: E402
 from tests.conftest import QUICK_CPU  # noqa: E402
 
@@ -113,3 +113,17 @@ def test_a_study_prunes_resumes_without_repeating_trials_and_its_best_recipe_tra
 def test_tune_from_the_command_line_needs_a_space(folder_dataset: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["tune", QUICK_CPU, "--data", str(folder_dataset)]) == 2
     assert "--space SPACE.yaml" in capsys.readouterr().err
+
+
+def test_folds_score_each_trial_by_cross_validation(folder_dataset: Path, tiny_overrides: list[str]) -> None:
+    overrides = tiny_overrides + ["train.epochs=1", "train.warmup_epochs=0"]
+    result = tune(QUICK_CPU, space={"train.lr": {"choice": [0.01]}}, trials=1, data=folder_dataset,
+                  overrides=overrides, folds=2, log=_quiet)
+    trial = result.study_dir / "trial000"
+    summary = RunDir(trial).read_cv_summary()
+    assert summary is not None and len(summary["folds"]) == 2
+    assert result.best_value == pytest.approx(summary["mean"])
+    rows = list(csv.DictReader(StudyDir(result.study_dir).trials.open()))
+    assert rows[0]["status"] == "cross-validated"
+    with pytest.raises(FinetuneError, match="--folds 2"):
+        tune(resume=result.study_dir, trials=2, folds=3, log=_quiet)
