@@ -85,3 +85,21 @@ def test_mlflow_gets_params_per_epoch_metrics_and_the_folder(
     steps = [c[2]["step"] for c in calls if c[0] == "log_metrics" and "step" in c[2]]
     assert steps == [1, 2]
     assert ("log_artifacts", (str(result.run_dir),), {}) in calls
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="needs finetune[tensorboard]")
+def test_a_resumed_run_logs_each_epoch_once_to_tensorboard(folder_dataset: Path, tiny_overrides: list[str]) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def stop_after_epoch_1(message: str) -> None:
+        if message.startswith("epoch 1/3"):
+            raise KeyboardInterrupt
+
+    overrides = tiny_overrides + ["train.loggers=[csv, tensorboard]", "train.epochs=3", "train.warmup_epochs=0"]
+    with pytest.raises(KeyboardInterrupt):
+        train(QUICK_CPU, data=folder_dataset, overrides=overrides, log=stop_after_epoch_1)
+    run_dir = next(Path(tiny_overrides[-1].split("=", 1)[1]).iterdir())
+    train(resume=run_dir, log=lambda _: None)
+    events = EventAccumulator(str(RunDir(run_dir).tensorboard), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/loss")] == [1, 2, 3]
