@@ -23,9 +23,11 @@ _PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow",
 
 
 class Logger(Protocol):
-    """What RunDir calls: one row per epoch, then the final metrics and figures once, then close."""
+    """What RunDir calls: one row per epoch (and per optimiser step), then the final metrics and figures, then close."""
 
     def log_epoch(self, row: dict) -> None: ...
+
+    def log_step(self, values: dict) -> None: ...
 
     def finish(self, metrics: dict, images: dict[str, Path]) -> None: ...
 
@@ -71,38 +73,37 @@ def _hparam_value(value: Any) -> Any:
 class TensorBoardLogger:
     """Event files in the run's tensorboard_events/ folder: `tensorboard --logdir runs/` shows every run live.
 
-    Per epoch: losses, accuracies, the learning rate of every stage, epoch time. At the end: the
-    confusion matrix and curves as images, the recipe as text, and hparams with the final metrics.
+    Per epoch: losses, accuracies, the learning rate of every stage, epoch time; per optimiser step:
+    the training loss and rate (step/...). At the end: the confusion matrix and curves as images, the
+    recipe as text, and hparams with the final metrics.
     """
 
     def __init__(self, folder: Path, recipe: Recipe) -> None:
-        self.folder = folder
-        self.recipe = recipe
-        self._writer = None
-
-    def _open(self, first_epoch: int):
         from torch.utils.tensorboard import SummaryWriter
 
-        # A resumed run starts again at `first_epoch`: purge_step hides what the crash logged from it on.
-        self._writer = SummaryWriter(str(self.folder), purge_step=first_epoch if first_epoch > 1 else None)
-        text = yaml.safe_dump(self.recipe.to_dict(), sort_keys=False)
-        self._writer.add_text("recipe", "\n".join("    " + line for line in text.splitlines()), first_epoch)
-        return self._writer
+        self.recipe = recipe
+        # Epoch scalars use the epoch as their step, step/ scalars the optimiser step since the run began.
+        # A resumed run appends to the same folder: rows never run ahead of last.pt, so no epoch repeats.
+        self._writer = SummaryWriter(str(folder))
+        text = yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+        self._writer.add_text("recipe", "\n".join("    " + line for line in text.splitlines()), 0)
+
+    def log_step(self, values: dict) -> None:
+        step = int(values["step"])
+        self._writer.add_scalar("step/train_loss", float(values["train_loss"]), step)
+        self._writer.add_scalar("step/lr", float(values["lr"]), step)
 
     def log_epoch(self, row: dict) -> None:
         epoch = int(row["epoch"])
-        writer = self._writer or self._open(epoch)
         for key, value in _numbers(row).items():
             if key != "epoch":
-                writer.add_scalar(_scalar_tag(key), value, epoch)
-        writer.flush()  # an interrupted run keeps every epoch it finished
+                self._writer.add_scalar(_scalar_tag(key), value, epoch)
+        self._writer.flush()  # an interrupted run keeps every epoch it finished
 
     def finish(self, metrics: dict, images: dict[str, Path]) -> None:
         import numpy as np
         from PIL import Image
 
-        if self._writer is None:
-            return
         for tag, path in images.items():
             if path.is_file():
                 with Image.open(path) as image:
@@ -113,8 +114,7 @@ class TensorBoardLogger:
         self._writer.add_hparams(params, final, run_name=".")
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
+        self._writer.close()
 
 
 class MlflowLogger:
@@ -136,6 +136,9 @@ class MlflowLogger:
         values = _numbers(row)
         epoch = int(values.pop("epoch"))
         self._mlflow.log_metrics(values, step=epoch)
+
+    def log_step(self, values: dict) -> None:
+        pass  # MLflow gets epochs: a metric per batch would flood its store
 
     def finish(self, metrics: dict, images: dict[str, Path]) -> None:
         self._mlflow.log_metrics({f"final_{k}": v for k, v in _numbers(metrics).items()})

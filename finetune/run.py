@@ -248,6 +248,11 @@ class RunDir:
         for logger in self._loggers:
             logger.log_epoch(row)
 
+    def log_step(self, values: dict) -> None:
+        """One optimiser step's loss and rate, for the live loggers only (history.csv holds epochs)."""
+        for logger in self._loggers:
+            logger.log_step(values)
+
     def read_history(self) -> list[dict]:
         """history.csv's rows (empty when the run has not finished an epoch)."""
         if not self.history.is_file():

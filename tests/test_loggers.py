@@ -39,6 +39,8 @@ def test_tensorboard_logs_the_history_rows_stage_rates_images_recipe_and_hparams
     for tag in ("train/loss", "train/acc", "val/loss", "val/acc", "lr/base", "lr/head", "time/epoch_seconds"):
         assert tag in tags["scalars"], tag
     assert {"confusion_matrix", "curves"} <= set(tags["images"])
+    steps = [e.step for e in events.Scalars("step/train_loss")]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) > 2  # every optimiser step of both epochs
     # One source: the logged scalars are history.csv's numbers.
     rows = list(csv.DictReader(run.history.open()))
     assert [e.step for e in events.Scalars("val/acc")] == [int(r["epoch"]) for r in rows]
@@ -103,3 +105,5 @@ def test_a_resumed_run_logs_each_epoch_once_to_tensorboard(folder_dataset: Path,
     events = EventAccumulator(str(RunDir(run_dir).tensorboard), size_guidance={"scalars": 0})
     events.Reload()
     assert [e.step for e in events.Scalars("val/loss")] == [1, 2, 3]
+    steps = [e.step for e in events.Scalars("step/train_loss")]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) % 3 == 0  # the resumed steps follow on

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ class RunFolder(Protocol):
     def save_checkpoint(self, path: Path, payload: dict) -> None: ...
 
     def append_history(self, row: dict) -> None: ...
+
+    def log_step(self, values: dict) -> None: ...
 
     def rewrite_history(self, rows: Sequence[dict]) -> None: ...
 
@@ -113,11 +116,16 @@ def train_one_epoch(
     description: str,
     mixer: Optional[BatchMixer] = None,
     ema: Optional[WeightEma] = None,
+    on_step: Optional[Callable[[float], None]] = None,
 ) -> EpochStats:
-    """One pass over the training data; optimiser, schedule and EMA step every cfg.accumulate batches."""
+    """One pass over the training data; optimiser, schedule and EMA step every cfg.accumulate batches.
+
+    `on_step` gets the mean loss of the batches behind each optimiser step (the live loggers' per-step curve).
+    """
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     batches = len(loader)
+    group_loss = 0.0
     optimizer.zero_grad(set_to_none=True)
     progress = tqdm(loader, desc=description, leave=False, disable=None, dynamic_ncols=True)
     for index, (images, labels) in enumerate(progress):
@@ -134,11 +142,15 @@ def train_one_epoch(
         group = min(cfg.accumulate, batches - group_start)
         scaled = loss / group
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        group_loss += scaled.item()
         if index + 1 == group_start + group:
             optimizer_step(model, optimizer, scaler, cfg.grad_clip)
             scheduler.step()
             if ema is not None:
                 ema.update(model)
+            if on_step is not None:
+                on_step(group_loss)
+            group_loss = 0.0
         batch = labels.shape[0]
         total_loss += loss.item() * batch
         # With mixed targets, a prediction counts as right when it names the label with the larger share.
@@ -241,9 +253,14 @@ def fit(
                 log(f"epoch {epoch}: trainable stages now {', '.join(trainable_now)}")
             lr = base_lr(optimizer)
             rates = stage_lrs(optimizer)
+            steps = itertools.count((epoch - 1) * steps_per_epoch + 1)  # optimiser steps since the run began
+
+            def on_step(loss: float) -> None:
+                run.log_step({"step": next(steps), "train_loss": loss, "lr": base_lr(optimizer)})
+
             train = train_one_epoch(
                 model, train_loader, criterion, optimizer, scheduler, scaler, device, cfg,
-                f"epoch {epoch}/{cfg.epochs}", mixer, ema,
+                f"epoch {epoch}/{cfg.epochs}", mixer, ema, on_step,
             )
             val = validate(eval_model, val_loader, criterion, device, cfg)
             row = {
