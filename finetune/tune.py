@@ -301,8 +301,7 @@ def tune(
         study_name="finetune", storage=folder.storage_url, load_if_exists=True,
         direction="maximize" if maximize else "minimize",
         # A resumed session seeds past the trials already drawn, so it does not replay their values.
-        sampler=optuna.samplers.TPESampler(seed=base.train.seed + _trial_count(folder, optuna),
-                                           n_startup_trials=max(startup_trials, 1)),
+        sampler=optuna.samplers.TPESampler(seed=base.train.seed + _trial_count(folder, optuna)),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=0),
     )
     if resume is not None:

@@ -99,6 +99,7 @@ def test_a_study_prunes_resumes_without_repeating_trials_and_its_best_recipe_tra
     assert [int(r["trial"]) for r in rows] == list(range(7))
     assert "pruned" in {r["state"] for r in rows} and rows[0]["run"] == "trial000"
     assert study_dir.history.is_file()
+    assert states.count(TrialState.COMPLETE) >= 2 and study_dir.importance.is_file()
 
     # The best recipe is the best trial's values on the study's recipe, and it trains as it is.
     best = load_recipe(result.best_recipe)
