@@ -16,12 +16,13 @@ from finetune.data.images import SkippedImage, check_images, list_images
 from finetune.data.loaders import eval_loader, train_loader
 from finetune.data.mixing import create_mixer
 from finetune.data.prepare import Prepared, labelled, prepare
-from finetune.engine.fit import FitState, fit
+from finetune.engine.fit import EpochHook, FitState, fit
 from finetune.engine.loss import create_criterion
 from finetune.engine.resume import read_resume, seed_everything
 from finetune.errors import FinetuneError
 from finetune.evaluation import evaluate_samples
 from finetune.inference import load_ensemble, load_model, resolve_device, stream_probs
+from finetune.loggers import check_loggers
 from finetune.models import build_model, format_summary, stage_summary
 from finetune.models.backbones import check_backbone_name
 from finetune.recipe import Recipe, resolve_recipe
@@ -56,11 +57,14 @@ def train(
     log: Log = print,
     prepared: Optional[Prepared] = None,
     resume: Optional[Union[str, Path]] = None,
+    on_epoch: Optional[EpochHook] = None,
 ) -> TrainResult:
     """Fine-tune as the recipe says; writes a new run folder and returns where it is.
 
     `prepared` replaces the recipe's data discovery with explicit train/val samples (k-fold uses it).
     `resume` (a run folder or its last.pt) continues that run in its folder with its saved recipe.
+    `on_epoch` is called with each epoch's history row; returning True stops training after that epoch
+    (the best checkpoint is still evaluated) — `finetune tune` prunes trials with it.
     """
     payload = None
     if resume is not None:
@@ -73,6 +77,7 @@ def train(
     if data is not None:
         recipe.data.root = str(Path(data).expanduser().resolve())
     check_backbone_name(recipe.model.backbone)  # fail before scanning thousands of images
+    check_loggers(recipe.train.loggers)
     seed_everything(recipe.train.seed)
     dataset = prepared or prepare(recipe, log)
     log(dataset.describe())
@@ -98,15 +103,21 @@ def train(
     cfg = recipe.data
     extras = {"classes": dataset.classes, "preprocessing": preprocessing.to_dict(), "recipe": recipe.to_dict()}
     log(f"training on {device} for {recipe.train.epochs} epoch(s); run folder {run.path}")
-    state: FitState = fit(
-        model, train_loader(recipe, dataset.train, preprocessing, len(dataset.classes)),
-        eval_loader(dataset.val, preprocessing, cfg.batch_size, cfg.num_workers),
-        create_criterion(recipe, dataset.train_counts, device), recipe.train, run, device, extras, log=log,
-        mixer=create_mixer(recipe.augment, len(dataset.classes)), resume=payload,
-    )
-    evaluation = evaluate_samples(load_model(state.best_path, device), dataset.val, run.eval, cfg.batch_size,
-                                  cfg.num_workers, log)
+    run.start_loggers(recipe)
+    try:
+        state: FitState = fit(
+            model, train_loader(recipe, dataset.train, preprocessing, len(dataset.classes)),
+            eval_loader(dataset.val, preprocessing, cfg.batch_size, cfg.num_workers),
+            create_criterion(recipe, dataset.train_counts, device), recipe.train, run, device, extras, log=log,
+            mixer=create_mixer(recipe.augment, len(dataset.classes)), resume=payload, on_epoch=on_epoch,
+        )
+        evaluation = evaluate_samples(load_model(state.best_path, device), dataset.val, run.eval, cfg.batch_size,
+                                      cfg.num_workers, log)
+    except BaseException:
+        run.close_loggers()  # what was logged so far stays readable
+        raise
     log(f"report: {build_report(run)}")
+    run.finish_loggers({"best_val_acc": state.best_accuracy, "best_epoch": state.best_epoch, **evaluation})
     log(f"best validation accuracy {state.best_accuracy:.4f} (epoch {state.best_epoch}); files in {run.path}")
     return TrainResult(run.path, state.best_path, state.last_path, state.best_accuracy, state.best_epoch,
                        dataset.classes, dataset.skipped, evaluation)

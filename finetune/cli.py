@@ -111,6 +111,51 @@ def _recipes(args: argparse.Namespace) -> None:
         print("\nfinetune recipes show NAME | finetune recipes copy NAME [DEST] | finetune train NAME --data DIR")
 
 
+def _tune(args: argparse.Namespace) -> None:
+    from finetune.tune import tune
+
+    if not args.recipe and not args.resume:
+        raise FinetuneError("give a recipe to tune and --space SPACE.yaml, or --resume STUDY_DIR to continue a study")
+    tune(args.recipe, space=args.space, trials=args.trials, data=args.data, overrides=args.overrides,
+         folds=args.folds, resume=args.resume, startup_trials=args.startup_trials)
+
+
+def _add_tune_command(commands: argparse._SubParsersAction) -> None:
+    """`finetune tune RECIPE --space SPACE.yaml --trials N [--folds K] | --resume STUDY_DIR`."""
+    tune = commands.add_parser("tune", help="hyper-parameter search with Optuna: one run folder per trial, "
+                                            "the best recipe at the end")
+    tune.add_argument("recipe", nargs="?", help=f"{RECIPE_HELP}; not needed with --resume")
+    _recipe_options(tune)
+    tune.add_argument("--space", metavar="SPACE_YAML",
+                      help="recipe keys and their ranges, e.g. train.lr: {log_uniform: [1e-4, 1e-2]}, "
+                           "augment.preset: {choice: [light, medium]}, model.trainable_last: {int: [1, 4]}")
+    tune.add_argument("--trials", type=int, default=20, help="finished trials the study should have (default 20)")
+    tune.add_argument("--folds", type=int, default=None, metavar="K",
+                      help="score each trial by K-fold cross-validation accuracy instead of the validation split")
+    tune.add_argument("--resume", metavar="STUDY_DIR", help="continue an interrupted study (its saved recipe, "
+                                                            "space and finished trials)")
+    tune.add_argument("--startup-trials", type=int, default=3, metavar="N",
+                      help="trials run in full before the median pruner may stop one (default 3)")
+    tune.set_defaults(func=_tune)
+
+
+def _runs(args: argparse.Namespace) -> None:
+    from finetune.runs_table import runs_table
+
+    runs_table(args.dir, sort=args.sort, csv_out=args.csv, html_out=args.html)
+
+
+def _add_runs_command(commands: argparse._SubParsersAction) -> None:
+    """`finetune runs [DIR] [--sort COLUMN] [--csv OUT] [--html OUT]`."""
+    runs = commands.add_parser("runs", help="a table of every run under a folder: what differed, best metric, status")
+    runs.add_argument("dir", nargs="?", default="runs", help="folder to look in, sub-folders included (default runs/)")
+    runs.add_argument("--sort", metavar="COLUMN",
+                      help="sort by a column: best, run, a recipe key such as train.lr... (numbers high to low)")
+    runs.add_argument("--csv", metavar="OUT", help="also write the table as CSV")
+    runs.add_argument("--html", metavar="OUT", help="also write one HTML page: the table and all validation curves")
+    runs.set_defaults(func=_runs)
+
+
 def _add_recipes_command(commands: argparse._SubParsersAction) -> None:
     """`finetune recipes [show NAME | copy NAME [DEST]]`."""
     recipes = commands.add_parser("recipes", help="list the shipped recipes; show one; copy one to edit")
@@ -316,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--num-classes", type=int, default=10)
     inspect.add_argument("--image-size", type=int, default=None)
     inspect.set_defaults(func=_inspect)
+    _add_tune_command(commands)
+    _add_runs_command(commands)
     _add_recipes_command(commands)
     _add_demo_commands(commands)
     return parser

@@ -74,11 +74,15 @@ def train_kfold(
     data: Optional[Union[str, Path]] = None,
     overrides: Optional[list[str]] = None,
     log: Log = print,
+    prepared: Optional[Prepared] = None,
 ) -> KFoldResult:
-    """Train one model per stratified fold of all labelled images; writes cv_summary.json and report.html."""
+    """Train one model per stratified fold of all labelled images; writes cv_summary.json and report.html.
+
+    `prepared` reuses data already discovered (a tuning study scans the folder once for all its trials).
+    """
     recipe = resolve_recipe(recipe, overrides, data)
     check_backbone_name(recipe.model.backbone)
-    dataset = prepare(recipe, log)
+    dataset = prepared or prepare(recipe, log)
     # The strongest HW03 solutions validated on folds of train+val together: every labelled image trains k-1 models.
     samples = dataset.train + dataset.val
     plan = fold_splits(samples, dataset.classes, folds, recipe.train.seed)

@@ -20,6 +20,8 @@ from finetune.errors import FinetuneError
 from finetune.recipe_library import find_recipe
 
 __all__ = [
+    "flatten",
+    "LOGGERS",
     "DataConfig",
     "HeadConfig",
     "ModelConfig",
@@ -43,6 +45,7 @@ MONITORS = ("val_acc", "val_loss")
 # Above this a single 32-image float batch is over 1.6 GB before the network sees it, and no pretrained
 # backbone was trained near it (224-600 px); larger images are downscaled to data.image_size anyway.
 MAX_IMAGE_SIZE = 2048
+LOGGERS = ("csv", "tensorboard", "mlflow")  # built in finetune/loggers.py
 
 
 def _choice(key: str, value: Any, choices: tuple) -> None:
@@ -195,6 +198,9 @@ class TrainConfig:
     layer_decay: Optional[float] = None  # lr × decay^k for the stage k steps below the head (e.g. 0.7)
     unfreeze: Optional[dict[int, list[str]]] = None  # gradual unfreezing: {epoch: [stages]}, e.g. {3: [layer3]}
     fine_tune: Optional[int] = None  # fastai-style: N head-only epochs, then the body too at lower rates
+    # Where each epoch's row goes: csv (history.csv, always written: resume, reports and `finetune runs` read it),
+    # tensorboard, mlflow (optional extras of the same names).
+    loggers: list[str] = field(default_factory=lambda: ["csv"])
 
     def __post_init__(self) -> None:
         self.validate()  # a bad section cannot be built, from YAML or in code
@@ -221,6 +227,10 @@ class TrainConfig:
             raise FinetuneError("recipe key 'train.ema_decay' must be between 0 and 1, e.g. 0.999")
         if self.patience is not None and self.patience < 1:
             raise FinetuneError("recipe key 'train.patience' must be at least 1, or null to never stop early")
+        for name in self.loggers:
+            _choice("train.loggers", name, LOGGERS)
+        if len(set(self.loggers)) != len(self.loggers):
+            raise FinetuneError(f"recipe key 'train.loggers' names a logger twice: {self.loggers}")
         self._validate_stage_options()
 
     def _validate_stage_options(self) -> None:
@@ -284,6 +294,20 @@ class Recipe:
     def from_dict(cls, raw: dict) -> "Recipe":
         """Build and validate a recipe from a nested dict (as read from YAML)."""
         return _build(cls, raw, prefix="")
+
+
+def flatten(raw: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested recipe dict as dotted keys, {"train.lr": 0.001, ...}; mapping-valued settings (lr_mult) stay whole."""
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict) and key not in _MAPPING_SETTINGS:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+_MAPPING_SETTINGS = ("lr_mult", "unfreeze")  # settings whose value is a mapping, not a section
 
 
 def _type_name(tp: Any) -> str:

@@ -18,7 +18,7 @@ import yaml
 from finetune.errors import FinetuneError
 from finetune.run import EvalFiles, RunDir
 
-__all__ = ["build_report", "render_report"]
+__all__ = ["build_report", "render_report", "render_runs_page"]
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f6f7f9;color:#1d232b}
@@ -222,3 +222,20 @@ def build_report(run: RunDir, evaluation: Optional[EvalFiles] = None) -> Path:
                             f"{run.cv_summary.name}); pass the folder `finetune train` created")
     page = render_report(run, evaluation) if run.is_main else ""
     return run.write_report(page, evaluation)
+
+
+def render_runs_page(root: Path, header: list[str], rows: list[list[str]], curves_png: bytes) -> str:
+    """One page for `finetune runs --html`: the runs table and every run's validation curves overlaid."""
+    data = base64.b64encode(curves_png).decode("ascii")
+    when = datetime.now().strftime("%Y-%m-%d %H:%M")
+    body = "".join([
+        f"<h1>runs in {_esc(root)}</h1>",
+        f'<div class="sub">{len(rows)} run(s) · columns between backbone and the best metric are the recipe '
+        f"values that differ between them · built {when}</div>",
+        "<h2>Runs</h2>", _table([[_esc(c) for c in row] for row in rows], header),
+        "<h2>Validation curves</h2>",
+        f'<figure><img src="data:image/png;base64,{data}" alt="validation curves of every run"></figure>',
+    ])
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>runs · finetune</title>'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style>'
+            f"</head><body><main>{body}</main></body></html>\n")

@@ -2,9 +2,10 @@
 
 A run folder is ``<output>/<name>`` (``name-2``, ``name-3``, ... when taken: never overwritten):
 recipe.yaml, classes.txt, class_counts.csv, skipped_images.csv, history.csv, curves.png, best.pt,
-last.pt, eval/ (an `EvalFiles` bundle), report.html; a k-fold parent adds cv_summary.json,
-oof_predictions.csv and one run folder per fold. Only the main process (rank 0 under torchrun)
-writes; every other process sees the same names and writes nothing.
+last.pt, eval/ (an `EvalFiles` bundle), report.html, tensorboard_events/ (train.loggers: [tensorboard]);
+a k-fold parent adds cv_summary.json, oof_predictions.csv and one run folder per fold; a tuning study
+folder (`StudyDir`) one run folder per trial. Only the main process (rank 0 under torchrun) writes;
+every other process sees the same names and writes nothing.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 from finetune.data.images import SkippedImage
 from finetune.engine.checkpoint import save_checkpoint
 from finetune.errors import FinetuneError
+from finetune.loggers import Logger, create_loggers
 from finetune.recipe import Recipe
 from finetune.reports.plots import plot_curves
 
-__all__ = ["EvalFiles", "RunDir", "check_output", "is_main_process", "write_skipped_list"]
+__all__ = ["EvalFiles", "RunDir", "StudyDir", "check_output", "is_main_process", "write_skipped_list"]
 
 Log = Callable[[str], None]
 
@@ -158,6 +160,8 @@ class RunDir:
         self.submission = self.path / "submission.csv"  # k-fold: the suggested ensemble submission
         self.test_submission = self.path / "predictions" / "submission.csv"  # demo: the test folder's predictions
         self.test_eval = EvalFiles(self.path / "test_eval")  # demo: the submission scored against the answers
+        self.tensorboard = self.path / "tensorboard_events"  # train.loggers: [tensorboard]
+        self._loggers: list[Logger] = []
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -244,8 +248,28 @@ class RunDir:
         if self.is_main:
             save_checkpoint(path, payload)
 
+    def start_loggers(self, recipe: Recipe) -> None:
+        """Open the loggers train.loggers names; from now on every history row goes to them too."""
+        if self.is_main:
+            self._loggers = create_loggers(recipe.train.loggers, recipe, self.path, self.tensorboard)
+
+    def finish_loggers(self, metrics: dict) -> None:
+        """Give the loggers the final metrics and figures, then close them."""
+        try:
+            images = {"confusion_matrix": self.eval.confusion_png, "curves": self.curves}
+            for logger in self._loggers:
+                logger.finish(metrics, images)
+        finally:
+            self.close_loggers()
+
+    def close_loggers(self) -> None:
+        """Close the loggers (also when training stops with an error, so what was logged is flushed)."""
+        loggers, self._loggers = self._loggers, []
+        for logger in loggers:
+            logger.close()
+
     def append_history(self, row: dict) -> None:
-        """One epoch's row of history.csv (the header comes with the first row)."""
+        """One epoch's row of history.csv (the header comes with the first row), passed on to the loggers."""
         if not self.is_main:
             return
         new = not self.history.exists()
@@ -254,6 +278,20 @@ class RunDir:
             if new:
                 writer.writeheader()
             writer.writerow(row)
+        for logger in self._loggers:
+            logger.log_epoch(row)
+
+    def log_step(self, values: dict) -> None:
+        """One optimiser step's loss and rate, for the live loggers only (history.csv holds epochs)."""
+        for logger in self._loggers:
+            logger.log_step(values)
+
+    def read_history(self) -> list[dict]:
+        """history.csv's rows (empty when the run has not finished an epoch)."""
+        if not self.history.is_file():
+            return []
+        with self.history.open(newline="") as handle:
+            return list(csv.DictReader(handle))
 
     def rewrite_history(self, rows: Sequence[dict]) -> None:
         """history.csv holding exactly `rows` (a resumed run drops rows written after its last checkpoint)."""
@@ -305,3 +343,74 @@ class RunDir:
         if self.is_main:
             out.write_text(page, encoding="utf-8")
         return out
+
+
+class StudyDir:
+    """A tuning study folder (`finetune tune`): one run folder per trial, plus the study's own files.
+
+    study.db is Optuna's SQLite storage (what `--resume` continues); study_recipe.yaml and space.yaml
+    are what the study searches from and over; trials.csv, best_recipe.yaml, importance.png and
+    optimization_history.png are (re)written at the end of each session.
+    """
+
+    def __init__(self, path: Union[str, Path]) -> None:
+        self.path = Path(path).expanduser()
+        self.storage = self.path / "study.db"
+        self.base_recipe = self.path / "study_recipe.yaml"  # not recipe.yaml: the study folder is not a run
+        self.space = self.path / "space.yaml"
+        self.trials = self.path / "trials.csv"
+        self.best_recipe = self.path / "best_recipe.yaml"
+        self.importance = self.path / "importance.png"
+        self.history = self.path / "optimization_history.png"
+
+    def __repr__(self) -> str:
+        return f"StudyDir({str(self.path)!r})"
+
+    @property
+    def storage_url(self) -> str:
+        """The SQLAlchemy URL Optuna opens."""
+        return f"sqlite:///{self.storage.resolve()}"
+
+    @classmethod
+    def create(cls, output: Union[str, Path], name: str) -> "StudyDir":
+        """A new study folder `output/name` (suffixed -2, -3... like a run folder)."""
+        return cls(RunDir.create(output, name).path)
+
+    @classmethod
+    def open(cls, path: Union[str, Path]) -> "StudyDir":
+        """An existing study folder, to resume."""
+        study = cls(path)
+        if not study.storage.is_file():
+            raise FinetuneError(f"{study.path} is not a study folder (no {study.storage.name}); pass the folder "
+                                "`finetune tune` created")
+        return study
+
+    def trial_name(self, number: int) -> str:
+        """The run folder name of trial `number`."""
+        return f"trial{number:03d}"
+
+    def write_text(self, path: Path, text: str) -> None:
+        """One of the study's text files (recipes, space)."""
+        if path.parent != self.path:
+            raise ValueError(f"{path} is not a file of {self}")
+        if is_main_process():
+            path.write_text(text, encoding="utf-8")
+
+    def write_recipe(self, path: Path, recipe: Recipe) -> None:
+        """study_recipe.yaml or best_recipe.yaml."""
+        if path not in (self.base_recipe, self.best_recipe):
+            raise ValueError(f"{path} is not a recipe of {self}")
+        if is_main_process():
+            recipe.to_yaml(path)
+
+    def write_trials(self, rows: Sequence[Sequence[Any]]) -> None:
+        """trials.csv: header first."""
+        if is_main_process():
+            _write_csv(self.trials, rows)
+
+    def write_png(self, path: Path, data: bytes) -> None:
+        """importance.png or optimization_history.png."""
+        if path not in (self.importance, self.history):
+            raise ValueError(f"{path} is not a figure of {self}")
+        if is_main_process():
+            path.write_bytes(data)

@@ -2,8 +2,8 @@
 
 Layers, top to bottom (a module may import its own layer or any layer below, never one above):
 
-    cli → api, kfold, demo, preview → evaluation, inference, submission, scoring, tta, gradcam, export, datasets,
-    report_page → run → reports (figures) → engine → models → data → recipe, recipe_library, errors, version
+    cli → api, kfold, demo, preview, tune, runs_table → evaluation, inference, submission, scoring, tta, gradcam, export, datasets,
+    report_page → run, loggers → reports (figures) → engine → models → data → recipe, recipe_library, errors, version
 
 Imports inside `if TYPE_CHECKING:` are type hints only and do not count; imports inside functions do.
 """
@@ -22,9 +22,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "finetune"
 
 LAYERS: list[tuple[str, ...]] = [
     ("cli", "__main__"),
-    ("finetune", "api", "kfold", "demo", "preview"),
+    ("finetune", "api", "kfold", "demo", "preview", "tune", "runs_table"),
     ("evaluation", "inference", "submission", "scoring", "tta", "gradcam", "export", "datasets", "report_page"),
-    ("run",),
+    ("run", "loggers"),
     ("reports",),
     ("engine",),
     ("models",),
@@ -38,6 +38,10 @@ RUN_FOLDER_FILES = [
     "last.pt", "report.html", "cv_summary.json", "oof_predictions.csv", "confusion_matrix.png",
     "confusion_matrix.csv", "most_confused.csv", "most_confused.png", "class_recall.png", "classification_report.json",
     "predictions.csv", "metrics.json", "reliability.png", "misclassified.png", "gradcam.png", "score.json", "test_eval",
+    "tensorboard_events",
+    # a tuning study folder (StudyDir)
+    "study.db", "study_recipe.yaml", "space.yaml", "trials.csv", "best_recipe.yaml", "importance.png",
+    "optimization_history.png",
 ]
 
 

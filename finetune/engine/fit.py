@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -15,16 +16,21 @@ from tqdm import tqdm
 
 from finetune.data.mixing import BatchMixer, dominant_label
 from finetune.engine.ema import WeightEma
-from finetune.engine.optim import base_lr, create_optimizer, create_scheduler
+from finetune.engine.optim import base_lr, create_optimizer, create_scheduler, stage_lrs
 from finetune.engine.resume import capture_rng_state, check_resumable, restore_rng_state
 from finetune.engine.step import autocast, optimizer_step, to_device
 from finetune.errors import FinetuneError
 from finetune.models.unfreezing import plan_unfreezing
 from finetune.recipe import TrainConfig
 
-__all__ = ["EpochStats", "FitState", "Monitor", "RunFolder", "train_one_epoch", "validate", "fit", "HISTORY_COLUMNS"]
+__all__ = ["EpochStats", "FitState", "Monitor", "RunFolder", "EpochHook", "train_one_epoch", "validate", "fit",
+           "HISTORY_COLUMNS"]
 
+# With discriminative rates (layer_decay, lr_mult, fine_tune) each stage's rate follows as lr_<stage>.
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+
+# Called with each epoch's history row once it is saved; returning True stops training there (tune's pruner).
+EpochHook = Callable[[dict], bool]
 
 
 class RunFolder(Protocol):
@@ -37,6 +43,8 @@ class RunFolder(Protocol):
     def save_checkpoint(self, path: Path, payload: dict) -> None: ...
 
     def append_history(self, row: dict) -> None: ...
+
+    def log_step(self, values: dict) -> None: ...
 
     def rewrite_history(self, rows: Sequence[dict]) -> None: ...
 
@@ -108,11 +116,16 @@ def train_one_epoch(
     description: str,
     mixer: Optional[BatchMixer] = None,
     ema: Optional[WeightEma] = None,
+    on_step: Optional[Callable[[float], None]] = None,
 ) -> EpochStats:
-    """One pass over the training data; optimiser, schedule and EMA step every cfg.accumulate batches."""
+    """One pass over the training data; optimiser, schedule and EMA step every cfg.accumulate batches.
+
+    `on_step` gets the mean loss of the batches behind each optimiser step (the live loggers' per-step curve).
+    """
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     batches = len(loader)
+    group_loss = 0.0
     optimizer.zero_grad(set_to_none=True)
     progress = tqdm(loader, desc=description, leave=False, disable=None, dynamic_ncols=True)
     for index, (images, labels) in enumerate(progress):
@@ -137,11 +150,15 @@ def train_one_epoch(
             )
         scaled = loss / group
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        group_loss += scaled.item()
         if index + 1 == group_start + group:
             optimizer_step(model, optimizer, scaler, cfg.grad_clip)
             scheduler.step()
             if ema is not None:
                 ema.update(model)
+            if on_step is not None:
+                on_step(group_loss)
+            group_loss = 0.0
         batch = labels.shape[0]
         total_loss += value * batch
         # With mixed targets, a prediction counts as right when it names the label with the larger share.
@@ -208,12 +225,14 @@ def fit(
     log: Callable[[str], None] = print,
     mixer: Optional[BatchMixer] = None,
     resume: Optional[dict] = None,
+    on_epoch: Optional[EpochHook] = None,
 ) -> FitState:
     """Train up to cfg.epochs (fewer with early stopping), continuing from a last.pt payload if given.
 
     Every epoch writes last.pt (with the state to resume) and the curves, then its history row;
     best.pt is written when cfg.monitor improves. With EMA on, the averaged weights are validated
     and saved. All of it goes through `run`, which decides whether this process writes.
+    `on_epoch` sees each saved row and may stop training early, like patience does.
     """
     steps_per_epoch = math.ceil(len(train_loader) / cfg.accumulate)
     # Parameters that a later epoch unfreezes join the optimizer now; frozen, they get no gradient.
@@ -232,6 +251,8 @@ def fit(
         run.rewrite_history(history)
         log(f"resuming {run.path} at epoch {first_epoch}/{cfg.epochs}")
     epoch, saved_epoch = first_epoch, first_epoch - 1
+    # One lr column per stage when the stages' multipliers differ: fixed for the run, so the header stays valid.
+    per_stage = len({group.get("lr_mult", 1.0) for group in optimizer.param_groups}) > 1
     try:
         for epoch in range(first_epoch, cfg.epochs + 1):
             start = time.perf_counter()
@@ -239,9 +260,15 @@ def fit(
             if trainable_now:
                 log(f"epoch {epoch}: trainable stages now {', '.join(trainable_now)}")
             lr = base_lr(optimizer)
+            rates = stage_lrs(optimizer)
+            steps = itertools.count((epoch - 1) * steps_per_epoch + 1)  # optimiser steps since the run began
+
+            def on_step(loss: float) -> None:
+                run.log_step({"step": next(steps), "train_loss": loss, "lr": base_lr(optimizer)})
+
             train = train_one_epoch(
                 model, train_loader, criterion, optimizer, scheduler, scaler, device, cfg,
-                f"epoch {epoch}/{cfg.epochs}", mixer, ema,
+                f"epoch {epoch}/{cfg.epochs}", mixer, ema, on_step,
             )
             val = validate(eval_model, val_loader, criterion, device, cfg)
             if not math.isfinite(val.loss):  # the epoch's last step broke the weights: save nothing of them
@@ -258,6 +285,8 @@ def fit(
                 "lr": f"{lr:.6g}",
                 "seconds": round(time.perf_counter() - start, 2),
             }
+            if per_stage:
+                row.update({f"lr_{stage}": f"{rate:.6g}" for stage, rate in rates.items()})
             history.append(row)
             payload = {
                 **checkpoint_extras,
@@ -287,6 +316,10 @@ def fit(
             )
             if monitor.exhausted(cfg.patience):
                 log(f"early stop: {cfg.monitor} has not improved for {cfg.patience} epoch(s); "
+                    f"best {monitor.best:.4f} at epoch {monitor.best_epoch}")
+                break
+            if on_epoch is not None and on_epoch(row):
+                log(f"stopped after epoch {epoch} by the caller (e.g. a tuning trial pruned); "
                     f"best {monitor.best:.4f} at epoch {monitor.best_epoch}")
                 break
     except (torch.OutOfMemoryError, MemoryError) as err:

@@ -12,7 +12,7 @@ from finetune.errors import FinetuneError
 from finetune.models.freezing import HEAD, require_stages, stage_parameters
 from finetune.recipe import TrainConfig
 
-__all__ = ["FINE_TUNE_LR_SPREAD", "stage_lr_multipliers", "param_groups", "base_lr", "create_optimizer",
+__all__ = ["FINE_TUNE_LR_SPREAD", "stage_lr_multipliers", "param_groups", "base_lr", "stage_lrs", "create_optimizer",
            "create_scheduler", "lr_factor"]
 
 # fastai's fine_tune trains the body with slice(lr/100, lr): the stem at 1/100 of the head's rate.
@@ -77,6 +77,11 @@ def base_lr(optimizer: torch.optim.Optimizer) -> float:
     """The scheduled rate train.lr stands for now (any group's rate over its stage multiplier)."""
     group = optimizer.param_groups[0]
     return group["lr"] / group.get("lr_mult", 1.0)
+
+
+def stage_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The learning rate of each stage now (its groups share one), head first."""
+    return {group.get("stage", str(i)): group["lr"] for i, group in enumerate(optimizer.param_groups)}
 
 
 def create_optimizer(model: nn.Module, cfg: TrainConfig, include: Optional[set[str]] = None) -> torch.optim.Optimizer:
