@@ -6,6 +6,7 @@ Each function reads top to bottom: recipe → prepare data → build model → R
 from __future__ import annotations
 
 import csv
+from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -16,18 +17,19 @@ from finetune.data.images import SkippedImage, check_images, list_images
 from finetune.data.loaders import eval_loader, train_loader
 from finetune.data.mixing import create_mixer
 from finetune.data.prepare import Prepared, labelled, prepare
+from finetune.engine import distributed
 from finetune.engine.fit import EpochHook, FitState, fit
 from finetune.engine.loss import create_criterion
 from finetune.engine.resume import read_resume, seed_everything
 from finetune.errors import FinetuneError
 from finetune.evaluation import evaluate_samples
-from finetune.inference import load_ensemble, load_model, resolve_device, stream_probs
+from finetune.inference import load_ensemble, load_model, resolve_device, sharded_probs
 from finetune.loggers import check_loggers
 from finetune.models import build_model, format_summary, stage_summary
 from finetune.models.backbones import check_backbone_name
 from finetune.recipe import Recipe, resolve_recipe
 from finetune.report_page import build_report
-from finetune.run import EvalFiles, RunDir, check_output, write_skipped_list
+from finetune.run import EvalFiles, RunDir, check_output, is_main_process, write_skipped_list
 from finetune.submission import plan_submission, write_rows
 from finetune.tta import parse_tta, view_count
 
@@ -65,6 +67,7 @@ def train(
     `resume` (a run folder or its last.pt) continues that run in its folder with its saved recipe.
     `on_epoch` is called with each epoch's history row; returning True stops training after that epoch
     (the best checkpoint is still evaluated) — `finetune tune` prunes trials with it.
+    Under torchrun every process calls this: DDP training, `data.batch_size` per process, rank 0 writes.
     """
     payload = None
     if resume is not None:
@@ -85,8 +88,9 @@ def train(
         raise FinetuneError(f"the data has classes {dataset.classes[:20]} but the run being resumed was trained on "
                             f"{list(payload['classes'])[:20]}; resume with the run's own data")
 
-    device = resolve_device(recipe.train.device)
+    device = distributed.setup(resolve_device(recipe.train.device))
     # A resumed run's weights come from its checkpoint: no download, no weights file.
+    cfg = recipe.data
     model_cfg = replace(recipe.model, pretrained=False, weights=None) if payload else recipe.model
     model, preprocessing = build_model(model_cfg, len(dataset.classes), recipe.data.image_size)
     recipe.data.image_size = preprocessing.size
@@ -94,29 +98,41 @@ def train(
     log(format_summary(stage_summary(model)))
     memory_format = torch.channels_last if recipe.train.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
+    if recipe.train.sync_bn and distributed.active():
+        model = distributed.convert_sync_bn(model, device)
+    if distributed.rank() > 0:  # every rank built the same model; from here each draws its own augmentation
+        seed_everything(distributed.rank_seed(recipe.train.seed))
 
     run = RunDir.open(checkpoint) if payload is not None else RunDir.create(recipe.output, recipe.name)
-    run.write_recipe(recipe)
+    world = distributed.world_size()
+    scale = (f"{world} process(es) x data.batch_size {cfg.batch_size} x train.accumulate {recipe.train.accumulate} = "
+             f"effective batch {world * cfg.batch_size * recipe.train.accumulate}, train.lr {recipe.train.lr:g}")
+    log(scale)
+    run.write_recipe(recipe, note=f"trained with {scale}")
     run.write_data_summary(dataset.classes, dataset.train_counts, dataset.val_counts)
     run.write_skipped(dataset.skipped, log)
 
-    cfg = recipe.data
-    extras = {"classes": dataset.classes, "preprocessing": preprocessing.to_dict(), "recipe": recipe.to_dict()}
+    extras = {"classes": dataset.classes, "preprocessing": preprocessing.to_dict(), "recipe": recipe.to_dict(),
+              "world_size": world}
     log(f"training on {device} for {recipe.train.epochs} epoch(s); run folder {run.path}")
     run.start_loggers(recipe)
     try:
         state: FitState = fit(
-            model, train_loader(recipe, dataset.train, preprocessing, len(dataset.classes)),
-            eval_loader(dataset.val, preprocessing, cfg.batch_size, cfg.num_workers),
+            model, train_loader(recipe, dataset.train, preprocessing, len(dataset.classes), distributed.rank(), world,
+                                distributed.rank_seed(recipe.train.seed)),
+            # Validation: each rank scores an unpadded share; fit sums the losses and counts over ranks.
+            eval_loader(distributed.shard(dataset.val), preprocessing, cfg.batch_size, cfg.num_workers),
             create_criterion(recipe, dataset.train_counts, device), recipe.train, run, device, extras, log=log,
             mixer=create_mixer(recipe.augment, len(dataset.classes)), resume=payload, on_epoch=on_epoch,
         )
+        distributed.barrier()  # rank 0 has written best.pt
         evaluation = evaluate_samples(load_model(state.best_path, device), dataset.val, run.eval, cfg.batch_size,
                                       cfg.num_workers, log)
     except BaseException:
         run.close_loggers()  # what was logged so far stays readable
         raise
-    log(f"report: {build_report(run)}")
+    if run.is_main:
+        log(f"report: {build_report(run)}")
     run.finish_loggers({"best_val_acc": state.best_accuracy, "best_epoch": state.best_epoch, **evaluation})
     log(f"best validation accuracy {state.best_accuracy:.4f} (epoch {state.best_epoch}); files in {run.path}")
     return TrainResult(run.path, state.best_path, state.last_path, state.best_accuracy, state.best_epoch,
@@ -135,7 +151,7 @@ def evaluate(
 ) -> dict:
     """Score a checkpoint on a labelled folder; writes the evaluation bundle and report.html, returns metrics."""
     views = parse_tta(tta)
-    loaded = load_model(checkpoint, resolve_device(device))
+    loaded = load_model(checkpoint, distributed.setup(resolve_device(device)))
     data_cfg = loaded.recipe.data
     samples, skipped = labelled(Path(data).expanduser(), loaded.classes, data_cfg.layout, data_cfg.label_regex)
     if not samples:
@@ -149,7 +165,8 @@ def evaluate(
     files.prepare()
     write_skipped_list(files.skipped, skipped, log)
     metrics = evaluate_samples(loaded, samples, files, batch_size, num_workers, log, views)
-    log(f"report: {build_report(run, files)}")
+    if files.writes:
+        log(f"report: {build_report(run, files)}")
     return metrics
 
 
@@ -182,7 +199,7 @@ def predict(
     """
     checkpoints = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     views = parse_tta(tta)
-    models = load_ensemble(checkpoints, resolve_device(device))
+    models = load_ensemble(checkpoints, distributed.setup(resolve_device(device)))
     classes = models[0].classes
     folder = Path(images).expanduser()
     paths = list_images(folder)
@@ -202,7 +219,10 @@ def predict(
     skipped = check_images(paths)
     if len(models) > 1 or views:
         log(f"averaging {len(models)} model(s) x {view_count(views)} view(s) per image")
-    batches = stream_probs(models, plan.paths, batch_size, num_workers, views, {s.path for s in skipped})
+    batches = sharded_probs(models, plan.paths, batch_size, num_workers, views, {s.path for s in skipped})
+    if not is_main_process():  # under torchrun: this rank scored its share; rank 0 writes every row
+        deque(batches, maxlen=0)
+        return out
     rows_written = write_rows(plan, batches, classes, out, value, probs_out, topk, topk_out)
     if skipped:
         # Still one row per image: an unreadable image is scored as a blank (mean-colour) input.

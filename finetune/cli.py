@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 from typing import Callable, Optional
 
@@ -268,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--folds", type=int, default=None, metavar="K",
                        help="stratified K-fold cross-validation on train+val merged: K runs, CV accuracy, "
                             "and the predict command for their ensemble")
+    train.add_argument("--devices", type=int, default=1, metavar="N",
+                       help="train on N processes of this machine (one per GPU) with DDP: runs the same command under "
+                            "`python -m torch.distributed.run --standalone --nproc-per-node=N`; data.batch_size is "
+                            "per process")
     train.set_defaults(func=_train)
 
     # augment, lr-find, evaluate and predict pass on only the options given (argument_default=SUPPRESS): the
@@ -368,11 +374,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _under_torchrun() -> bool:
+    """Whether torchrun started this process (it sets LOCAL_RANK and WORLD_SIZE)."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _relaunch(argv: list[str], devices: int) -> int:
+    """`train ... --devices N`: the same command under torchrun on this machine (N processes, DDP); its exit status."""
+    if devices < 1:
+        raise FinetuneError(f"--devices {devices}: give the number of processes (GPUs) to train on, e.g. --devices 2")
+    if any(a == "--folds" or a.startswith("--folds=") for a in argv):
+        raise FinetuneError("--folds with --devices is not supported: run the folds on one device each, or train "
+                            "one fold at a time with --devices")
+    rest, skip = [], False
+    for arg in argv:  # drop --devices N / --devices=N so the workers do not relaunch again
+        if skip:
+            skip = False
+        elif arg == "--devices":
+            skip = True
+        elif not arg.startswith("--devices="):
+            rest.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={devices}",
+               "-m", "finetune", *rest]
+    print("running: " + " ".join(command[1:]), flush=True)
+    return subprocess.run(command).returncode
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    """Run the CLI; user mistakes print one `error:` line and exit with status 2."""
+    """Run the CLI; user mistakes print one `error:` line and exit with status 2.
+
+    Under torchrun only rank 0 prints (the other ranks' stdout is discarded; errors still reach stderr).
+    """
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], None] = args.func
+    torchrun = _under_torchrun()
+    if torchrun and os.environ.get("RANK", "0") != "0":
+        sys.stdout = open(os.devnull, "w")
     try:
+        if getattr(args, "devices", 1) != 1 and not torchrun:
+            return _relaunch(list(sys.argv[1:] if argv is None else argv), args.devices)
         func(args)
     except FinetuneError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -380,6 +420,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if torchrun:
+            from finetune.engine.distributed import cleanup
+
+            cleanup()
     return 0
 
 

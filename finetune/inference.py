@@ -14,6 +14,7 @@ from finetune.data.images import load_rgb
 from finetune.data.loaders import make_loader
 from finetune.data.sources import Sample
 from finetune.data.preprocessing import Preprocessing
+from finetune.engine import distributed
 from finetune.engine.checkpoint import read_checkpoint
 from finetune.errors import FinetuneError
 from finetune.models import Classifier, build_model
@@ -21,7 +22,7 @@ from finetune.recipe import Recipe
 from finetune.tta import ViewTransform, average_views
 
 __all__ = ["LoadedModel", "check_finite_weights", "load_model", "load_ensemble", "predict_probs", "stream_probs",
-           "resolve_device"]
+           "sharded_probs", "resolve_device"]
 
 
 @dataclass
@@ -139,6 +140,29 @@ def stream_probs(
         yield (total / len(models)).numpy()
 
 
+def sharded_probs(
+    models: Sequence[LoadedModel],
+    paths: Sequence[Path],
+    batch_size: int = 64,
+    num_workers: int = 2,
+    tta: Sequence[str] = (),
+    blank: AbstractSet[Path] = frozenset(),
+) -> Iterator[np.ndarray]:
+    """`stream_probs` of every path; under torchrun each rank scores a contiguous share and all ranks get every row.
+
+    Shares are unpadded (no image scored twice, none dropped) and come back in rank order, which is
+    `paths` order, so metrics and submissions equal a single process's. A collective call: every rank
+    must consume it.
+    """
+    if not distributed.active():
+        yield from stream_probs(models, paths, batch_size, num_workers, tta, blank)
+        return
+    start, stop = distributed.shard_bounds(len(paths))
+    chunks = list(stream_probs(models, list(paths)[start:stop], batch_size, num_workers, tta, blank))
+    part = np.concatenate(chunks) if chunks else np.zeros((0, len(models[0].classes)), dtype=np.float32)
+    yield from distributed.gather_objects(part)
+
+
 def predict_probs(
     loaded: Union[LoadedModel, Sequence[LoadedModel]],
     samples: Sequence[Sample],
@@ -152,5 +176,5 @@ def predict_probs(
     if device is not None:
         for m in models:
             m.model.to(device)
-    chunks = list(stream_probs(models, [s.path for s in samples], batch_size, num_workers, tta))
+    chunks = list(sharded_probs(models, [s.path for s in samples], batch_size, num_workers, tta))
     return np.concatenate(chunks) if chunks else np.zeros((0, len(models[0].classes)), dtype=np.float32)

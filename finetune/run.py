@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 from finetune.data.images import SkippedImage
+from finetune.engine import distributed
 from finetune.engine.checkpoint import save_checkpoint
 from finetune.errors import FinetuneError
 from finetune.loggers import Logger, create_loggers
@@ -175,16 +176,24 @@ class RunDir:
     def create(cls, output: Union[str, Path], name: str) -> "RunDir":
         """`output/name`, or `name-2`, `name-3`... so an earlier run is never overwritten.
 
-        Creating claims a new name, so it belongs to the main process: under torchrun the other
-        ranks `open` the folder rank 0 created once its path has been shared with them.
+        Creating claims a new name, so it belongs to the main process: under torchrun rank 0 picks
+        and creates it, and every other rank gets that path (all ranks must call this together).
         """
+        if distributed.active():
+            path = distributed.broadcast_object(cls._claim(output, name) if distributed.is_main() else None)
+            return cls(path)
+        return cls(cls._claim(output, name))
+
+    @staticmethod
+    def _claim(output: Union[str, Path], name: str) -> Path:
+        """Create and return the first free folder of `name`, `name-2`, ... in `output`."""
         base = Path(output).expanduser()
         base.mkdir(parents=True, exist_ok=True)
         candidate, n = base / name, 1
         while True:
             try:
                 candidate.mkdir()
-                return cls(candidate)
+                return candidate
             except FileExistsError:
                 n += 1
                 candidate = base / f"{name}-{n}"
@@ -223,10 +232,12 @@ class RunDir:
         """True when the folder holds a run (recipe, evaluation or k-fold summary)."""
         return self.recipe.is_file() or self.eval.exists() or self.cv_summary.is_file()
 
-    def write_recipe(self, recipe: Recipe) -> None:
-        """The resolved recipe, to re-run or resume exactly."""
+    def write_recipe(self, recipe: Recipe, note: str = "") -> None:
+        """The resolved recipe, to re-run or resume exactly; `note` goes on top as a YAML comment."""
         if self.is_main:
             recipe.to_yaml(self.recipe)
+            if note:
+                self.recipe.write_text(f"# {note}\n" + self.recipe.read_text())
 
     def write_data_summary(self, classes: Sequence[str], train_counts: Sequence[int],
                            val_counts: Sequence[int]) -> None:

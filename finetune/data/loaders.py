@@ -7,7 +7,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from finetune.data.images import load_rgb
 from finetune.data.preprocessing import Preprocessing
@@ -15,8 +15,8 @@ from finetune.data.sources import Sample
 from finetune.data.transforms import build_eval_transform, build_train_transform, seed_transform
 from finetune.recipe import Recipe
 
-__all__ = ["ImageDataset", "class_counts", "make_loader", "balanced_sampler", "train_transform", "train_loader",
-           "eval_loader"]
+__all__ = ["ImageDataset", "class_counts", "make_loader", "BalancedSampler", "balanced_sampler", "train_sampler",
+           "train_transform", "train_loader", "eval_loader"]
 
 
 class ImageDataset(Dataset):
@@ -45,13 +45,44 @@ def class_counts(samples: Sequence[Sample], num_classes: int) -> list[int]:
     return [counts.get(i, 0) for i in range(num_classes)]
 
 
-def balanced_sampler(samples: Sequence[Sample], num_classes: int, seed: int) -> WeightedRandomSampler:
-    """Draw each class equally often (inverse-frequency weights, with replacement)."""
+class BalancedSampler(DistributedSampler):
+    """Each class drawn equally often (inverse-frequency weights, with replacement), sharded across ranks.
+
+    Every rank draws the same indices from a generator seeded with (seed, epoch), then keeps its
+    strided share, as DistributedSampler does with a permutation: together the ranks see one draw.
+    """
+
+    def __init__(self, dataset: Dataset, weights: torch.Tensor, seed: int, rank: int = 0, world: int = 1) -> None:
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        self.weights = weights
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        indices = torch.multinomial(self.weights, len(self.weights), replacement=True, generator=generator).tolist()
+        indices += indices[: self.total_size - len(indices)]  # pad so every rank gets as many
+        return iter(indices[self.rank:self.total_size:self.num_replicas])
+
+
+def balanced_sampler(samples: Sequence[Sample], num_classes: int, seed: int, rank: int = 0,
+                     world: int = 1) -> BalancedSampler:
+    """Draw each class equally often (inverse-frequency weights, with replacement); this rank's share."""
     counts = np.asarray(class_counts(samples, num_classes), dtype=np.float64)
     weights = 1.0 / np.maximum(counts, 1.0)
     sample_weights = torch.as_tensor([weights[s.label] for s in samples], dtype=torch.double)
-    generator = torch.Generator().manual_seed(seed)
-    return WeightedRandomSampler(sample_weights, num_samples=len(samples), replacement=True, generator=generator)
+    return BalancedSampler(samples, sample_weights, seed, rank, world)  # type: ignore[arg-type]
+
+
+def train_sampler(recipe: Recipe, samples: Sequence[Sample], num_classes: int, rank: int = 0,
+                  world: int = 1) -> DistributedSampler:
+    """The training order: a permutation (or balanced draw) seeded by (train.seed, epoch), strided over ranks.
+
+    The order depends on the seed and the epoch only (the loop calls `set_epoch`), so 2 processes with
+    batch B each see the same global batches as 1 process with batch 2B, and a resumed run the same order.
+    """
+    seed = recipe.train.seed
+    if recipe.data.balance == "sampler":
+        return balanced_sampler(samples, num_classes, seed, rank, world)
+    return DistributedSampler(samples, num_replicas=world, rank=rank, shuffle=True, seed=seed)  # type: ignore[arg-type]
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -92,20 +123,25 @@ def make_loader(
     )
 
 
-def train_transform(recipe: Recipe, preprocessing: Preprocessing) -> Callable:
-    """The recipe's training augmentation at the model's size, seeded from train.seed."""
+def train_transform(recipe: Recipe, preprocessing: Preprocessing, seed: Optional[int] = None) -> Callable:
+    """The recipe's training augmentation at the model's size, seeded from `seed` (default train.seed)."""
     aug = recipe.augment
-    return build_train_transform(preprocessing, aug.preset, aug.ops, aug.policy, seed=recipe.train.seed)
+    seed = recipe.train.seed if seed is None else seed
+    return build_train_transform(preprocessing, aug.preset, aug.ops, aug.policy, seed=seed)
 
 
 def train_loader(recipe: Recipe, samples: Sequence[Sample], preprocessing: Preprocessing,
-                 num_classes: int) -> DataLoader:
-    """Augmented training batches: shuffled, or class-balanced with `data.balance: sampler`; seeded from train.seed."""
-    cfg, seed = recipe.data, recipe.train.seed
-    sampler = balanced_sampler(samples, num_classes, seed) if cfg.balance == "sampler" else None
-    return make_loader(ImageDataset(samples, train_transform(recipe, preprocessing)), cfg.batch_size,
-                       cfg.num_workers, shuffle=True, seed=seed, sampler=sampler,
-                       drop_last=len(samples) > cfg.batch_size)
+                 num_classes: int, rank: int = 0, world: int = 1, seed: Optional[int] = None) -> DataLoader:
+    """Augmented training batches for one rank (of `world`): shuffled, or class-balanced with `data.balance: sampler`.
+
+    `data.batch_size` is per process. `seed` (default train.seed) seeds this rank's augmentation and workers;
+    the sample order comes from train.seed alone (`train_sampler`).
+    """
+    cfg = recipe.data
+    seed = recipe.train.seed if seed is None else seed
+    sampler = train_sampler(recipe, samples, num_classes, rank, world)
+    return make_loader(ImageDataset(samples, train_transform(recipe, preprocessing, seed)), cfg.batch_size,
+                       cfg.num_workers, seed=seed, sampler=sampler, drop_last=len(sampler) > cfg.batch_size)
 
 
 def eval_loader(samples: Sequence[Sample], preprocessing: Preprocessing, batch_size: int,

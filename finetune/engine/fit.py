@@ -15,9 +15,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from finetune.data.mixing import BatchMixer, dominant_label
+from finetune.engine import distributed
 from finetune.engine.ema import WeightEma
 from finetune.engine.optim import base_lr, create_optimizer, create_scheduler, stage_lrs
-from finetune.engine.resume import capture_rng_state, check_resumable, restore_rng_state
+from finetune.engine.resume import capture_all_ranks, check_resumable, restore_this_rank
 from finetune.engine.step import autocast, optimizer_step, to_device
 from finetune.errors import FinetuneError
 from finetune.models.unfreezing import plan_unfreezing
@@ -121,25 +122,30 @@ def train_one_epoch(
     """One pass over the training data; optimiser, schedule and EMA step every cfg.accumulate batches.
 
     `on_step` gets the mean loss of the batches behind each optimiser step (the live loggers' per-step curve).
+    Under DDP `model` is the wrapper: batches that only accumulate skip the gradient all-reduce, and the
+    returned loss and accuracy are over every rank's samples.
     """
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     batches = len(loader)
     group_loss = 0.0
     optimizer.zero_grad(set_to_none=True)
-    progress = tqdm(loader, desc=description, leave=False, disable=None, dynamic_ncols=True)
+    progress = tqdm(loader, desc=description, leave=False, disable=None if distributed.is_main() else True,
+                    dynamic_ncols=True)
     for index, (images, labels) in enumerate(progress):
         images, labels = to_device(images, labels, device, cfg.channels_last)
         targets = labels
         if mixer is not None:
             images, targets = mixer(images, labels)
-        with autocast(device, cfg.amp):
-            logits = model(images)
-            loss = criterion(logits, targets)
         # Each batch contributes loss/group so an accumulated step uses the mean gradient of its group
         # (the last group of an epoch may be shorter).
         group_start = index - index % cfg.accumulate
         group = min(cfg.accumulate, batches - group_start)
+        stepping = index + 1 == group_start + group
+        # DDP decides in the forward pass whether this backward all-reduces: not until the group's last batch.
+        with distributed.sync_context(model, stepping), autocast(device, cfg.amp):
+            logits = model(images)
+            loss = criterion(logits, targets)
         value = loss.item()
         if not math.isfinite(value):
             # Stepping on a NaN/inf loss turns every weight into NaN; a checkpoint of those predicts nothing.
@@ -151,11 +157,11 @@ def train_one_epoch(
         scaled = loss / group
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         group_loss += scaled.item()
-        if index + 1 == group_start + group:
+        if stepping:
             optimizer_step(model, optimizer, scaler, cfg.grad_clip)
             scheduler.step()
             if ema is not None:
-                ema.update(model)
+                ema.update(distributed.unwrap(model))
             if on_step is not None:
                 on_step(group_loss)
             group_loss = 0.0
@@ -165,12 +171,13 @@ def train_one_epoch(
         correct += (logits.argmax(1) == dominant_label(targets)).sum().item()
         seen += batch
         progress.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+    total_loss, correct, seen = distributed.reduce_sums([total_loss, correct, seen])
     return EpochStats(total_loss / max(seen, 1), correct / max(seen, 1))
 
 
 @torch.no_grad()
 def validate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device: torch.device, cfg: TrainConfig) -> EpochStats:
-    """Loss and accuracy on the validation data."""
+    """Loss and accuracy on the validation data (under DDP: each rank's share, summed over ranks)."""
     model.eval()
     total_loss, correct, seen = 0.0, 0, 0
     for images, labels in loader:
@@ -181,6 +188,7 @@ def validate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device:
         total_loss += loss.item() * labels.shape[0]
         correct += (logits.argmax(1) == labels).sum().item()
         seen += labels.shape[0]
+    total_loss, correct, seen = distributed.reduce_sums([total_loss, correct, seen])
     return EpochStats(total_loss / max(seen, 1), correct / max(seen, 1))
 
 
@@ -193,6 +201,7 @@ def _restore(
     ema: Optional[WeightEma],
     monitor: Monitor,
     train_loader: DataLoader,
+    log: Callable[[str], None],
 ) -> tuple[int, list[dict]]:
     """Load a last.pt payload into the training objects; returns (next epoch, history so far)."""
     state = resume["resume"]
@@ -209,7 +218,7 @@ def _restore(
     for key, value in state["monitor"].items():
         if key != "metric":
             setattr(monitor, key, value)
-    restore_rng_state(state["rng"], train_loader)
+    restore_this_rank(state, train_loader, log)
     return int(resume["epoch"]) + 1, [dict(row) for row in state["history"]]
 
 
@@ -233,6 +242,8 @@ def fit(
     best.pt is written when cfg.monitor improves. With EMA on, the averaged weights are validated
     and saved. All of it goes through `run`, which decides whether this process writes.
     `on_epoch` sees each saved row and may stop training early, like patience does.
+    Under torchrun every rank runs this with its own loaders' shares; `model` stays the plain model
+    (what is saved) and trains through a DDP wrapper, rebuilt when the trainable set changes.
     """
     steps_per_epoch = math.ceil(len(train_loader) / cfg.accumulate)
     # Parameters that a later epoch unfreezes join the optimizer now; frozen, they get no gradient.
@@ -246,19 +257,25 @@ def fit(
     first_epoch, history = 1, []
     if resume is not None:
         check_resumable(resume, cfg)
-        first_epoch, history = _restore(resume, model, optimizer, scheduler, scaler, ema, monitor, train_loader)
+        first_epoch, history = _restore(resume, model, optimizer, scheduler, scaler, ema, monitor,
+                                          train_loader, log)
         # Rows the crash left after the last checkpoint would otherwise appear twice.
         run.rewrite_history(history)
         log(f"resuming {run.path} at epoch {first_epoch}/{cfg.epochs}")
     epoch, saved_epoch = first_epoch, first_epoch - 1
     # One lr column per stage when the stages' multipliers differ: fixed for the run, so the header stays valid.
     per_stage = len({group.get("lr_mult", 1.0) for group in optimizer.param_groups}) > 1
+    train_model = model
     try:
         for epoch in range(first_epoch, cfg.epochs + 1):
             start = time.perf_counter()
             trainable_now = unfreezing.apply(model, epoch)
             if trainable_now:
                 log(f"epoch {epoch}: trainable stages now {', '.join(trainable_now)}")
+            if trainable_now or train_model is model:
+                train_model = distributed.wrap(model, device)  # DDP tracks only what was trainable when built
+            if hasattr(train_loader.sampler, "set_epoch"):
+                train_loader.sampler.set_epoch(epoch)  # the epoch's order: the same on every rank, and on resume
             lr = base_lr(optimizer)
             rates = stage_lrs(optimizer)
             steps = itertools.count((epoch - 1) * steps_per_epoch + 1)  # optimiser steps since the run began
@@ -267,9 +284,10 @@ def fit(
                 run.log_step({"step": next(steps), "train_loss": loss, "lr": base_lr(optimizer)})
 
             train = train_one_epoch(
-                model, train_loader, criterion, optimizer, scheduler, scaler, device, cfg,
+                train_model, train_loader, criterion, optimizer, scheduler, scaler, device, cfg,
                 f"epoch {epoch}/{cfg.epochs}", mixer, ema, on_step,
             )
+            distributed.sync_buffers(model, eval_model)  # BN statistics as rank 0 has them, before validating
             val = validate(eval_model, val_loader, criterion, device, cfg)
             if not math.isfinite(val.loss):  # the epoch's last step broke the weights: save nothing of them
                 raise FinetuneError(
@@ -304,7 +322,7 @@ def fit(
                 "ema_updates": ema.updates if ema is not None else None,
                 "monitor": monitor.state_dict(),
                 "history": history,
-                "rng": capture_rng_state(train_loader),
+                **capture_all_ranks(train_loader),
             }})
             saved_epoch = epoch
             run.plot_curves(history)
@@ -314,11 +332,12 @@ def fit(
                 f"epoch {epoch}/{cfg.epochs}  train loss {train.loss:.4f} acc {train.accuracy:.4f}  "
                 f"val loss {val.loss:.4f} acc {val.accuracy:.4f}  lr {lr:.2e}  {row['seconds']:.1f}s"
             )
-            if monitor.exhausted(cfg.patience):
+            # Every rank saw the same reduced metrics; rank 0's decision is still the one all ranks follow.
+            if distributed.broadcast_object(monitor.exhausted(cfg.patience)):
                 log(f"early stop: {cfg.monitor} has not improved for {cfg.patience} epoch(s); "
                     f"best {monitor.best:.4f} at epoch {monitor.best_epoch}")
                 break
-            if on_epoch is not None and on_epoch(row):
+            if distributed.broadcast_object(on_epoch is not None and on_epoch(row)):
                 log(f"stopped after epoch {epoch} by the caller (e.g. a tuning trial pruned); "
                     f"best {monitor.best:.4f} at epoch {monitor.best_epoch}")
                 break

@@ -8,19 +8,20 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from finetune.data.transforms import set_transform_rng_state, transform_rng_state
+from finetune.engine import distributed
 from finetune.engine.checkpoint import read_checkpoint
 from finetune.errors import FinetuneError
 from finetune.recipe import Recipe, TrainConfig, apply_overrides
 
-__all__ = ["seed_everything", "capture_rng_state", "restore_rng_state", "check_resumable",
-           "read_resume"]
+__all__ = ["seed_everything", "capture_rng_state", "restore_rng_state", "capture_all_ranks", "restore_this_rank",
+           "check_resumable", "read_resume"]
 
 
 def seed_everything(seed: int) -> None:
@@ -67,6 +68,31 @@ def restore_rng_state(state: dict[str, Any], loader: DataLoader) -> None:
     if state["sampler"] is not None and sampler_generator is not None:
         sampler_generator.set_state(state["sampler"])
     set_transform_rng_state(getattr(loader.dataset, "transform", None), state["transform"])
+
+
+def capture_all_ranks(loader: DataLoader) -> dict[str, Any]:
+    """For last.pt: this process's streams as "rng"; under torchrun every rank's, in rank order, as "rng_ranks".
+
+    A collective call: every rank must make it (only rank 0's payload is written).
+    """
+    states = distributed.gather_objects(capture_rng_state(loader))
+    return {"rng": states[0], **({"rng_ranks": states} if len(states) > 1 else {})}
+
+
+def restore_this_rank(state: dict[str, Any], loader: DataLoader, log: Callable[[str], None] = print) -> None:
+    """Put back this rank's streams from a last.pt "resume" entry written by `capture_all_ranks`.
+
+    Under the world size that wrote it the run continues exactly; under another one each rank that
+    has a saved stream takes it, the others keep their fresh per-rank seeds, and the log says so.
+    """
+    saved = state.get("rng_ranks") or [state["rng"]]
+    world, rank = distributed.world_size(), distributed.rank()
+    if len(saved) != world:
+        log(f"note: the run was saved by {len(saved)} process(es) and resumes on {world}: training continues "
+            "from the same weights, optimiser and epoch, but the random streams (augmentation, sampling order per "
+            "process) differ from an uninterrupted run; resume with the same number of processes to continue exactly")
+    if rank < len(saved):
+        restore_rng_state(saved[rank], loader)
 
 
 def check_resumable(payload: dict[str, Any], cfg: TrainConfig) -> None:
