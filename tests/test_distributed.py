@@ -1,0 +1,151 @@
+"""Training, evaluation and prediction under torchrun: 2 CPU processes (gloo) against 1, on generated images.
+
+The runs use no random augmentation, no dropout and a BatchNorm-free model (timm's test_convnext), so a
+1-process run with batch 2B and a 2-process run with batch B per process see the same global batches and
+must agree to float precision. Each torchrun start costs seconds on 2 cores: the module shares two runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import QUICK_CPU, write_folder_dataset
+from finetune import api
+from finetune.engine.distributed import shard_bounds
+
+ROOT = Path(__file__).resolve().parents[1]
+EPOCHS = 3
+OVERRIDES = [
+    "model.backbone=test_convnext", "data.image_size=32", "data.num_workers=0", f"train.epochs={EPOCHS}",
+    "train.lr=0.01", "train.warmup_epochs=0", "augment.preset=none", "model.head.dropout=0", "model.head.hidden=[]",
+    # stages.3 and the head train from the start; stages.2 joins in epoch 2 (DDP must be rebuilt for it)
+    "model.trainable_last=1", "train.unfreeze={2: [stages.2]}", "name=ddp",
+]
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def _finetune(*args: str, torchrun: bool = True, **popen) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"] if torchrun \
+        else [sys.executable]
+    return subprocess.run([*launcher, "-m", "finetune", *args], env=_env(), capture_output=True, text=True,
+                          timeout=180, **popen)
+
+
+def _sets(values: list[str]) -> list[str]:
+    return [arg for value in values for arg in ("--set", value)]
+
+
+def _history(run: Path) -> list[dict]:
+    with (run / "history.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def _rows(path: Path) -> list[list[str]]:
+    with path.open() as handle:
+        return list(csv.reader(handle))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A 1-process run (batch 16, in this process) and a 2-process run (batch 8 each, via --devices 2)."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    data = write_folder_dataset(tmp / "data", per_class=16, val_per_class=5, test=7)  # 48 train, 15 val, 7 test
+    (tmp / "two" / "ddp").mkdir(parents=True)  # the name is taken: rank 0 must pick ddp-2 for both ranks
+    snapshot = tmp / "one_epoch1.pt"
+
+    def keep_epoch1(row: dict) -> bool:
+        if int(row["epoch"]) == 1:
+            shutil.copy(tmp / "one" / "ddp" / "last.pt", snapshot)
+        return False
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        api.train(QUICK_CPU, data=data, overrides=OVERRIDES + ["data.batch_size=16", f"output={tmp / 'one'}"],
+                  on_epoch=keep_epoch1, log=lambda line: None)
+    finally:
+        torch.set_num_threads(previous)
+    done = _finetune("train", QUICK_CPU, "--data", str(data), "--devices", "2",
+                     *_sets(OVERRIDES + ["data.batch_size=8", f"output={tmp / 'two'}"]), torchrun=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {"tmp": tmp, "data": data, "one": tmp / "one" / "ddp", "two": tmp / "two" / "ddp-2",
+            "epoch1": snapshot, "stdout": done.stdout}
+
+
+def test_two_processes_match_one_with_the_same_global_batch(runs):
+    one, two = _history(runs["one"]), _history(runs["two"])
+    assert [r["epoch"] for r in two] == [str(e) for e in range(1, EPOCHS + 1)]  # one history, each epoch once
+    for a, b in zip(one, two):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+            assert float(a[key]) == pytest.approx(float(b[key]), abs=2e-4), (a["epoch"], key)
+    # The validation set (15 images, odd) is evaluated exactly once per image, in order, with the same answers.
+    pred_one, pred_two = _rows(runs["one"] / "eval" / "predictions.csv"), _rows(runs["two"] / "eval" / "predictions.csv")
+    assert len(pred_two) == 16 and [r[:3] for r in pred_one] == [r[:3] for r in pred_two]
+    # The effective batch and the rate are stated in the log and in the recipe copy.
+    note = "2 process(es) x data.batch_size 8 x train.accumulate 1 = effective batch 16, train.lr 0.01"
+    assert note in runs["stdout"] and note in (runs["two"] / "recipe.yaml").read_text().splitlines()[0]
+
+
+def test_only_rank_zero_writes_and_prints(runs):
+    parent = runs["two"].parent
+    assert sorted(p.name for p in parent.iterdir()) == ["ddp", "ddp-2"]  # ddp was taken; one new folder
+    assert not any((parent / "ddp").iterdir())
+    assert sorted(p.name for p in runs["two"].glob("*.pt")) == ["best.pt", "last.pt"]
+    assert runs["stdout"].count("epoch 1/3  train loss") == 1  # rank 1 printed nothing
+
+
+def test_unfreezing_under_ddp_changes_exactly_the_newly_trainable_parameters(runs):
+    first = torch.load(runs["epoch1"], weights_only=True)["model_state"]
+    final_one = torch.load(runs["one"] / "last.pt", weights_only=True)["model_state"]
+    final_two = torch.load(runs["two"] / "last.pt", weights_only=True)["model_state"]
+    changed = {name for name, value in final_two.items()
+               if value.is_floating_point() and not torch.equal(value, first[name])}
+    prefixes = ("backbone.stages.2.", "backbone.stages.3.", "backbone.head", "head")
+    trained = {name for name in final_two if name.startswith(prefixes) and final_two[name].is_floating_point()}
+    assert any(name.startswith("backbone.stages.2.") for name in changed)  # unfrozen in epoch 2, then trained
+    assert changed <= trained and not changed ^ {n for n in trained if not torch.equal(final_two[n], first[n])}
+    assert not any(name.startswith(("backbone.stem", "backbone.stages.0.", "backbone.stages.1.")) for name in changed)
+    for name, value in final_two.items():  # and trained as one process with the global batch would have
+        if value.is_floating_point():
+            assert torch.allclose(value, final_one[name], atol=1e-4), name
+
+
+def test_evaluate_and_predict_on_two_processes_equal_one_on_odd_counts(runs):
+    tmp, data, best = runs["tmp"], runs["data"], str(runs["one"] / "best.pt")
+    torch.set_num_threads(1)
+    api.evaluate(best, data / "val", out=tmp / "eval_one", num_workers=0, log=lambda line: None)
+    api.predict(best, data / "test", out=tmp / "sub_one.csv", num_workers=0, probs=True, log=lambda line: None)
+    script = (f"{sys.executable} -m torch.distributed.run --standalone --nproc-per-node=2 -m finetune evaluate {best} "
+              f"--data {data / 'val'} --out {tmp / 'eval_two'} && "
+              f"{sys.executable} -m torch.distributed.run --standalone --nproc-per-node=2 -m finetune predict {best} "
+              f"--images {data / 'test'} --out {tmp / 'sub_two.csv'} --probs")
+    done = subprocess.run(script, shell=True, env=_env(), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = _rows(tmp / "eval_one" / "predictions.csv"), _rows(tmp / "eval_two" / "predictions.csv")
+    assert len(two) == 16 and [r[:3] for r in one] == [r[:3] for r in two]
+    assert _rows(tmp / "sub_one.csv") == _rows(tmp / "sub_two.csv") and len(_rows(tmp / "sub_two.csv")) == 8
+    for a, b in zip(_rows(tmp / "sub_one_probs.csv")[1:], _rows(tmp / "sub_two_probs.csv")[1:]):
+        assert a[0] == b[0] and [float(x) for x in a[1:]] == pytest.approx([float(x) for x in b[1:]], abs=1e-5)
+
+
+def test_shards_cover_every_item_once_in_order():
+    for count in (0, 1, 7, 15, 16):
+        for world in (1, 2, 3):
+            bounds = [shard_bounds(count, rank, world) for rank in range(world)]
+            assert [i for start, stop in bounds for i in range(start, stop)] == list(range(count))
