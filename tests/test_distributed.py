@@ -149,3 +149,60 @@ def test_shards_cover_every_item_once_in_order():
         for world in (1, 2, 3):
             bounds = [shard_bounds(count, rank, world) for rank in range(world)]
             assert [i for start, stop in bounds for i in range(start, stop)] == list(range(count))
+
+
+def _worker_pid(launcher: int, rank: int) -> int | None:
+    """The pid of the torchrun worker with RANK=`rank` among the launcher's descendants (via /proc)."""
+    pending, seen = [launcher], set()
+    while pending:
+        pid = pending.pop()
+        seen.add(pid)
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if pid != launcher and f"RANK={rank}".encode() in environ and b"LOCAL_RANK=" + str(rank).encode() in environ:
+            return pid
+        pending += [int(c) for c in children if int(c) not in seen]
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the worker processes through /proc")
+def test_kill_one_rank_then_resume_continues_exactly(runs):
+    out = runs["tmp"] / "killed"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "finetune",
+               "train", QUICK_CPU, "--data", str(runs["data"]), *_sets(OVERRIDES + ["data.batch_size=8", f"output={out}"])]
+    launcher = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    history = out / "ddp" / "history.csv"
+    deadline = time.monotonic() + 120
+    while launcher.poll() is None and time.monotonic() < deadline:
+        if history.is_file() and len(history.read_text().splitlines()) >= 2:  # epoch 1 and its last.pt are saved
+            pid = _worker_pid(launcher.pid, 1)
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+                break
+        time.sleep(0.01)
+    launcher.wait(timeout=120)
+    if launcher.returncode == 0:
+        pytest.skip("the run finished before a rank could be killed (machine too fast for this check)")
+    saved = len(_history(out / "ddp"))
+    assert 1 <= saved < EPOCHS
+    assert len(torch.load(out / "ddp" / "last.pt", weights_only=True)["resume"]["rng_ranks"]) == 2
+    done = _finetune("train", "--resume", str(out / "ddp"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "note:" not in done.stdout  # same world size: no warning, an exact continuation
+    assert [r["epoch"] for r in _history(out / "ddp")] == [str(e) for e in range(1, EPOCHS + 1)]
+    resumed = torch.load(out / "ddp" / "last.pt", weights_only=True)["model_state"]
+    uninterrupted = torch.load(runs["two"] / "last.pt", weights_only=True)["model_state"]
+    for name, value in resumed.items():
+        assert torch.equal(value, uninterrupted[name]), name
+
+
+def test_resume_on_another_world_size_says_so(runs, tmp_path, capsys):
+    copy = tmp_path / "ddp"
+    shutil.copytree(runs["two"], copy)
+    torch.set_num_threads(1)
+    api.train(resume=copy, overrides=[f"train.epochs={EPOCHS + 1}"])
+    assert "saved by 2 process(es) and resumes on 1" in capsys.readouterr().out
+    assert [r["epoch"] for r in _history(copy)] == [str(e) for e in range(1, EPOCHS + 2)]
