@@ -24,7 +24,7 @@ from finetune import api
 from finetune.engine.distributed import shard_bounds
 
 ROOT = Path(__file__).resolve().parents[1]
-EPOCHS = 3
+EPOCHS = 2
 OVERRIDES = [
     "model.backbone=test_convnext", "data.image_size=32", "data.num_workers=0", f"train.epochs={EPOCHS}",
     "train.lr=0.01", "train.warmup_epochs=0", "augment.preset=none", "model.head.dropout=0", "model.head.hidden=[]",
@@ -107,7 +107,7 @@ def test_only_rank_zero_writes_and_prints(runs):
     assert sorted(p.name for p in parent.iterdir()) == ["ddp", "ddp-2"]  # ddp was taken; one new folder
     assert not any((parent / "ddp").iterdir())
     assert sorted(p.name for p in runs["two"].glob("*.pt")) == ["best.pt", "last.pt"]
-    assert runs["stdout"].count("epoch 1/3  train loss") == 1  # rank 1 printed nothing
+    assert runs["stdout"].count(f"epoch 1/{EPOCHS}  train loss") == 1  # rank 1 printed nothing
 
 
 def test_unfreezing_under_ddp_changes_exactly_the_newly_trainable_parameters(runs):
@@ -131,11 +131,16 @@ def test_evaluate_and_predict_on_two_processes_equal_one_on_odd_counts(runs):
     torch.set_num_threads(1)
     api.evaluate(best, data / "val", out=tmp / "eval_one", num_workers=0, log=lambda line: None)
     api.predict(best, data / "test", out=tmp / "sub_one.csv", num_workers=0, probs=True, log=lambda line: None)
-    script = (f"{sys.executable} -m torch.distributed.run --standalone --nproc-per-node=2 -m finetune evaluate {best} "
-              f"--data {data / 'val'} --out {tmp / 'eval_two'} && "
-              f"{sys.executable} -m torch.distributed.run --standalone --nproc-per-node=2 -m finetune predict {best} "
-              f"--images {data / 'test'} --out {tmp / 'sub_two.csv'} --probs")
-    done = subprocess.run(script, shell=True, env=_env(), capture_output=True, text=True, timeout=180)
+    # One torchrun start for both (each start costs seconds): the API calls that the CLI commands make.
+    script = tmp / "eval_and_predict.py"
+    script.write_text(
+        "from finetune import api\nfrom finetune.engine.distributed import cleanup\n"
+        f"api.evaluate({best!r}, {str(data / 'val')!r}, out={str(tmp / 'eval_two')!r}, num_workers=0)\n"
+        f"api.predict({best!r}, {str(data / 'test')!r}, out={str(tmp / 'sub_two.csv')!r}, num_workers=0, probs=True)\n"
+        "cleanup()\n"
+    )
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script)], env=_env(), capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     one, two = _rows(tmp / "eval_one" / "predictions.csv"), _rows(tmp / "eval_two" / "predictions.csv")
     assert len(two) == 16 and [r[:3] for r in one] == [r[:3] for r in two]
