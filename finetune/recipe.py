@@ -199,7 +199,7 @@ class TrainConfig:
     unfreeze: Optional[dict[int, list[str]]] = None  # gradual unfreezing: {epoch: [stages]}, e.g. {3: [layer3]}
     fine_tune: Optional[int] = None  # fastai-style: N head-only epochs, then the body too at lower rates
     # Under torchrun (several processes, data.batch_size each): BatchNorm statistics over the global batch
-    # instead of each process's share (PyTorch's SyncBatchNorm; CUDA only). Matters with model.bn: train and small batches.
+    # instead of each process's share (PyTorch's SyncBatchNorm; CUDA only). Matters with small per-device batches.
     sync_bn: bool = False
     # Where each epoch's row goes: csv (history.csv, always written: resume, reports and `finetune runs` read it),
     # tensorboard, mlflow (optional extras of the same names).

@@ -95,7 +95,8 @@ def test_two_processes_match_one_with_the_same_global_batch(runs):
         for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
             assert float(a[key]) == pytest.approx(float(b[key]), abs=2e-4), (a["epoch"], key)
     # The validation set (15 images, odd) is evaluated exactly once per image, in order, with the same answers.
-    pred_one, pred_two = _rows(runs["one"] / "eval" / "predictions.csv"), _rows(runs["two"] / "eval" / "predictions.csv")
+    pred_one = _rows(runs["one"] / "eval" / "predictions.csv")
+    pred_two = _rows(runs["two"] / "eval" / "predictions.csv")
     assert len(pred_two) == 16 and [r[:3] for r in pred_one] == [r[:3] for r in pred_two]
     # The effective batch and the rate are stated in the log and in the recipe copy.
     note = "2 process(es) x data.batch_size 8 x train.accumulate 1 = effective batch 16, train.lr 0.01"
@@ -116,11 +117,12 @@ def test_unfreezing_under_ddp_changes_exactly_the_newly_trainable_parameters(run
     final_two = torch.load(runs["two"] / "last.pt", weights_only=True)["model_state"]
     changed = {name for name, value in final_two.items()
                if value.is_floating_point() and not torch.equal(value, first[name])}
-    prefixes = ("backbone.stages.2.", "backbone.stages.3.", "backbone.head", "head")
-    trained = {name for name in final_two if name.startswith(prefixes) and final_two[name].is_floating_point()}
-    assert any(name.startswith("backbone.stages.2.") for name in changed)  # unfrozen in epoch 2, then trained
-    assert changed <= trained and not changed ^ {n for n in trained if not torch.equal(final_two[n], first[n])}
-    assert not any(name.startswith(("backbone.stem", "backbone.stages.0.", "backbone.stages.1.")) for name in changed)
+    newly = [name for name, value in final_two.items()
+             if name.startswith("backbone.stages.2.") and value.is_floating_point()]
+    assert newly and set(newly) <= changed  # unfrozen in epoch 2: every one of them trained (all ranks in step)
+    frozen = ("backbone.stem", "backbone.stages.0.", "backbone.stages.1.")  # never trainable in this run
+    assert not any(name.startswith(frozen) for name in changed)
+    assert any(name.startswith("backbone.stages.3.") for name in changed)
     for name, value in final_two.items():  # and trained as one process with the global batch would have
         if value.is_floating_point():
             assert torch.allclose(value, final_one[name], atol=1e-4), name
@@ -177,7 +179,8 @@ def _worker_pid(launcher: int, rank: int) -> int | None:
 def test_kill_one_rank_then_resume_continues_exactly(runs):
     out = runs["tmp"] / "killed"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "finetune",
-               "train", QUICK_CPU, "--data", str(runs["data"]), *_sets(OVERRIDES + ["data.batch_size=8", f"output={out}"])]
+               "train", QUICK_CPU, "--data", str(runs["data"]),
+               *_sets(OVERRIDES + ["data.batch_size=8", f"output={out}"])]
     launcher = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     history = out / "ddp" / "history.csv"
     deadline = time.monotonic() + 120
