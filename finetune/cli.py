@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--devices", type=int, default=1, metavar="N",
                        help="train on N processes of this machine (one per GPU) with DDP: runs the same command under "
                             "`python -m torch.distributed.run --standalone --nproc-per-node=N`; data.batch_size is "
-                            "per process")
+                            "per process. With --folds: N folds at a time, one per device, without DDP")
     train.set_defaults(func=_train)
 
     # augment, lr-find, evaluate and predict pass on only the options given (argument_default=SUPPRESS): the
@@ -380,12 +380,12 @@ def _under_torchrun() -> bool:
 
 
 def _relaunch(argv: list[str], devices: int) -> int:
-    """`train ... --devices N`: the same command under torchrun on this machine (N processes, DDP); its exit status."""
+    """`train ... --devices N`: the same command under torchrun on this machine; its exit status.
+
+    N processes train one run with DDP, or with --folds, N folds side by side (one per device, no DDP).
+    """
     if devices < 1:
         raise FinetuneError(f"--devices {devices}: give the number of processes (GPUs) to train on, e.g. --devices 2")
-    if any(a == "--folds" or a.startswith("--folds=") for a in argv):
-        raise FinetuneError("--folds with --devices is not supported: run the folds on one device each, or train "
-                            "one fold at a time with --devices")
     rest, skip = [], False
     for arg in argv:  # drop --devices N / --devices=N so the workers do not relaunch again
         if skip:

@@ -13,7 +13,9 @@ from finetune.api import TrainResult, train
 from finetune.data.loaders import class_counts
 from finetune.data.prepare import Prepared, prepare
 from finetune.data.sources import Sample
+from finetune.engine import distributed
 from finetune.errors import FinetuneError
+from finetune.inference import resolve_device
 from finetune.models.backbones import check_backbone_name
 from finetune.recipe import Recipe, resolve_recipe
 from finetune.report_page import build_report
@@ -79,9 +81,12 @@ def train_kfold(
     """Train one model per stratified fold of all labelled images; writes cv_summary.json and report.html.
 
     `prepared` reuses data already discovered (a tuning study scans the folder once for all its trials).
+    Under torchrun (`train --folds K --devices N`) the N processes train different folds side by side,
+    each on its own device without DDP; rank 0 writes the summary once every fold is done.
     """
     recipe = resolve_recipe(recipe, overrides, data)
     check_backbone_name(recipe.model.backbone)
+    distributed.setup(resolve_device(recipe.train.device))  # under torchrun: join the group before naming folders
     dataset = prepared or prepare(recipe, log)
     # The strongest HW03 solutions validated on folds of train+val together: every labelled image trains k-1 models.
     samples = dataset.train + dataset.val
@@ -90,19 +95,27 @@ def train_kfold(
     parent.write_recipe(recipe)
     log(f"{folds}-fold cross-validation on {len(samples)} images (train+val merged); folds in {parent.path}")
 
-    results: list[TrainResult] = []
-    rows = []
+    world, rank = distributed.world_size(), distributed.rank()
+    if world > 1:
+        log(f"{world} processes train the folds side by side (fold i on process (i-1) mod {world}); "
+            "this log shows process 0's folds")
+    done: list[tuple[int, TrainResult, dict]] = []
     for i, (train_samples, val_samples) in enumerate(plan, 1):
+        if (i - 1) % world != rank:
+            continue
         fold_recipe = Recipe.from_dict(recipe.to_dict())
         fold_recipe.output, fold_recipe.name = str(parent.path), f"fold{i}"
         fold_data = Prepared(dataset.classes, train_samples, val_samples, dataset.skipped, f"fold {i} of {folds}",
                              dataset.test_dir)
-        result = train(fold_recipe, log=lambda line, i=i: log(f"[fold {i}/{folds}] {line}"), prepared=fold_data)
-        results.append(result)
-        rows.append({"fold": i, "run_dir": str(result.run_dir), "report": str(RunDir(result.run_dir).report),
+        with distributed.independent():  # this fold is this process's alone: no DDP, it writes its own folder
+            result = train(fold_recipe, log=lambda line, i=i: log(f"[fold {i}/{folds}] {line}"), prepared=fold_data)
+        done.append((i, result, {"fold": i, "run_dir": str(result.run_dir), "report": str(RunDir(result.run_dir).report),
                      "best_checkpoint": str(result.best_checkpoint),
                      "accuracy": float(result.evaluation["accuracy"]), "best_epoch": result.best_epoch,
-                     "train_images": len(train_samples), "val_images": len(val_samples)})
+                     "train_images": len(train_samples), "val_images": len(val_samples)}))
+    gathered = sorted((item for part in distributed.gather_objects(done) for item in part), key=lambda item: item[0])
+    results = [result for _, result, _ in gathered]
+    rows = [row for _, _, row in gathered]
 
     scores = np.array([r["accuracy"] for r in rows])
     oof = float(sum(r["accuracy"] * r["val_images"] for r in rows) / sum(r["val_images"] for r in rows))
@@ -112,7 +125,8 @@ def train_kfold(
                "skipped_images": len(dataset.skipped), "predict_command": command}
     parent.write_cv_summary(summary)
     parent.write_oof_predictions([RunDir(r.run_dir).eval.predictions for r in results])
-    build_report(parent)
+    if parent.is_main:
+        build_report(parent)
     log(f"CV accuracy {summary['mean']:.4f} ± {summary['std']:.4f} over {folds} folds "
         f"(out-of-fold {oof:.4f}); summary in {parent.cv_summary}")
     log(f"predict with the {folds}-model ensemble:\n  {command}")

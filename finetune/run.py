@@ -30,12 +30,11 @@ Log = Callable[[str], None]
 
 
 def is_main_process() -> bool:
-    """True on the process that writes files and prints summaries (rank 0 of a torchrun job, or a plain run)."""
-    import torch.distributed as dist
+    """True on the process that writes files and prints summaries (rank 0 of a torchrun job, or a plain run).
 
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    return int(os.environ.get("RANK", "0")) == 0
+    Every process of a k-fold job whose folds run side by side writes its own folds (engine.distributed.independent).
+    """
+    return distributed.is_main()
 
 
 def _write_csv(path: Path, rows: Iterable[Sequence[Any]]) -> None:

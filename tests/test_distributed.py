@@ -214,3 +214,21 @@ def test_resume_on_another_world_size_says_so(runs, tmp_path, capsys):
     api.train(resume=copy, overrides=[f"train.epochs={EPOCHS + 1}"])
     assert "saved by 2 process(es) and resumes on 1" in capsys.readouterr().out
     assert [r["epoch"] for r in _history(copy)] == [str(e) for e in range(1, EPOCHS + 2)]
+
+
+def test_folds_side_by_side_on_two_processes_equal_folds_one_after_another(runs, tmp_path):
+    from finetune.kfold import train_kfold
+
+    overrides = OVERRIDES + ["data.batch_size=8"]
+    torch.set_num_threads(1)
+    one = train_kfold(QUICK_CPU, 2, data=runs["data"], overrides=overrides + [f"output={tmp_path / 'one'}"],
+                      log=lambda line: None)
+    done = _finetune("train", QUICK_CPU, "--data", str(runs["data"]), "--folds", "2", "--devices", "2",
+                     *_sets(overrides + [f"output={tmp_path / 'two'}"]), torchrun=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    parent = tmp_path / "two" / "ddp"
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["ddp"]
+    assert sorted(p.name for p in parent.glob("fold*")) == ["fold1", "fold2"]
+    assert "[fold 2/2]" not in done.stdout  # fold 2 ran on process 1, which prints nothing
+    summary_one = (one.run_dir / "oof_predictions.csv").read_text()
+    assert (parent / "oof_predictions.csv").read_text() == summary_one.replace(str(one.run_dir), str(parent))

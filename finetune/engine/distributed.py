@@ -8,8 +8,8 @@ helper is a no-op for a single process, so the training code reads the same eith
 from __future__ import annotations
 
 import os
-from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Sequence, TypeVar
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any, Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -18,11 +18,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from finetune.errors import FinetuneError
 
-__all__ = ["launched_by_torchrun", "setup", "cleanup", "active", "rank", "world_size", "is_main", "barrier",
+__all__ = ["launched_by_torchrun", "setup", "cleanup", "active", "independent", "rank", "world_size", "is_main", "barrier",
            "broadcast_object", "gather_objects", "reduce_sums", "shard_bounds", "shard", "unshard", "rank_seed",
            "wrap", "unwrap", "sync_context", "sync_buffers", "convert_sync_bn"]
 
 T = TypeVar("T")
+
+# Inside `independent()`: each process works alone (its own k-fold folds), as if no other process existed.
+_independent = False
 
 
 def launched_by_torchrun() -> bool:
@@ -31,18 +34,36 @@ def launched_by_torchrun() -> bool:
 
 
 def active() -> bool:
-    """True inside an initialised process group of more than one process."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """True inside an initialised process group of more than one process (and not in `independent()`)."""
+    return not _independent and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def rank() -> int:
-    """This process's global rank (0 for a plain run)."""
+    """This process's global rank (0 for a plain run, and inside `independent()`)."""
+    if _independent:
+        return 0
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
 def world_size() -> int:
-    """The number of processes training together (1 for a plain run)."""
+    """The number of processes training together (1 for a plain run, and inside `independent()`)."""
+    if _independent:
+        return 1
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@contextmanager
+def independent() -> Iterator[None]:
+    """Within: this process trains on its own (no DDP, no collectives) and writes its own run folders.
+
+    K-fold under torchrun uses it to train different folds side by side, one process per device.
+    """
+    global _independent
+    previous, _independent = _independent, True
+    try:
+        yield
+    finally:
+        _independent = previous
 
 
 def is_main() -> bool:
