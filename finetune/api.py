@@ -100,6 +100,8 @@ def train(
     model.to(device=device, memory_format=memory_format)
     if recipe.train.sync_bn and distributed.active():
         model = distributed.convert_sync_bn(model, device)
+    elif recipe.train.sync_bn:
+        log("note: train.sync_bn only changes anything when several processes train together (torchrun)")
     if distributed.rank() > 0:  # every rank built the same model; from here each draws its own augmentation
         seed_everything(distributed.rank_seed(recipe.train.seed))
 

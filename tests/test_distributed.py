@@ -232,3 +232,17 @@ def test_folds_side_by_side_on_two_processes_equal_folds_one_after_another(runs,
     assert "[fold 2/2]" not in done.stdout  # fold 2 ran on process 1, which prints nothing
     summary_one = (one.run_dir / "oof_predictions.csv").read_text()
     assert (parent / "oof_predictions.csv").read_text() == summary_one.replace(str(one.run_dir), str(parent))
+
+
+def test_sync_bn_replaces_every_batchnorm_and_refuses_the_cpu():
+    from finetune.engine.distributed import convert_sync_bn
+    from finetune.errors import FinetuneError
+    from finetune.models import build_model
+    from finetune.recipe import ModelConfig
+
+    model, _ = build_model(ModelConfig(backbone="test_resnet", pretrained=False), 3, 32)
+    count = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    with pytest.raises(FinetuneError, match="train.sync_bn needs CUDA"):
+        convert_sync_bn(model, torch.device("cpu"))
+    converted = convert_sync_bn(model, torch.device("cuda", 0))  # converting needs no GPU; running it does
+    assert count > 0 and sum(isinstance(m, torch.nn.SyncBatchNorm) for m in converted.modules()) == count
