@@ -118,17 +118,22 @@ def read_multilabel_manifest(cfg: DataConfig, root: Path,
     return list(classes), samples, skipped
 
 
-def check_single_label(cfg: DataConfig, root: Path, classes: Sequence[str]) -> None:
+def check_single_label(cfg: DataConfig, root: Path) -> None:
     """Refuse a multi-label manifest read as one label per image (data.task single), saying what to set."""
     manifest, _ = _manifest_path(cfg, root)
     columns, rows = _read_rows(manifest)
-    id_col = cfg.csv_id_column or (columns[0] if columns else "")
-    per_class = _class_columns(cfg, columns, rows, id_col) if set(classes) <= {"0", "1", "0.0", "1.0"} else None
+    if len(columns) < 2:
+        return  # read_manifest says what is wrong
+    id_col = cfg.csv_id_column or columns[0]
+    label_col = cfg.csv_label_column or columns[1]
+    classes = {(row.get(label_col) or "").strip() for row in rows} - {""}
+    per_class = _class_columns(cfg, columns, rows, id_col) if classes <= {"0", "1", "0.0", "1.0"} else None
     tokens = {t for name in classes for t in split_labels(name)}
-    combined = [name for name in classes if len(split_labels(name)) > 1]
+    combined = sorted(name for name in classes if len(split_labels(name)) > 1)
     # "sea lion" and "sea otter" are single labels; "clear primary", "clear road", "primary" are combinations:
     # fewer distinct words than distinct cells means the words repeat as labels of their own.
-    if per_class or (combined and len(tokens) < len(classes)):
+    listed = [name for name in combined if re.search(r"[,|]", name)]  # "a|b", "a,b": a list, not one name
+    if per_class or listed or (combined and len(tokens) < len(classes)):
         shape = (f"one 0/1 column per class ({', '.join(per_class[:5])}, ...)" if per_class else
                  f"several labels in one cell (e.g. '{combined[0]}')")
         raise FinetuneError(f"{manifest} looks multi-label: {shape}; set data.task: multilabel "

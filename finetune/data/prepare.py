@@ -68,9 +68,9 @@ def prepare(recipe: Recipe, log: Log = print) -> Prepared:
     if recipe.data.task == "multilabel":
         splits = discover_multilabel(recipe.data, recipe.train.seed, keep=readable)
     else:
+        if recipe.data.layout == "csv" and recipe.data.root:
+            check_single_label(recipe.data, Path(recipe.data.root).expanduser())
         splits = discover(recipe.data, recipe.train.seed, keep=readable)
-        if recipe.data.layout == "csv":
-            check_single_label(recipe.data, Path(recipe.data.root or ".").expanduser(), splits.classes)
     val_source = splits.val_source
     if val_source == "split":
         kind = "iterative-stratified" if recipe.data.task == "multilabel" else "stratified"
