@@ -81,6 +81,9 @@ def train_kfold(
     `prepared` reuses data already discovered (a tuning study scans the folder once for all its trials).
     """
     recipe = resolve_recipe(recipe, overrides, data)
+    if recipe.data.task == "multilabel":
+        raise FinetuneError("k-fold cross-validation is for one label per image; with data.task: multilabel train "
+                            "once (the validation split is iteratively stratified) and compare runs with `finetune runs`")
     check_backbone_name(recipe.model.backbone)
     dataset = prepared or prepare(recipe, log)
     # The strongest HW03 solutions validated on folds of train+val together: every labelled image trains k-1 models.
