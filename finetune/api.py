@@ -27,10 +27,12 @@ from finetune.inference import load_ensemble, load_model, resolve_device, sharde
 from finetune.loggers import check_loggers
 from finetune.models import build_model, format_summary, stage_summary
 from finetune.models.backbones import check_backbone_name
+from finetune import multilabel_eval
 from finetune.recipe import Recipe, resolve_recipe
 from finetune.report_page import build_report
 from finetune.run import EvalFiles, RunDir, check_output, is_main_process, write_skipped_list
 from finetune.submission import plan_submission, write_rows
+from finetune.multilabel_submission import write_multilabel_rows
 from finetune.tta import parse_tta, view_count
 
 __all__ = ["TrainResult", "train", "evaluate", "predict", "report", "load_model"]
@@ -89,8 +91,12 @@ def train(
                             f"{list(payload['classes'])[:20]}; resume with the run's own data")
 
     device = distributed.setup(resolve_device(recipe.train.device))
-    # A resumed run's weights come from its checkpoint: no download, no weights file.
     cfg = recipe.data
+    multilabel = cfg.task == "multilabel"
+    if multilabel and distributed.active():
+        # Its loaders and epoch metrics (mAP over every image) are not sharded yet: each rank would see everything.
+        raise FinetuneError("data.task: multilabel trains in one process for now; run it without torchrun/--devices")
+    # A resumed run's weights come from its checkpoint: no download, no weights file.
     model_cfg = replace(recipe.model, pretrained=False, weights=None) if payload else recipe.model
     model, preprocessing = build_model(model_cfg, len(dataset.classes), recipe.data.image_size)
     recipe.data.image_size = preprocessing.size
@@ -119,17 +125,25 @@ def train(
     log(f"training on {device} for {recipe.train.epochs} epoch(s); run folder {run.path}")
     run.start_loggers(recipe)
     try:
+        train_data, val_data, criterion, mixer, scorer = (
+            multilabel_eval.training_parts(recipe, dataset, preprocessing, device) if multilabel else (
+                train_loader(recipe, dataset.train, preprocessing, len(dataset.classes), distributed.rank(), world,
+                             distributed.rank_seed(recipe.train.seed)),
+                # Validation: each rank scores an unpadded share; fit sums the losses and counts over ranks.
+                eval_loader(distributed.shard(dataset.val), preprocessing, cfg.batch_size, cfg.num_workers),
+                create_criterion(recipe, dataset.train_counts, device),
+                create_mixer(recipe.augment, len(dataset.classes)), None))
         state: FitState = fit(
-            model, train_loader(recipe, dataset.train, preprocessing, len(dataset.classes), distributed.rank(), world,
-                                distributed.rank_seed(recipe.train.seed)),
-            # Validation: each rank scores an unpadded share; fit sums the losses and counts over ranks.
-            eval_loader(distributed.shard(dataset.val), preprocessing, cfg.batch_size, cfg.num_workers),
-            create_criterion(recipe, dataset.train_counts, device), recipe.train, run, device, extras, log=log,
-            mixer=create_mixer(recipe.augment, len(dataset.classes)), resume=payload, on_epoch=on_epoch,
+            model, train_data, val_data, criterion, recipe.train, run, device, extras, log=log,
+            mixer=mixer, resume=payload, on_epoch=on_epoch, scorer=scorer,
         )
         distributed.barrier()  # rank 0 has written best.pt
-        evaluation = evaluate_samples(load_model(state.best_path, device), dataset.val, run.eval, cfg.batch_size,
-                                      cfg.num_workers, log)
+        if multilabel:  # per-class thresholds are chosen on validation and stored in best.pt first
+            evaluation = multilabel_eval.evaluate_after_training(run, state.best_path, dataset.val, device,
+                                                                 cfg.batch_size, cfg.num_workers, log)
+        else:
+            evaluation = evaluate_samples(load_model(state.best_path, device), dataset.val, run.eval,
+                                          cfg.batch_size, cfg.num_workers, log)
     except BaseException:
         run.close_loggers()  # what was logged so far stays readable
         raise
@@ -150,12 +164,21 @@ def evaluate(
     device: str = "auto",
     log: Log = print,
     tta: Union[str, Sequence[str], None] = None,
+    threshold: Optional[float] = None,
 ) -> dict:
-    """Score a checkpoint on a labelled folder; writes the evaluation bundle and report.html, returns metrics."""
+    """Score a checkpoint on a labelled folder; writes the evaluation bundle and report.html, returns metrics.
+
+    A multi-label checkpoint reads a manifest CSV (or a folder holding one named as in its recipe) and
+    decides with its stored per-class thresholds, or `threshold` for every class.
+    """
     views = parse_tta(tta)
     loaded = load_model(checkpoint, distributed.setup(resolve_device(device)))
     data_cfg = loaded.recipe.data
-    samples, skipped = labelled(Path(data).expanduser(), loaded.classes, data_cfg.layout, data_cfg.label_regex)
+    multilabel = data_cfg.task == "multilabel"
+    if multilabel:
+        samples, skipped = multilabel_eval.manifest_samples(Path(data).expanduser(), data_cfg, loaded.classes)
+    else:
+        samples, skipped = labelled(Path(data).expanduser(), loaded.classes, data_cfg.layout, data_cfg.label_regex)
     if not samples:
         raise FinetuneError(f"no readable labelled images in {data}")
     run = RunDir.open(checkpoint)
@@ -166,7 +189,11 @@ def evaluate(
                             "folder outside the data")
     files.prepare()
     write_skipped_list(files.skipped, skipped, log)
-    metrics = evaluate_samples(loaded, samples, files, batch_size, num_workers, log, views)
+    if multilabel:
+        metrics = multilabel_eval.evaluate_multilabel_samples(loaded, samples, files, batch_size, num_workers, log,
+                                                              views, threshold)
+    else:
+        metrics = evaluate_samples(loaded, samples, files, batch_size, num_workers, log, views)
     if files.writes:
         log(f"report: {build_report(run, files)}")
     return metrics
@@ -177,7 +204,7 @@ def predict(
     images: Union[str, Path],
     out: Union[str, Path] = "submission.csv",
     id_column: str = "Id",
-    label_column: str = "Category",
+    label_column: Optional[str] = None,
     value: str = "name",
     batch_size: int = 64,
     num_workers: int = 2,
@@ -191,18 +218,26 @@ def predict(
     id_width: int = 4,
     index_start: int = 1,
     force: bool = False,
+    threshold: Optional[float] = None,
+    label_sep: str = " ",
 ) -> Path:
     """Predict every image in a folder and write a Kaggle-style CSV with one row per image.
 
     Several checkpoints are an ensemble (probabilities averaged); `tta` adds flips/crops; `probs`
     and `topk` also write `<out>_probs.csv` and `<out>_top<K>.csv`; `sample_submission` fixes the
     Ids, their order and the columns. Outputs never replace a file the command reads; an existing
-    file that is not an earlier CSV of the same kind is replaced only with `force`.
+    file that is not an earlier CSV of the same kind is replaced only with `force`. A multi-label model
+    writes `Id,Tags` (labels joined by `label_sep`) using its stored per-class thresholds or `threshold`.
     """
     checkpoints = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     views = parse_tta(tta)
     models = load_ensemble(checkpoints, distributed.setup(resolve_device(device)))
     classes = models[0].classes
+    multilabel = models[0].recipe.data.task == "multilabel"
+    if multilabel and topk:
+        raise FinetuneError("--topk is for one label per image; a multi-label model writes every label above its "
+                            "threshold (add --probs for each class's probability)")
+    label_column = label_column or ("Tags" if multilabel else "Category")
     folder = Path(images).expanduser()
     paths = list_images(folder)
     _refuse_nested_images(folder, paths)
@@ -225,7 +260,12 @@ def predict(
     if not is_main_process():  # under torchrun: this rank scored its share; rank 0 writes every row
         deque(batches, maxlen=0)
         return out
-    rows_written = write_rows(plan, batches, classes, out, value, probs_out, topk, topk_out)
+    if multilabel:
+        # An ensemble decides with its first checkpoint's thresholds (or --threshold).
+        thresholds = multilabel_eval.decision_thresholds(models[0], threshold)
+        rows_written = write_multilabel_rows(plan, batches, classes, thresholds, out, value, label_sep, probs_out)
+    else:
+        rows_written = write_rows(plan, batches, classes, out, value, probs_out, topk, topk_out)
     if skipped:
         # Still one row per image: an unreadable image is scored as a blank (mean-colour) input.
         listing = out.with_name(out.stem + "_unreadable.csv")

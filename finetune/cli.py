@@ -64,6 +64,16 @@ def _score(args: argparse.Namespace) -> None:
     from finetune.evaluation import format_report
     from finetune.scoring import score_csv
 
+    if args.multilabel:
+        from finetune.multilabel_eval import multilabel_summary_lines
+        from finetune.multilabel_submission import score_multilabel_csv
+
+        metrics = score_multilabel_csv(args.submission, args.truth, out_dir=args.out, id_column=args.id_column,
+                                       label_column=args.label_column, sep=args.label_sep)
+        print("\n".join(multilabel_summary_lines(metrics, metrics["class_names"])))
+        print(f"mean F1 per image {metrics['samples_f1']:.4f} on {metrics['images']} images; files in "
+              f"{metrics['out_dir']}")
+        return
     metrics = score_csv(args.submission, args.truth, out_dir=args.out, id_column=args.id_column,
                         label_column=args.label_column)
     print(format_report(metrics["report"], metrics["class_names"]))
@@ -201,6 +211,15 @@ def _datasets_fashion_mnist(args: argparse.Namespace) -> None:
     print(f"train on it with: finetune train RECIPE --data {export.root}")
 
 
+def _datasets_fashion_mnist_multilabel(args: argparse.Namespace) -> None:
+    from finetune.datasets import describe_mosaics, export_fashion_mnist_mosaics
+
+    export = export_fashion_mnist_mosaics(args.out, train=args.train, test=args.test, seed=args.seed,
+                                          source=args.source)
+    print(describe_mosaics(export))
+    print(f"train on it with: finetune train multilabel_lite0 --data {export.root}")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from finetune.demo import run_demo
 
@@ -226,6 +245,17 @@ def _add_demo_commands(commands: argparse._SubParsersAction) -> None:
     fashion.add_argument("--source", default=None,
                          help="folder with the four *-ubyte.gz files (default /usr/share/datasets/fashion-mnist)")
     fashion.set_defaults(func=_datasets_fashion_mnist)
+    mosaics = sources.add_parser("fashion-mnist-multilabel",
+                                 help="2x2 mosaics of 1-4 Fashion-MNIST garments, labels = the garments present: "
+                                      "images/, labels.csv (image_name,tags), test/, test_truth.csv")
+    mosaics.add_argument("--out", required=True, help="folder to create")
+    mosaics.add_argument("--train", type=int, default=600, help="labelled mosaics (default 600; 20%% are held out "
+                                                                "for validation by the recipe)")
+    mosaics.add_argument("--test", type=int, default=400, help="test mosaics (default 400)")
+    mosaics.add_argument("--seed", type=int, default=0)
+    mosaics.add_argument("--source", default=None,
+                         help="folder with the four *-ubyte.gz files (default /usr/share/datasets/fashion-mnist)")
+    mosaics.set_defaults(func=_datasets_fashion_mnist_multilabel)
 
     demo = commands.add_parser("demo", help="offline end to end: Fashion-MNIST, fine-tune Lite0, submission, score")
     demo.add_argument("--out", default="demo", help="folder for the data set and runs (default ./demo)")
@@ -297,7 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="confusion matrix and per-class report on labelled images",
                                    argument_default=argparse.SUPPRESS)
     evaluate.add_argument("checkpoint", help="a run folder's best (or last) checkpoint")
-    evaluate.add_argument("--data", required=True, help="labelled folder (class sub-folders or 3_120.jpg names)")
+    evaluate.add_argument("--data", required=True, help="labelled folder (class sub-folders or 3_120.jpg names); "
+                                                        "multi-label: a manifest CSV")
+    evaluate.add_argument("--threshold", type=float,
+                          help="multi-label: one threshold for every class (default: the checkpoint's per-class ones)")
     evaluate.add_argument("--out", help="output folder (default: eval/ next to the checkpoint)")
     evaluate.add_argument("--tta", metavar="VIEWS",
                           help="test-time augmentation: flip, crops or flip,crops")
@@ -310,7 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--images", required=True, help="folder of unlabeled test images")
     predict.add_argument("--out", help="CSV to write (default submission.csv)")
     predict.add_argument("--id-column", help="header of the Id column (default Id)")
-    predict.add_argument("--label-column", help="header of the label column (default Category)")
+    predict.add_argument("--label-column", help="header of the label column (default Category; multi-label Tags)")
+    predict.add_argument("--threshold", type=float,
+                         help="multi-label: one threshold for every class (default: the checkpoint's per-class ones)")
+    predict.add_argument("--label-sep", help="multi-label: separator between labels (default a space)")
     predict.add_argument("--value", choices=VALUE_KINDS, help="write the class name (default) or its index")
     predict.add_argument("--tta", metavar="VIEWS",
                          help="test-time augmentation averaged per image: flip (2 views), crops (5), flip,crops (10)")
@@ -336,6 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--out", help="output folder (default: SUBMISSION_score/ next to the submission)")
     score.add_argument("--id-column", default=None, help="Id column in both files (default: the first)")
     score.add_argument("--label-column", default=None, help="label column in both files (default: the second)")
+    score.add_argument("--multilabel", action="store_true",
+                       help="several labels per cell (e.g. Id,Tags): score by mean F1 per image (Kaggle's Planet)")
+    score.add_argument("--label-sep", default=None,
+                       help="--multilabel: separator between labels (default: any of space, comma, |)")
     score.set_defaults(func=_score)
 
     report = commands.add_parser("report", help="(re)build a run folder's self-contained HTML report")

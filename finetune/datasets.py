@@ -23,7 +23,10 @@ __all__ = [
     "DEBIAN_FASHION_MNIST",
     "FASHION_MNIST_CLASSES",
     "FashionMNISTExport",
+    "MosaicExport",
     "describe",
+    "describe_mosaics",
+    "export_fashion_mnist_mosaics",
     "export_fashion_mnist",
     "load_fashion_mnist",
 ]
@@ -196,3 +199,82 @@ def describe(export: FashionMNISTExport) -> str:
         f"  test answers               {export.truth_csv} (Id,Category)",
     ])
 
+
+
+@dataclass
+class MosaicExport:
+    """Where a multi-label Fashion-MNIST export put its files."""
+
+    root: Path
+    manifest: Path
+    image_dir: Path
+    test_dir: Path
+    truth_csv: Path
+    classes: list[str]
+    counts: dict[str, int]
+    source: str
+
+
+def _mosaics(images: np.ndarray, labels: np.ndarray, count: int,
+             rng: np.random.Generator) -> list[tuple[np.ndarray, list[str]]]:
+    """`count` 56x56 mosaics: 1-4 garments (uniformly many) in random cells of a 2x2 grid, the rest black."""
+    out = []
+    for _ in range(count):
+        garments = int(rng.integers(1, 5))
+        canvas = np.zeros((56, 56), dtype=np.uint8)
+        cells = rng.permutation(4)[:garments]
+        picks = rng.integers(0, len(images), size=garments)
+        for cell, pick in zip(cells, picks):
+            y, x = divmod(int(cell), 2)
+            canvas[28 * y: 28 * y + 28, 28 * x: 28 * x + 28] = images[pick]
+        present = sorted({int(labels[p]) for p in picks})
+        out.append((canvas, [FASHION_MNIST_CLASSES[k] for k in present]))
+    return out
+
+
+def export_fashion_mnist_mosaics(
+    out_dir: Union[str, Path],
+    train: int = 600,
+    test: int = 400,
+    seed: int = 0,
+    source: Optional[Union[str, Path]] = None,
+) -> MosaicExport:
+    """A multi-label set from Fashion-MNIST: 2x2 mosaics of one to four garments, labelled with the classes present.
+
+    Labelled mosaics (from the 60 000 training images) go to ``images/`` with ``labels.csv``
+    (``image_name,tags``, tags space-separated: Kaggle's Planet format); test mosaics (from the 10 000
+    test images, so no garment image is shared) to ``test/`` with the answers in ``test_truth.csv`` (``Id,Tags``).
+    """
+    if train < 10 or test < 1:
+        raise FinetuneError("--train must be at least 10 and --test at least 1")
+    root = Path(out_dir).expanduser()
+    if root.exists() and any(root.iterdir()):
+        raise FinetuneError(f"{root} already exists and is not empty; choose another --out or delete it")
+    (train_x, train_y, test_x, test_y), origin = load_fashion_mnist(source)
+    rng = np.random.default_rng(seed)
+    image_dir, test_dir = root / "images", root / "test"
+    manifest, truth_csv = root / "labels.csv", root / "test_truth.csv"
+    for folder, csv_path, header, mosaics in (
+        (image_dir, manifest, ["image_name", "tags"], _mosaics(train_x, train_y, train, rng)),
+        (test_dir, truth_csv, ["Id", "Tags"], _mosaics(test_x, test_y, test, rng)),
+    ):
+        folder.mkdir(parents=True, exist_ok=True)
+        with csv_path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            for i, (canvas, names) in enumerate(mosaics):
+                image_id = f"{i + 1:05d}"
+                Image.fromarray(canvas).save(folder / f"{image_id}.png")
+                writer.writerow([image_id, " ".join(names)])
+    return MosaicExport(root, manifest, image_dir, test_dir, truth_csv, list(FASHION_MNIST_CLASSES),
+                        {"train": train, "test": test}, origin)
+
+
+def describe_mosaics(export: MosaicExport) -> str:
+    """Where each part of a multi-label export is, as a few lines for the console."""
+    return "\n".join([
+        f"wrote multi-label Fashion-MNIST mosaics ({export.source}) in {export.root}:",
+        f"  labelled mosaics   {export.counts['train']:>6}  {export.image_dir}/, labels in {export.manifest.name}",
+        f"  test mosaics       {export.counts['test']:>6}  {export.test_dir}/ (unlabeled)",
+        f"  test answers               {export.truth_csv} (Id,Tags)",
+    ])

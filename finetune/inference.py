@@ -80,6 +80,10 @@ def load_ensemble(paths: Sequence[Union[str, Path]], device: Union[str, torch.de
         raise FinetuneError("no checkpoint given; pass one, or several to average them as an ensemble")
     models = [load_model(p, device) for p in paths]
     first = models[0].classes
+    tasks = {loaded.recipe.data.task for loaded in models}
+    if len(tasks) > 1:
+        raise FinetuneError("cannot ensemble single-label and multi-label checkpoints (data.task differs); "
+                            "average checkpoints of one kind")
     for path, loaded in zip(paths[1:], models[1:]):
         if loaded.classes != first:
             differ = sorted(set(first) ^ set(loaded.classes))
@@ -135,7 +139,8 @@ def stream_probs(
             for loaded in members:
                 loaded.model.eval()
                 device = next(loaded.model.parameters()).device
-                probs = average_views(loaded.model, [v.to(device) for v in views], tta).cpu()
+                activation = "sigmoid" if loaded.recipe.data.task == "multilabel" else "softmax"
+                probs = average_views(loaded.model, [v.to(device) for v in views], tta, activation).cpu()
                 total = probs if total is None else total + probs
         yield (total / len(models)).numpy()
 

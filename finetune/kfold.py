@@ -85,6 +85,9 @@ def train_kfold(
     each on its own device without DDP; rank 0 writes the summary once every fold is done.
     """
     recipe = resolve_recipe(recipe, overrides, data)
+    if recipe.data.task == "multilabel":
+        raise FinetuneError("k-fold cross-validation is for one label per image; with data.task: multilabel train "
+                            "once (the validation split is iteratively stratified) and compare runs with `finetune runs`")
     check_backbone_name(recipe.model.backbone)
     distributed.setup(resolve_device(recipe.train.device))  # under torchrun: join the group before naming folders
     dataset = prepared or prepare(recipe, log)

@@ -41,7 +41,8 @@ POOLS = ("avg", "max", "avgmax", "catavgmax")
 BALANCE = ("none", "sampler", "loss")
 POLICIES = ("none", "randaugment", "trivialaugment")
 PRESETS = ("none", "light", "medium", "heavy", "hw03")  # built in finetune/data/transforms.py
-MONITORS = ("val_acc", "val_loss")
+MONITORS = ("val_acc", "val_loss", "val_map", "val_f1")  # val_map, val_f1: data.task multilabel only
+TASKS = ("single", "multilabel")
 # Above this a single 32-image float batch is over 1.6 GB before the network sees it, and no pretrained
 # backbone was trained near it (224-600 px); larger images are downscaled to data.image_size anyway.
 MAX_IMAGE_SIZE = 2048
@@ -58,6 +59,7 @@ class DataConfig:
     """Where the images are and how labels are read from them."""
 
     root: Optional[str] = None  # dataset folder; `--data DIR` overrides it
+    task: str = "single"  # single (one label per image) | multilabel (several per image; needs layout: csv)
     layout: str = "auto"  # auto | folder (train/<class>/) | filename (3_120.jpg) | csv (manifest)
     train: str = "auto"  # sub-folder holding training images ("auto": train/ or training/, else root)
     val: Optional[str] = "auto"  # sub-folder with validation images; "auto" finds val/validation/valid
@@ -67,6 +69,9 @@ class DataConfig:
     csv_image_dir: Optional[str] = None  # csv layout: folder the ids/paths are relative to
     csv_id_column: Optional[str] = None  # csv layout: column holding the path or id (default: first)
     csv_label_column: Optional[str] = None  # csv layout: column holding the label (default: second)
+    # multilabel: what separates the labels in the label column (None: any of space, comma, |); without
+    # csv_label_column, a manifest whose other columns all hold 0/1 is read as one column per class.
+    csv_label_sep: Optional[str] = None
     val_fraction: float = 0.2  # stratified hold-out when no validation folder exists
     image_size: Optional[int] = None  # training/eval size; None = the backbone's pretrained size
     batch_size: int = 32
@@ -80,6 +85,12 @@ class DataConfig:
         """Reject out-of-range or conflicting settings, naming the recipe key."""
         _choice("data.layout", self.layout, LAYOUTS)
         _choice("data.balance", self.balance, BALANCE)
+        _choice("data.task", self.task, TASKS)
+        if self.task == "multilabel" and self.layout != "csv":
+            raise FinetuneError("data.task is 'multilabel' but data.layout is not 'csv': several labels per image "
+                                "come from a CSV manifest (set data.layout: csv and data.csv: labels.csv)")
+        if self.csv_label_sep is not None and not self.csv_label_sep:
+            raise FinetuneError("recipe key 'data.csv_label_sep' must be a non-empty separator, e.g. ' ' or '|'")
         if not 0.0 < self.val_fraction < 1.0:
             raise FinetuneError("recipe key 'data.val_fraction' must be between 0 and 1 (e.g. 0.2)")
         if self.batch_size < 1:
@@ -193,7 +204,7 @@ class TrainConfig:
     ema: bool = False  # keep an exponential moving average of the weights; evaluate and save it
     ema_decay: float = 0.999  # EMA decay per optimiser step (warmed up from 0 over the first steps)
     patience: Optional[int] = None  # stop after N epochs without improvement of `monitor`; None = never
-    monitor: str = "val_acc"  # val_acc | val_loss: decides best.pt and early stopping
+    monitor: str = "val_acc"  # val_acc | val_loss | val_map | val_f1 (multilabel): decides best.pt, early stopping
     lr_mult: Optional[dict[str, float]] = None  # learning-rate multiplier per stage, e.g. {layer4: 0.1}
     layer_decay: Optional[float] = None  # lr × decay^k for the stage k steps below the head (e.g. 0.7)
     unfreeze: Optional[dict[int, list[str]]] = None  # gradual unfreezing: {epoch: [stages]}, e.g. {3: [layer3]}
@@ -283,6 +294,9 @@ class Recipe:
         self.model.validate()
         self.augment.validate()
         self.train.validate()
+        if self.train.monitor in ("val_map", "val_f1") and self.data.task != "multilabel":
+            raise FinetuneError(f"train.monitor '{self.train.monitor}' is a multi-label metric; with data.task "
+                                "'single' use val_acc or val_loss (or set data.task: multilabel)")
         return self
 
     def to_dict(self) -> dict:

@@ -100,6 +100,8 @@ def _per_class(report: dict) -> str:
 def _evaluation_sections(files: EvalFiles) -> tuple[list[str], list[str]]:
     """(summary cards, body sections) from an evaluation folder."""
     metrics = _read_json(files.metrics) or {}
+    if metrics.get("task") == "multilabel":
+        return _multilabel_sections(files, metrics)
     report = _read_json(files.report_json)
     cards, parts = [], []
     if metrics or report:
@@ -140,6 +142,40 @@ def _evaluation_sections(files: EvalFiles) -> tuple[list[str], list[str]]:
     return cards, parts
 
 
+def _multilabel_sections(files: EvalFiles, metrics: dict) -> tuple[list[str], list[str]]:
+    """(cards, sections) of a multi-label evaluation (data.task: multilabel)."""
+    cards = [_card(f"{metrics['map']:.3f}", f"mAP on {metrics.get('images', '?')} images")] if "map" in metrics else []
+    cards += [_card(f"{metrics[key]:.3f}", label) for key, label in (
+        ("samples_f1", "mean F1 per image"), ("micro_f1", "micro F1"), ("macro_f1", "macro F1"),
+        ("exact_match", "exact label set")) if key in metrics]
+    parts = []
+    report = _read_json(files.report_json) or {}
+    rows = []
+    for name, row in report.items():
+        if isinstance(row, dict):
+            ap = row.get("average_precision")
+            rows.append([f"<i>{_esc(name)}</i>" if name.endswith(" avg") else _esc(name), f"{row['precision']:.3f}",
+                         f"{row['recall']:.3f}", f"{row['f1-score']:.3f}", "–" if ap is None else f"{ap:.3f}",
+                         f"{metrics.get('thresholds', {}).get(name, ''):.2f}" if name in metrics.get("thresholds", {})
+                         else "", int(row["support"])])
+    if rows:
+        parts.append("<h2>Per-label results</h2>" + _table(rows, ["label", "precision", "recall", "f1",
+                                                                  "average precision", "threshold", "images"]))
+    parts.append("<h2>Per-label confusion</h2>" + _img(files.label_confusion_png, "per-label confusion matrices",
+                                                     "rows: label present or not; columns: predicted or not"))
+    errors = _read_csv(files.label_errors)[1:11]
+    if errors:
+        parts.append("<p>Labels most often wrongly added (false positives) or missed (false negatives):</p>"
+                     + _table([[_esc(c) for c in row] for row in errors], ["label", "added", "missed", "images"]))
+    curves = _img(files.pr_curves_png, "precision-recall curves", "one curve per label; AP is the area under it")
+    if curves:
+        parts.append("<h2>Precision-recall</h2>" + curves)
+    gallery = _img(files.misclassified, "worst label sets", "each tile: file, its F1, labels missed and added")
+    if gallery:
+        parts.append("<h2>Worst images</h2>" + gallery)
+    return cards, parts
+
+
 def _run_sections(run: RunDir) -> tuple[list[str], list[str]]:
     cards, parts = [], []
     history = _read_csv(run.history)
@@ -149,6 +185,10 @@ def _run_sections(run: RunDir) -> tuple[list[str], list[str]]:
             k = header.index("val_acc")
             best = max(rows, key=lambda r: float(r[k]))
             cards.append(_card(_pct(float(best[k])), f"best val accuracy (epoch {best[0]} of {len(rows)})"))
+        if "val_map" in header:  # data.task multilabel
+            k = header.index("val_map")
+            best = max(rows, key=lambda r: float(r[k]))
+            cards.append(_card(f"{float(best[k]):.3f}", f"best val mAP (epoch {best[0]} of {len(rows)})"))
         parts.append("<h2>Training curves</h2>" + _img(run.curves, "training curves")
                      + f"<details><summary>{_esc(run.history.name)}</summary>{_table([[_esc(c) for c in r] for r in rows], header)}"
                      "</details>")

@@ -103,6 +103,12 @@ class EvalFiles:
         self.skipped = self.folder / "skipped_images.csv"
         self.score = self.folder / "score.json"
         self.report = self.folder / "report.html"  # the page of an evaluation written outside its run folder
+        # data.task multilabel: a 2x2 matrix per class, precision-recall curves, false positives/negatives per
+        # label, and the decision thresholds the evaluation used
+        self.label_confusion_png = self.folder / "multilabel_confusion.png"
+        self.pr_curves_png = self.folder / "pr_curves.png"
+        self.label_errors = self.folder / "label_errors.csv"
+        self.thresholds = self.folder / "thresholds.csv"
 
     @property
     def writes(self) -> bool:

@@ -23,7 +23,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "finetune"
 LAYERS: list[tuple[str, ...]] = [
     ("cli", "__main__"),
     ("finetune", "api", "kfold", "demo", "preview", "tune", "runs_table"),
-    ("evaluation", "inference", "submission", "scoring", "tta", "gradcam", "export", "datasets", "report_page"),
+    ("evaluation", "inference", "submission", "scoring", "tta", "gradcam", "export", "datasets", "report_page",
+     "multilabel_eval", "multilabel_submission"),
     ("run", "loggers"),
     ("reports",),
     ("engine",),
@@ -38,7 +39,7 @@ RUN_FOLDER_FILES = [
     "last.pt", "report.html", "cv_summary.json", "oof_predictions.csv", "confusion_matrix.png",
     "confusion_matrix.csv", "most_confused.csv", "most_confused.png", "class_recall.png", "classification_report.json",
     "predictions.csv", "metrics.json", "reliability.png", "misclassified.png", "gradcam.png", "score.json", "test_eval",
-    "tensorboard_events",
+    "tensorboard_events", "multilabel_confusion.png", "pr_curves.png", "label_errors.csv", "thresholds.csv",
     # a tuning study folder (StudyDir)
     "study.db", "study_recipe.yaml", "space.yaml", "trials.csv", "best_recipe.yaml", "importance.png",
     "optimization_history.png",

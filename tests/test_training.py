@@ -37,7 +37,8 @@ def quiet(_: str) -> None:
     ("train.accumulate=0", "train.accumulate"),
     ("train.ema_decay=1.0", "train.ema_decay"),
     ("train.patience=0", "train.patience"),
-    ("train.monitor=val_f1", "valid choices: val_acc, val_loss"),
+    ("train.monitor=val_top5", "valid choices: val_acc, val_loss"),
+    ("train.monitor=val_f1", "multi-label metric"),
 ])
 def test_training_options_are_validated(override, message):
     with pytest.raises(FinetuneError, match=message):

@@ -40,8 +40,8 @@ class ImageDataset(Dataset):
 
 
 def class_counts(samples: Sequence[Sample], num_classes: int) -> list[int]:
-    """Number of samples per class index."""
-    counts = Counter(s.label for s in samples)
+    """Number of samples per class index (a multi-label sample counts once for each of its classes)."""
+    counts = Counter(i for s in samples for i in (s.labels if s.labels is not None else (s.label,)))
     return [counts.get(i, 0) for i in range(num_classes)]
 
 

@@ -8,6 +8,7 @@ from typing import Callable, Optional, Sequence
 
 from finetune.data.images import SkippedImage, check_images
 from finetune.data.loaders import class_counts
+from finetune.data.multilabel import check_single_label, discover_multilabel
 from finetune.data.sources import VAL_NAMES, Sample, discover, read_labelled_folder
 from finetune.errors import FinetuneError
 from finetune.recipe import Recipe
@@ -64,10 +65,16 @@ def _check_classes(prepared: Prepared, log: Log) -> None:
 def prepare(recipe: Recipe, log: Log = print) -> Prepared:
     """The recipe's data: discovered, decode-checked (unreadable images dropped and kept in `skipped`), counted."""
     # Unreadable images are dropped before the validation split, so it holds val_fraction of the usable ones.
-    splits = discover(recipe.data, recipe.train.seed, keep=readable)
+    if recipe.data.task == "multilabel":
+        splits = discover_multilabel(recipe.data, recipe.train.seed, keep=readable)
+    else:
+        if recipe.data.layout == "csv" and recipe.data.root:
+            check_single_label(recipe.data, Path(recipe.data.root).expanduser())
+        splits = discover(recipe.data, recipe.train.seed, keep=readable)
     val_source = splits.val_source
     if val_source == "split":
-        val_source = f"{recipe.data.val_fraction:.0%} stratified split"
+        kind = "iterative-stratified" if recipe.data.task == "multilabel" else "stratified"
+        val_source = f"{recipe.data.val_fraction:.0%} {kind} split"
     prepared = Prepared(splits.classes, splits.train, splits.val, splits.skipped, val_source, splits.test_dir)
     _check_classes(prepared, log)
     return prepared

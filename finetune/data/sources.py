@@ -30,10 +30,11 @@ TEST_NAMES = ("test", "testing")
 
 @dataclass(frozen=True)
 class Sample:
-    """One image and its class index (None when unlabeled)."""
+    """One image and its class index (None when unlabeled); a multi-label sample holds its indices in `labels`."""
 
     path: Path
     label: Optional[int] = None
+    labels: Optional[tuple[int, ...]] = None  # data.task multilabel: every class present (empty: none)
 
 
 # A filter on samples: (kept, skipped with reasons), e.g. finetune.data.prepare.readable.

@@ -5,9 +5,9 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Callable, Optional, Protocol, Sequence, Union
 
 import torch
 from torch import nn
@@ -17,6 +17,7 @@ from tqdm import tqdm
 from finetune.data.mixing import BatchMixer, dominant_label
 from finetune.engine import distributed
 from finetune.engine.ema import WeightEma
+from finetune.engine.multilabel import MultiLabelScorer
 from finetune.engine.optim import base_lr, create_optimizer, create_scheduler, stage_lrs
 from finetune.engine.resume import capture_all_ranks, check_resumable, restore_this_rank
 from finetune.engine.step import autocast, optimizer_step, to_device
@@ -29,6 +30,9 @@ __all__ = ["EpochStats", "FitState", "Monitor", "RunFolder", "EpochHook", "train
 
 # With discriminative rates (layer_decay, lr_mult, fine_tune) each stage's rate follows as lr_<stage>.
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+
+# Mixes batches and their targets: class-index mixing (BatchMixer) or multi-hot (data.multilabel.MultiHotMixer).
+Mixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 # Called with each epoch's history row once it is saved; returning True stops training there (tune's pruner).
 EpochHook = Callable[[dict], bool]
@@ -54,10 +58,11 @@ class RunFolder(Protocol):
 
 @dataclass
 class EpochStats:
-    """Mean loss and accuracy over one pass."""
+    """Mean loss and accuracy over one pass (multi-label: exact-match accuracy, and mAP/F1 in `extra`)."""
 
     loss: float
     accuracy: float
+    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -73,7 +78,7 @@ class FitState:
 
 @dataclass
 class Monitor:
-    """Tracks the best epoch by `metric` (val_acc up, val_loss down) and epochs since it improved."""
+    """Tracks the best epoch by `metric` (val_loss down; val_acc, val_map, val_f1 up) and epochs since it improved."""
 
     metric: str = "val_acc"
     best: float = -math.inf
@@ -87,8 +92,8 @@ class Monitor:
 
     def update(self, epoch: int, val: EpochStats) -> bool:
         """Record an epoch's validation result; True when it is the new best."""
-        value = val.accuracy if self.metric == "val_acc" else val.loss
-        improved = value > self.best if self.metric == "val_acc" else value < self.best
+        value = {"val_acc": val.accuracy, "val_loss": val.loss, **val.extra}[self.metric]
+        improved = value < self.best if self.metric == "val_loss" else value > self.best
         if improved:
             self.best, self.best_epoch, self.best_accuracy, self.bad_epochs = value, epoch, val.accuracy, 0
         else:
@@ -115,9 +120,10 @@ def train_one_epoch(
     device: torch.device,
     cfg: TrainConfig,
     description: str,
-    mixer: Optional[BatchMixer] = None,
+    mixer: Optional[Union[BatchMixer, Mixer]] = None,
     ema: Optional[WeightEma] = None,
     on_step: Optional[Callable[[float], None]] = None,
+    scorer: Optional[MultiLabelScorer] = None,
 ) -> EpochStats:
     """One pass over the training data; optimiser, schedule and EMA step every cfg.accumulate batches.
 
@@ -168,7 +174,8 @@ def train_one_epoch(
         batch = labels.shape[0]
         total_loss += value * batch
         # With mixed targets, a prediction counts as right when it names the label with the larger share.
-        correct += (logits.argmax(1) == dominant_label(targets)).sum().item()
+        correct += (scorer.correct(logits, targets) if scorer is not None
+                    else (logits.argmax(1) == dominant_label(targets)).sum().item())
         seen += batch
         progress.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
     total_loss, correct, seen = distributed.reduce_sums([total_loss, correct, seen])
@@ -176,20 +183,28 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def validate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device: torch.device, cfg: TrainConfig) -> EpochStats:
-    """Loss and accuracy on the validation data (under DDP: each rank's share, summed over ranks)."""
+def validate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device: torch.device, cfg: TrainConfig,
+             scorer: Optional[MultiLabelScorer] = None) -> EpochStats:
+    """Loss and accuracy on the validation data (under DDP: each rank's share, summed over ranks), and the
+    scorer's metrics over the whole pass (multi-label runs, which train in one process)."""
     model.eval()
     total_loss, correct, seen = 0.0, 0, 0
+    outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
     for images, labels in loader:
         images, labels = to_device(images, labels, device, cfg.channels_last)
         with autocast(device, cfg.amp):
             logits = model(images)
             loss = criterion(logits.float(), labels)
         total_loss += loss.item() * labels.shape[0]
-        correct += (logits.argmax(1) == labels).sum().item()
+        if scorer is not None:
+            correct += scorer.correct(logits, labels)
+            outputs.append((logits.float().cpu(), labels.cpu()))
+        else:
+            correct += (logits.argmax(1) == labels).sum().item()
         seen += labels.shape[0]
     total_loss, correct, seen = distributed.reduce_sums([total_loss, correct, seen])
-    return EpochStats(total_loss / max(seen, 1), correct / max(seen, 1))
+    extra = scorer.score(*(torch.cat(parts) for parts in zip(*outputs))) if scorer is not None and outputs else {}
+    return EpochStats(total_loss / max(seen, 1), correct / max(seen, 1), extra)
 
 
 def _restore(
@@ -232,9 +247,10 @@ def fit(
     device: torch.device,
     checkpoint_extras: dict,
     log: Callable[[str], None] = print,
-    mixer: Optional[BatchMixer] = None,
+    mixer: Optional[Union[BatchMixer, Mixer]] = None,
     resume: Optional[dict] = None,
     on_epoch: Optional[EpochHook] = None,
+    scorer: Optional[MultiLabelScorer] = None,
 ) -> FitState:
     """Train up to cfg.epochs (fewer with early stopping), continuing from a last.pt payload if given.
 
@@ -285,10 +301,10 @@ def fit(
 
             train = train_one_epoch(
                 train_model, train_loader, criterion, optimizer, scheduler, scaler, device, cfg,
-                f"epoch {epoch}/{cfg.epochs}", mixer, ema, on_step,
+                f"epoch {epoch}/{cfg.epochs}", mixer, ema, on_step, scorer,
             )
             distributed.sync_buffers(model, eval_model)  # BN statistics as rank 0 has them, before validating
-            val = validate(eval_model, val_loader, criterion, device, cfg)
+            val = validate(eval_model, val_loader, criterion, device, cfg, scorer)
             if not math.isfinite(val.loss):  # the epoch's last step broke the weights: save nothing of them
                 raise FinetuneError(
                     f"epoch {epoch}/{cfg.epochs}: the validation loss is {val.loss} (training diverged in the "
@@ -300,6 +316,7 @@ def fit(
                 "train_acc": round(train.accuracy, 6),
                 "val_loss": round(val.loss, 6),
                 "val_acc": round(val.accuracy, 6),
+                **{name: round(value, 6) for name, value in val.extra.items()},
                 "lr": f"{lr:.6g}",
                 "seconds": round(time.perf_counter() - start, 2),
             }
@@ -310,7 +327,7 @@ def fit(
                 **checkpoint_extras,
                 "model_state": eval_model.state_dict(),
                 "epoch": epoch,
-                "metrics": {"val_acc": val.accuracy, "val_loss": val.loss, "ema": ema is not None},
+                "metrics": {"val_acc": val.accuracy, "val_loss": val.loss, **val.extra, "ema": ema is not None},
             }
             if monitor.update(epoch, val):
                 run.save_checkpoint(run.best, payload)
@@ -330,7 +347,9 @@ def fit(
             run.append_history(row)
             log(
                 f"epoch {epoch}/{cfg.epochs}  train loss {train.loss:.4f} acc {train.accuracy:.4f}  "
-                f"val loss {val.loss:.4f} acc {val.accuracy:.4f}  lr {lr:.2e}  {row['seconds']:.1f}s"
+                f"val loss {val.loss:.4f} acc {val.accuracy:.4f}"
+                + "".join(f" {name[4:]} {value:.4f}" for name, value in val.extra.items())
+                + f"  lr {lr:.2e}  {row['seconds']:.1f}s"
             )
             # Every rank saw the same reduced metrics; rank 0's decision is still the one all ranks follow.
             if distributed.broadcast_object(monitor.exhausted(cfg.patience)):

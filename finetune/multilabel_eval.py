@@ -1,0 +1,224 @@
+"""The evaluation bundle for several labels per image, and the per-class decision thresholds.
+
+mAP and per-class average precision, micro/macro/sample F1, per-class precision/recall/F1/support,
+a 2×2 confusion panel per class, precision-recall curves, the labels most often wrongly added or
+missed, and the images with the worst label sets — in the same `EvalFiles` folder as single-label.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
+
+import numpy as np
+from sklearn.metrics import classification_report, f1_score, multilabel_confusion_matrix
+
+from finetune.data.sources import Sample
+from finetune.engine.checkpoint import read_checkpoint
+from finetune.engine.multilabel import best_thresholds, mean_average_precision, sample_f1
+from finetune.errors import FinetuneError
+from finetune.reports.gallery import Tile, plot_gallery, thumbnail
+from finetune.reports.multilabel_plots import plot_label_confusion_grid, plot_pr_curves
+from finetune.run import EvalFiles, RunDir
+
+if TYPE_CHECKING:  # scoring a CSV needs no model
+    import torch
+
+    from finetune.data.prepare import Prepared
+    from finetune.data.preprocessing import Preprocessing
+    from finetune.inference import LoadedModel
+    from finetune.recipe import DataConfig, Recipe
+
+__all__ = ["SEPARATOR", "decision_thresholds", "store_thresholds", "write_multilabel_evaluation",
+           "multilabel_summary_lines", "evaluate_multilabel_samples", "label_names", "training_parts",
+           "evaluate_after_training", "manifest_samples"]
+
+SEPARATOR = " "  # between labels in predictions.csv and submissions (Kaggle's Planet format)
+GALLERY_LIMIT = 36
+
+
+def label_names(row: np.ndarray, classes: Sequence[str], sep: str = SEPARATOR) -> str:
+    """The class names of one 0/1 row, joined by `sep` (empty when none)."""
+    return sep.join(classes[k] for k in np.flatnonzero(np.asarray(row) > 0.5))
+
+
+def decision_thresholds(loaded: "LoadedModel", threshold: Optional[float] = None) -> np.ndarray:
+    """Per-class thresholds: `threshold` for every class if given, else the checkpoint's own (0.5 without)."""
+    classes = len(loaded.classes)
+    if threshold is not None:
+        if not 0.0 < threshold < 1.0:
+            raise FinetuneError(f"--threshold must be between 0 and 1 (e.g. 0.5), got {threshold}")
+        return np.full(classes, float(threshold))
+    stored = loaded.checkpoint.get("thresholds")
+    return np.asarray(stored, dtype=np.float64) if stored is not None else np.full(classes, 0.5)
+
+
+def store_thresholds(run: RunDir, checkpoint: Path, loaded: "LoadedModel", samples: Sequence[Sample],
+                     batch_size: int, num_workers: int, log: Callable[[str], None] = print) -> np.ndarray:
+    """Choose each class's F1-best threshold on `samples` (validation) and save them into `checkpoint` (best.pt)."""
+    from finetune.data.multilabel import multi_hot
+    from finetune.inference import predict_probs
+
+    probs = predict_probs(loaded, samples, batch_size, num_workers)
+    thresholds = best_thresholds(multi_hot(samples, len(loaded.classes)), probs)
+    payload = read_checkpoint(checkpoint)
+    payload["thresholds"] = [float(t) for t in thresholds]
+    run.save_checkpoint(checkpoint, payload)
+    loaded.checkpoint["thresholds"] = payload["thresholds"]
+    log(f"per-class thresholds chosen on {len(samples)} validation images (F1-best, range "
+        f"{thresholds.min():.2f}-{thresholds.max():.2f}), stored in {checkpoint.name}")
+    return thresholds
+
+
+def _label_errors(truth: np.ndarray, predicted: np.ndarray, classes: Sequence[str]) -> list[list]:
+    """Per class: false positives (added) and false negatives (missed), most errors first."""
+    fp = (predicted & ~truth).sum(0)
+    fn = (~predicted & truth).sum(0)
+    order = np.argsort(-(fp + fn), kind="stable")
+    return [[classes[k], int(fp[k]), int(fn[k]), int(truth[:, k].sum())] for k in order if fp[k] + fn[k] > 0]
+
+
+def _write_gallery(truth: np.ndarray, predicted: np.ndarray, probs: np.ndarray, f1: np.ndarray,
+                   classes: Sequence[str], paths: Sequence[Path], out: Path) -> None:
+    """The images whose predicted label set is worst (lowest F1, then the most confident wrong label)."""
+    wrong_confidence = np.where(predicted != truth, np.abs(probs - 0.5), 0).max(1) if len(probs) else probs
+    order = np.lexsort((-wrong_confidence, f1))
+    worst = [int(i) for i in order if f1[i] < 1.0][:GALLERY_LIMIT]
+    if not worst:
+        return
+    tiles = []
+    for i in worst:
+        missed = label_names(truth[i] & ~predicted[i], classes, ", ") or "-"
+        added = label_names(predicted[i] & ~truth[i], classes, ", ") or "-"
+        # Wrapped: a tile is ~2 inches wide and a long label list would run into its neighbour's caption.
+        caption = "\n".join([f"{Path(paths[i]).name}  F1 {f1[i]:.2f}", textwrap.fill(f"missed: {missed}", 34),
+                             textwrap.fill(f"added: {added}", 34)])
+        tiles.append(Tile(thumbnail(paths[i]), caption))
+    mistaken = int((f1 < 1.0).sum())
+    plot_gallery(tiles, out, f"worst label sets, lowest F1 first ({len(worst)} of {mistaken} imperfect images)")
+
+
+def write_multilabel_evaluation(targets: np.ndarray, probs: np.ndarray, thresholds: np.ndarray,
+                                classes: Sequence[str], files: EvalFiles,
+                                paths: Optional[Sequence[Path]] = None, scores: bool = True) -> dict:
+    """Write the multi-label bundle into `files` and return the metrics.
+
+    `probs` are scores in [0, 1]; with `scores=False` they are the submitted 0/1 decisions themselves
+    (a submission CSV), so no average precision or PR curve is computed.
+    """
+    files.prepare()
+    truth = np.asarray(targets) > 0.5
+    probs = np.asarray(probs, dtype=np.float64)
+    predicted = probs >= np.asarray(thresholds)[None, :]
+    labels = list(range(len(classes)))
+    report = classification_report(truth.astype(int), predicted.astype(int), labels=labels,
+                                   target_names=list(classes), output_dict=True, zero_division=0)
+    per_image = sample_f1(truth, predicted)
+    summary: dict = {
+        "task": "multilabel", "images": int(len(truth)), "classes": len(classes),
+        "samples_f1": float(per_image.mean()) if len(truth) else 0.0,
+        "micro_f1": float(f1_score(truth, predicted, average="micro", zero_division=0)),
+        "macro_f1": float(f1_score(truth, predicted, average="macro", zero_division=0)),
+        "exact_match": float((truth == predicted).all(1).mean()) if len(truth) else 0.0,
+    }
+    if scores:
+        summary["thresholds"] = {c: float(t) for c, t in zip(classes, thresholds)}
+    ap = np.full(len(classes), np.nan)
+    if scores and len(truth):
+        summary["map"], ap = mean_average_precision(truth, probs)
+        summary["average_precision"] = {c: (None if np.isnan(a) else float(a)) for c, a in zip(classes, ap)}
+        for name, value in zip(classes, ap):
+            report[name]["average_precision"] = None if np.isnan(value) else float(value)
+    matrices = multilabel_confusion_matrix(truth, predicted, labels=labels)
+    errors = _label_errors(truth, predicted, classes)
+    if files.writes:
+        f1 = [report[c]["f1-score"] for c in classes]
+        plot_label_confusion_grid(matrices, classes, f1, files.label_confusion_png)
+        if scores and truth.any():
+            plot_pr_curves(truth, probs, classes, ap, files.pr_curves_png)
+        files.write_csv(files.label_errors, [["label", "false_positives", "false_negatives", "images"], *errors])
+        if scores:  # a scored CSV holds decisions already: no threshold was applied
+            files.write_csv(files.thresholds, [["class", "threshold"], *([c, f"{t:.6g}"] for c, t in
+                                                                          zip(classes, thresholds))])
+        files.write_json(files.report_json, report)
+        if paths is not None:
+            files.write_csv(files.predictions, [["path", "true", "predicted", "f1", "correct"], *(
+                [str(path), label_names(truth[i], classes), label_names(predicted[i], classes),
+                 f"{per_image[i]:.4f}", int((truth[i] == predicted[i]).all())] for i, path in enumerate(paths))])
+            _write_gallery(truth, predicted, probs, per_image, classes, paths, files.misclassified)
+        files.write_json(files.metrics, summary)
+    return {**summary, "report": report, "label_errors": errors, "out_dir": str(files.folder)}
+
+
+def multilabel_summary_lines(metrics: dict, classes: Sequence[str]) -> list[str]:
+    """The console view: per-class table, the averages, the labels most often added or missed."""
+    report = metrics["report"]
+    width = max(len(c) for c in list(classes) + ["samples avg"])
+    lines = [f"{'class':<{width}}  precision  recall     f1      AP  support"]
+    for name in list(classes) + ["micro avg", "macro avg", "samples avg"]:
+        row = report[name]
+        ap = row.get("average_precision")
+        lines.append(f"{name:<{width}}  {row['precision']:9.3f}  {row['recall']:6.3f}  {row['f1-score']:5.3f}  "
+                     f"{'   -  ' if ap is None else f'{ap:6.3f}'}  {int(row['support']):7d}")
+    head = [f"samples F1 {metrics['samples_f1']:.4f}", f"micro F1 {metrics['micro_f1']:.4f}",
+            f"macro F1 {metrics['macro_f1']:.4f}", f"exact match {metrics['exact_match']:.4f}"]
+    if "map" in metrics:
+        head.insert(0, f"mAP {metrics['map']:.4f}")
+    lines.append(", ".join(head))
+    if metrics["label_errors"]:
+        lines.append("most errors (label: added / missed): " + ", ".join(
+            f"{name}: {fp} / {fn}" for name, fp, fn, _ in metrics["label_errors"][:5]))
+    return lines
+
+
+def evaluate_multilabel_samples(loaded: "LoadedModel", samples: Sequence[Sample], files: EvalFiles,
+                                batch_size: int, num_workers: int, log: Callable[[str], None] = print,
+                                tta: Sequence[str] = (), threshold: Optional[float] = None) -> dict:
+    """Predict multi-label samples, write the bundle into `files`, log the summary; the metrics."""
+    from finetune.data.multilabel import multi_hot
+    from finetune.inference import predict_probs
+
+    probs = predict_probs(loaded, samples, batch_size, num_workers, tta=tta)
+    metrics = write_multilabel_evaluation(multi_hot(samples, len(loaded.classes)), probs,
+                                          decision_thresholds(loaded, threshold), loaded.classes, files,
+                                          [s.path for s in samples])
+    for line in multilabel_summary_lines(metrics, loaded.classes):
+        log(line)
+    log(f"evaluation written to {files.folder}")
+    return metrics
+
+
+def manifest_samples(data: Path, cfg: "DataConfig", classes: Sequence[str]) -> tuple[list[Sample], list]:
+    """The readable labelled samples of a multi-label manifest (CSV file, or folder holding the recipe's one)."""
+    from finetune.data.multilabel import manifest_samples as read
+    from finetune.data.prepare import readable
+
+    samples, skipped = read(data, cfg, classes)
+    kept, unreadable = readable(samples)
+    if not kept:
+        raise FinetuneError(f"no readable labelled images in {data}")
+    return kept, skipped + unreadable
+
+
+def training_parts(recipe: "Recipe", dataset: "Prepared", preprocessing: "Preprocessing", device: "torch.device") -> tuple:
+    """(train loader, validation loader, criterion, mixer, scorer) of a multi-label run, for `fit`."""
+    from finetune.data.multilabel import create_multihot_mixer, multilabel_eval_loader, multilabel_train_loader
+    from finetune.engine.multilabel import MultiLabelScorer, create_multilabel_criterion
+
+    cfg, classes = recipe.data, len(dataset.classes)
+    return (multilabel_train_loader(recipe, dataset.train, preprocessing, classes),
+            multilabel_eval_loader(dataset.val, preprocessing, classes, cfg.batch_size, cfg.num_workers),
+            create_multilabel_criterion(recipe, dataset.train_counts, len(dataset.train), device),
+            create_multihot_mixer(recipe.augment), MultiLabelScorer())
+
+
+def evaluate_after_training(run: RunDir, checkpoint: Path, samples: Sequence[Sample], device: "torch.device",
+                            batch_size: int,
+                            num_workers: int, log: Callable[[str], None] = print) -> dict:
+    """Choose and store best.pt's thresholds on the validation samples, then write the run's eval/ bundle."""
+    from finetune.inference import load_model
+
+    loaded = load_model(checkpoint, device)
+    store_thresholds(run, checkpoint, loaded, samples, batch_size, num_workers, log)
+    return evaluate_multilabel_samples(loaded, samples, run.eval, batch_size, num_workers, log)

@@ -1,0 +1,126 @@
+"""Multi-label submissions: `Id,Tags` rows with the predicted labels joined, and scoring them (mean per-image F1).
+
+Rows stream to disk in the plan's order exactly as single-label submissions do (finetune.submission).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+from finetune.data.multilabel import split_labels
+from finetune.data.sources import sort_class_names
+from finetune.errors import FinetuneError
+from finetune.multilabel_eval import SEPARATOR, write_multilabel_evaluation
+from finetune.run import EvalFiles
+from finetune.scoring import read_labels
+from finetune.submission import VALUE_KINDS, SubmissionPlan, _AtomicCSV, _fmt
+
+__all__ = ["write_multilabel_rows", "score_multilabel_csv"]
+
+
+def write_multilabel_rows(
+    plan: SubmissionPlan,
+    batches: Iterable[np.ndarray],
+    classes: Sequence[str],
+    thresholds: np.ndarray,
+    out: Path,
+    value: str = "name",
+    sep: str = SEPARATOR,
+    probs_out: Optional[Path] = None,
+) -> int:
+    """Write `Id,<labels>` rows (each class whose probability reaches its threshold, joined by `sep`).
+
+    With a per-class sample submission (`plan.label_column` None) the rows hold the probabilities.
+    `batches` yields (B, C) sigmoid probabilities in `plan` order; returns the number of rows written.
+    """
+    if value not in VALUE_KINDS:
+        raise FinetuneError(f"--value must be one of {', '.join(VALUE_KINDS)}, got {value!r}")
+    if not sep:
+        raise FinetuneError("--label-sep must not be empty (Kaggle's multi-label format uses a space)")
+    class_index = {c: i for i, c in enumerate(classes)}
+    names = list(classes) if value == "name" else [str(i) for i in range(len(classes))]
+    files = {"sub": _AtomicCSV(out)}
+    if probs_out is not None:
+        files["probs"] = _AtomicCSV(probs_out)
+    try:
+        if plan.label_column is None:
+            prob_order = [class_index[c] for c in plan.prob_columns]
+            files["sub"].writer.writerow([plan.id_column, *plan.prob_columns])
+        else:
+            files["sub"].writer.writerow([plan.id_column, plan.label_column])
+        if "probs" in files:
+            files["probs"].writer.writerow([plan.id_column, *classes])
+        row = 0
+        for probs in batches:
+            ids = plan.ids[row: row + len(probs)]
+            if len(ids) != len(probs):
+                raise FinetuneError(f"internal mismatch: {len(plan.ids)} images but more predictions than that")
+            chosen = probs >= thresholds[None, :]
+            for i, p, yes in zip(ids, probs, chosen):
+                if plan.label_column is None:
+                    files["sub"].writer.writerow([i, *(_fmt(p[c]) for c in prob_order)])
+                else:
+                    files["sub"].writer.writerow([i, sep.join(names[k] for k in np.flatnonzero(yes))])
+                if "probs" in files:
+                    files["probs"].writer.writerow([i, *map(_fmt, p)])
+            for f in files.values():
+                f.handle.flush()
+            row += len(probs)
+        if row != len(plan.ids):
+            raise FinetuneError(f"internal mismatch: {len(plan.ids)} images but {row} predictions")
+        for f in files.values():
+            f.commit()
+    except BaseException:
+        for f in files.values():  # no temporary file outlives a failed write
+            f.discard()
+        raise
+    return row
+
+
+def score_multilabel_csv(
+    submission: Path,
+    truth: Path,
+    out_dir: Optional[Path] = None,
+    classes: Optional[Sequence[str]] = None,
+    id_column: Optional[str] = None,
+    label_column: Optional[str] = None,
+    sep: Optional[str] = None,
+) -> dict:
+    """Mean per-image F1 (Kaggle's Planet metric) of a multi-label submission, plus the bundle in `out_dir`."""
+    submission, truth = Path(submission).expanduser(), Path(truth).expanduser()
+    predicted = read_labels(submission, id_column, label_column)
+    answers = read_labels(truth, id_column, label_column)
+    missing = sorted(set(answers) - set(predicted))
+    extra = sorted(set(predicted) - set(answers))
+    if missing or extra:
+        raise FinetuneError(
+            f"{submission.name} does not match {truth.name} Id for Id: {len(missing)} Id(s) have no prediction "
+            f"(e.g. {missing[:5]}), {len(extra)} predicted Id(s) are not in the truth (e.g. {extra[:5]})"
+        )
+    ids = sorted(answers)
+    pred_sets = {i: split_labels(predicted[i], sep) for i in ids}
+    true_sets = {i: split_labels(answers[i], sep) for i in ids}
+    names = list(classes) if classes else sort_class_names({n for s in true_sets.values() for n in s}
+                                                            | {n for s in pred_sets.values() for n in s})
+    index = {name: k for k, name in enumerate(names)}
+    unknown = sorted({n for s in list(pred_sets.values()) + list(true_sets.values()) for n in s if n not in index})
+    if unknown:
+        raise FinetuneError(f"labels {unknown[:5]} are not among the classes {names[:20]}")
+
+    def matrix(sets: dict[str, list[str]]) -> np.ndarray:
+        out = np.zeros((len(ids), len(names)))
+        for row, i in enumerate(ids):
+            out[row, [index[n] for n in sets[i]]] = 1.0
+        return out
+
+    files = EvalFiles(Path(out_dir) if out_dir else submission.with_name(submission.stem + "_score"))
+    metrics = write_multilabel_evaluation(matrix(true_sets), matrix(pred_sets), np.full(len(names), 0.5), names,
+                                          files, scores=False)
+    score = {"samples_f1": metrics["samples_f1"], "micro_f1": metrics["micro_f1"], "macro_f1": metrics["macro_f1"],
+             "exact_match": metrics["exact_match"], "images": len(ids), "submission": str(submission),
+             "truth": str(truth)}
+    files.write_json(files.score, score)
+    return {**metrics, "class_names": names, "score_file": str(files.score)}
