@@ -16,6 +16,7 @@ from finetune.data.images import SkippedImage, check_images, list_images
 from finetune.data.loaders import eval_loader, train_loader
 from finetune.data.mixing import create_mixer
 from finetune.data.prepare import Prepared, labelled, prepare
+from finetune.data.sources import single_image_subfolder
 from finetune.engine.fit import EpochHook, FitState, fit
 from finetune.engine.loss import create_criterion
 from finetune.engine.resume import read_resume, seed_everything
@@ -186,6 +187,10 @@ def predict(
     classes = models[0].classes
     folder = Path(images).expanduser()
     paths = list_images(folder)
+    inner = single_image_subfolder(folder) if not paths else None
+    if inner is not None:  # HW03 2021: --images food-11/testing means its one sub-folder, testing/00/
+        log(f"reading the test images in {inner}, the one sub-folder of {folder}")
+        folder, paths = inner, list_images(inner)
     _refuse_nested_images(folder, paths)
     if not paths:
         raise FinetuneError(f"no images in {images} (looked for .jpg/.png/... files, hidden files ignored)")

@@ -62,6 +62,9 @@ class DataConfig:
     train: str = "auto"  # sub-folder holding training images ("auto": train/ or training/, else root)
     val: Optional[str] = "auto"  # sub-folder with validation images; "auto" finds val/validation/valid
     test: Optional[str] = "auto"  # unlabeled test folder; k-fold names it in the predict command it prints
+    # Images without labels, any depth ("auto": training/unlabeled/ or unlabeled/; null = none); a `semi:`
+    # section and `finetune pseudo-label` use them. With "auto", training/labeled/<class>/ is the training data.
+    unlabeled: Optional[str] = "auto"
     label_regex: str = r"^(\d+)_"  # filename layout: first group of this regex is the label
     csv: Optional[str] = None  # csv layout: manifest file with columns path|id and label
     csv_image_dir: Optional[str] = None  # csv layout: folder the ids/paths are relative to

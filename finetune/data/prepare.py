@@ -27,6 +27,7 @@ class Prepared:
     skipped: list[SkippedImage]
     val_source: str = "folder"  # "folder", "split" or a k-fold description
     test_dir: Optional[Path] = None
+    unlabeled_dir: Optional[Path] = None  # images without labels (data.unlabeled)
 
     @property
     def train_counts(self) -> list[int]:
@@ -68,7 +69,10 @@ def prepare(recipe: Recipe, log: Log = print) -> Prepared:
     val_source = splits.val_source
     if val_source == "split":
         val_source = f"{recipe.data.val_fraction:.0%} stratified split"
-    prepared = Prepared(splits.classes, splits.train, splits.val, splits.skipped, val_source, splits.test_dir)
+    for note in splits.notes:
+        log(note)
+    prepared = Prepared(splits.classes, splits.train, splits.val, splits.skipped, val_source, splits.test_dir,
+                        splits.unlabeled_dir)
     _check_classes(prepared, log)
     return prepared
 
