@@ -10,19 +10,21 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from finetune.data.images import SkippedImage, check_images, list_images
 from finetune.data.loaders import eval_loader, train_loader
 from finetune.data.mixing import create_mixer
 from finetune.data.prepare import Prepared, labelled, prepare
-from finetune.data.sources import single_image_subfolder
+from finetune.data.sources import Sample, single_image_subfolder
 from finetune.engine.fit import EpochHook, FitState, fit
 from finetune.engine.loss import create_criterion
 from finetune.engine.resume import read_resume, seed_everything
 from finetune.errors import FinetuneError
 from finetune.evaluation import evaluate_samples
-from finetune.inference import load_ensemble, load_model, resolve_device, stream_probs
+from finetune.engine.temperature import fit_temperature, nll
+from finetune.inference import LoadedModel, load_ensemble, load_model, predict_probs, resolve_device, stream_probs
 from finetune.loggers import check_loggers
 from finetune.models import build_model, format_summary, stage_summary
 from finetune.models.backbones import check_backbone_name
@@ -112,8 +114,10 @@ def train(
             create_criterion(recipe, dataset.train_counts, device), recipe.train, run, device, extras, log=log,
             mixer=create_mixer(recipe.augment, len(dataset.classes)), resume=payload, on_epoch=on_epoch,
         )
-        evaluation = evaluate_samples(load_model(state.best_path, device), dataset.val, run.eval, cfg.batch_size,
-                                      cfg.num_workers, log)
+        best = load_model(state.best_path, device)
+        raw = calibrate(best, dataset.val, run, cfg.batch_size, cfg.num_workers, log)
+        evaluation = evaluate_samples(best, dataset.val, run.eval, cfg.batch_size, cfg.num_workers, log,
+                                      raw_probs=raw)
     except BaseException:
         run.close_loggers()  # what was logged so far stays readable
         raise
@@ -122,6 +126,20 @@ def train(
     log(f"best validation accuracy {state.best_accuracy:.4f} (epoch {state.best_epoch}); files in {run.path}")
     return TrainResult(run.path, state.best_path, state.last_path, state.best_accuracy, state.best_epoch,
                        dataset.classes, dataset.skipped, evaluation)
+
+
+def calibrate(best: LoadedModel, val: Sequence[Sample], run: RunDir, batch_size: int, num_workers: int,
+              log: Log = print) -> np.ndarray:
+    """Fit the temperature on the validation images, store it in best.pt and in `best`; the raw probabilities."""
+    raw = predict_probs(best, val, batch_size, num_workers, calibrated=False)
+    labels = [s.label for s in val]
+    logits = np.log(np.clip(raw.astype(np.float64), 1e-45, 1.0))  # log-probabilities: logits up to a row shift
+    temperature = fit_temperature(logits, labels)
+    run.store_temperature(temperature)
+    best.temperature = temperature
+    log(f"temperature scaling: T = {temperature:.3f} fitted on {len(labels)} validation images (NLL "
+        f"{nll(logits, labels):.4f} → {nll(logits, labels, temperature):.4f}); every probability written is calibrated")
+    return raw
 
 
 def evaluate(
@@ -173,13 +191,17 @@ def predict(
     id_width: int = 4,
     index_start: int = 1,
     force: bool = False,
+    reject_below: Optional[float] = None,
+    reject_label: str = "unknown",
 ) -> Path:
     """Predict every image in a folder and write a Kaggle-style CSV with one row per image.
 
     Several checkpoints are an ensemble (probabilities averaged); `tta` adds flips/crops; `probs`
     and `topk` also write `<out>_probs.csv` and `<out>_top<K>.csv`; `sample_submission` fixes the
     Ids, their order and the columns. Outputs never replace a file the command reads; an existing
-    file that is not an earlier CSV of the same kind is replaced only with `force`.
+    file that is not an earlier CSV of the same kind is replaced only with `force`. Probabilities are
+    calibrated (each checkpoint's temperature); `reject_below` writes `reject_label` for an image whose top
+    probability is below it.
     """
     checkpoints = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     views = parse_tta(tta)
@@ -208,7 +230,19 @@ def predict(
     if len(models) > 1 or views:
         log(f"averaging {len(models)} model(s) x {view_count(views)} view(s) per image")
     batches = stream_probs(models, plan.paths, batch_size, num_workers, views, {s.path for s in skipped})
-    rows_written = write_rows(plan, batches, classes, out, value, probs_out, topk, topk_out)
+    rejected = [0]
+
+    def counted(stream):
+        for probs in stream:
+            if reject_below is not None:
+                rejected[0] += int((probs.max(axis=1) < reject_below).sum())
+            yield probs
+
+    rows_written = write_rows(plan, counted(batches), classes, out, value, probs_out, topk, topk_out, reject_below,
+                              reject_label)
+    if reject_below is not None:
+        log(f"{rejected[0]} of {rows_written} image(s) have a top probability below {reject_below:g}: "
+            f"labelled '{reject_label}'")
     if skipped:
         # Still one row per image: an unreadable image is scored as a blank (mean-colour) input.
         listing = out.with_name(out.stem + "_unreadable.csv")

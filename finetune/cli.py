@@ -319,6 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "in file-name order zero-padded (HW03 sample code: pad4 from 1)")
     predict.add_argument("--id-width", type=int, help="--id-format index: digits, zero-padded (default 4; 0: none)")
     predict.add_argument("--index-start", type=int, help="--id-format index: number of the first image (default 1)")
+    predict.add_argument("--reject-below", type=float, metavar="P",
+                         help="write --reject-label for images whose calibrated top probability is below P "
+                              "(evaluate's accuracy-coverage curve suggests P for a target accuracy)")
+    predict.add_argument("--reject-label", help="label written for rejected images (default unknown)")
     predict.add_argument("--force", action="store_true",
                          help="replace an existing --out file that is not an earlier prediction CSV (never an input)")
     _inference_options(predict)

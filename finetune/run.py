@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 from finetune.data.images import SkippedImage
-from finetune.engine.checkpoint import save_checkpoint
+from finetune.engine.checkpoint import read_checkpoint, save_checkpoint
 from finetune.errors import FinetuneError
 from finetune.loggers import Logger, create_loggers
 from finetune.recipe import Recipe
@@ -98,6 +98,7 @@ class EvalFiles:
         self.predictions = self.folder / "predictions.csv"
         self.metrics = self.folder / "metrics.json"
         self.reliability = self.folder / "reliability.png"
+        self.coverage_png = self.folder / "accuracy_coverage.png"  # accuracy when only the confident are kept
         self.misclassified = self.folder / "misclassified.png"
         self.gradcam = self.folder / "gradcam.png"
         self.skipped = self.folder / "skipped_images.csv"
@@ -247,6 +248,11 @@ class RunDir:
             raise ValueError(f"{path} is not a checkpoint of {self}")
         if self.is_main:
             save_checkpoint(path, payload)
+
+    def store_temperature(self, temperature: float) -> None:
+        """Add the fitted temperature to best.pt (atomically), so every later prediction is calibrated."""
+        if self.is_main:
+            save_checkpoint(self.best, {**read_checkpoint(self.best), "temperature": float(temperature)})
 
     def start_loggers(self, recipe: Recipe) -> None:
         """Open the loggers train.loggers names; from now on every history row goes to them too."""

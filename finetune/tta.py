@@ -85,14 +85,16 @@ def _corners(big: torch.Tensor, size: int) -> list[torch.Tensor]:
     return [big[..., y : y + size, x : x + size] for y in (0, edge) for x in (0, edge)]
 
 
-def average_views(model: torch.nn.Module, views: Sequence[torch.Tensor], tta: Sequence[str]) -> torch.Tensor:
-    """Softmax probabilities (B, C) averaged over the TTA views of one batch."""
+def average_views(model: torch.nn.Module, views: Sequence[torch.Tensor], tta: Sequence[str],
+                  temperature: float = 1.0) -> torch.Tensor:
+    """Softmax probabilities (B, C) of logits / `temperature`, averaged over the TTA views of one batch."""
     centre = views[0]
     crops = [centre] + (_corners(views[1], centre.shape[-1]) if "crops" in tta else [])
     if "flip" in tta:
         crops += [torch.flip(c, dims=[-1]) for c in crops]
     total = None
     for crop in crops:
-        probs = torch.softmax(model(crop.contiguous(memory_format=torch.channels_last)).float(), dim=1)
+        logits = model(crop.contiguous(memory_format=torch.channels_last)).float()
+        probs = torch.softmax(logits / temperature, dim=1)
         total = probs if total is None else total + probs
     return total / len(crops)

@@ -38,6 +38,7 @@ RUN_FOLDER_FILES = [
     "last.pt", "report.html", "cv_summary.json", "oof_predictions.csv", "confusion_matrix.png",
     "confusion_matrix.csv", "most_confused.csv", "most_confused.png", "class_recall.png", "classification_report.json",
     "predictions.csv", "metrics.json", "reliability.png", "misclassified.png", "gradcam.png", "score.json", "test_eval",
+    "accuracy_coverage.png",
     "tensorboard_events",
     # a tuning study folder (StudyDir)
     "study.db", "study_recipe.yaml", "space.yaml", "trials.csv", "best_recipe.yaml", "importance.png",

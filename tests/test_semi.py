@@ -82,3 +82,127 @@ def test_a_class_called_unlabeled_stays_a_class(tmp_path: Path) -> None:
             make_image((200, 10, 10) if name == "cat" else (10, 10, 200), i).save(folder / f"{i}.jpg")
     prepared = prepare(Recipe(data=DataConfig(root=str(tmp_path / "d"))), print)
     assert prepared.classes == ["cat", "unlabeled"] and prepared.unlabeled_dir is None
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("scale", [4.0, 0.3])  # over-confident, then under-confident (label smoothing, mixup)
+def test_fitted_temperature_lowers_nll_and_ece_of_misscaled_logits(scale: float) -> None:
+    from finetune.engine.temperature import apply_temperature, fit_temperature, nll
+    from finetune.reports.calibration import calibration_bins
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2, (4000, 5))
+    # Labels drawn from softmax(logits): those logits are calibrated, so the fit must undo `scale`.
+    labels = np.array([rng.choice(5, p=p) for p in _softmax(logits)])
+    misscaled = logits * scale
+    temperature = fit_temperature(misscaled, labels)
+    assert temperature == pytest.approx(scale, rel=0.15)  # it recovers the scale that was applied
+    assert nll(misscaled, labels, temperature) < nll(misscaled, labels) - 0.02
+    before = calibration_bins(_softmax(misscaled), labels).ece
+    after = calibration_bins(apply_temperature(_softmax(misscaled), temperature), labels).ece
+    assert after < before / 2 and after < 0.03
+    # Rescaling probabilities equals the softmax of the rescaled logits.
+    np.testing.assert_allclose(apply_temperature(_softmax(misscaled), temperature), _softmax(misscaled / temperature),
+                               atol=1e-5)
+
+
+def test_accuracy_coverage_and_threshold_for_target() -> None:
+    from finetune.reports.calibration import accuracy_coverage
+
+    # Confidences 0.9, 0.8, 0.7, 0.6 (two classes); the two most confident right, then wrong, then right.
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    curve = accuracy_coverage(probs, [0, 0, 0, 0])
+    np.testing.assert_allclose(curve.coverage, [0.25, 0.5, 0.75, 1.0])
+    np.testing.assert_allclose(curve.accuracy, [1.0, 1.0, 2 / 3, 0.75])
+    assert curve.threshold_for(0.95) == (0.8, 0.5)
+    assert curve.threshold_for(0.7) == (0.6, 1.0)
+    assert accuracy_coverage(probs, [1, 1, 0, 1]).threshold_for(0.5) == (None, 0.0)
+
+
+@pytest.fixture(scope="module")
+def trained_2021(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(data root, best.pt) of one tiny run on the 2021 layout, shared by the tests below."""
+    import torch
+
+    from conftest import TINY_OVERRIDES
+    from finetune.cli import main
+
+    tmp = tmp_path_factory.mktemp("semi")
+    root = write_hw03_2021(tmp / "food-11")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["train", "quick_cpu", "--data", str(root), *sum((["--set", o] for o in TINY_OVERRIDES), []),
+                     "--set", "train.epochs=3", "--set", f"output={tmp / 'runs'}", "--set", "name=t"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return root, tmp / "runs" / "t" / "best.pt"
+
+
+def test_training_stores_a_temperature_and_evaluation_reports_ece_before_and_after(trained_2021) -> None:
+    import json
+
+    from finetune.engine.checkpoint import read_checkpoint
+    from finetune.run import RunDir
+
+    _, best = trained_2021
+    temperature = read_checkpoint(best)["temperature"]
+    assert 0.05 <= temperature <= 20
+    run = RunDir.open(best)
+    metrics = json.loads(run.eval.metrics.read_text())
+    assert metrics["temperature"] == pytest.approx(temperature)
+    assert {"ece", "coverage"} <= set(metrics)
+    assert ("ece_uncalibrated" in metrics) == (temperature != 1.0)
+    assert set(metrics["coverage"]["targets"]) == {"0.9", "0.95", "0.99"}
+    assert run.eval.coverage_png.is_file() and run.eval.reliability.is_file()
+    assert "Accuracy against coverage" in run.report.read_text()
+
+
+def test_old_checkpoints_without_temperature_predict_uncalibrated(trained_2021, tmp_path: Path) -> None:
+    from finetune.engine.checkpoint import read_checkpoint, save_checkpoint
+    from finetune.inference import load_model
+
+    _, best = trained_2021
+    payload = read_checkpoint(best)
+    old = tmp_path / "old.pt"
+    save_checkpoint(old, {k: v for k, v in payload.items() if k != "temperature"})
+    assert load_model(old).temperature == 1.0
+    assert load_model(best).temperature == pytest.approx(payload["temperature"])
+
+
+def _rows(path: Path) -> list[dict]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_predict_on_testing_gives_hw03_ids_calibrated_probs_and_rejects(trained_2021, tmp_path: Path) -> None:
+    from finetune.cli import main
+    from finetune.engine.temperature import apply_temperature
+
+    root, best = trained_2021
+    out = tmp_path / "sub.csv"
+    common = ["predict", str(best), "--images", str(root / "testing"), "--id-format", "index", "--id-width", "0",
+              "--index-start", "0", "--workers", "0", "--probs"]
+    assert main([*common, "--out", str(out)]) == 0
+    rows, probs = _rows(out), _rows(out.with_name("sub_probs.csv"))
+    assert [r["Id"] for r in rows] == ["0", "1", "2", "3", "4", "5"]  # HW03 2021: 0.. in file-name order
+    top = np.array([[float(r[c]) for c in ("00", "01", "02")] for r in probs])
+    # The probabilities written are the calibrated ones: softmax(z / T), not softmax(z).
+    from finetune.data.sources import Sample
+    from finetune.inference import load_model, predict_probs
+
+    loaded = load_model(best)
+    raw = predict_probs(loaded, [Sample(p) for p in sorted((root / "testing" / "00").iterdir())], 8, 0,
+                        calibrated=False)
+    np.testing.assert_allclose(top, apply_temperature(raw, loaded.temperature), atol=2e-5)
+    cut = float(np.median(top.max(axis=1)))
+    rejected = tmp_path / "rejected.csv"
+    assert main([*common, "--out", str(rejected), "--reject-below", str(cut), "--reject-label", "unsure"]) == 0
+    labels = [r["Category"] for r in _rows(rejected)]
+    expected = ["unsure" if p.max() < cut else ["00", "01", "02"][p.argmax()] for p in top]
+    assert labels == expected and "unsure" in labels
