@@ -26,6 +26,12 @@ def _train(args: argparse.Namespace) -> None:
             raise FinetuneError("--folds and --resume do not combine; resume one fold with --resume RUN_DIR/foldN")
         train_kfold(args.recipe, args.folds, data=args.data, overrides=args.overrides)
         return
+    if not args.resume:
+        from finetune.semi import semi_requested, train_semi
+
+        if semi_requested(args.recipe, args.overrides):
+            train_semi(args.recipe, data=args.data, overrides=args.overrides)
+            return
     train(args.recipe, data=args.data, overrides=args.overrides, resume=args.resume)
 
 
@@ -56,6 +62,12 @@ def _predict(args: argparse.Namespace) -> None:
     from finetune.api import predict
 
     predict(**_given(args))
+
+
+def _pseudo_label(args: argparse.Namespace) -> None:
+    from finetune.semi import pseudo_label
+
+    pseudo_label(**_given(args))
 
 
 def _score(args: argparse.Namespace) -> None:
@@ -327,6 +339,26 @@ def build_parser() -> argparse.ArgumentParser:
                          help="replace an existing --out file that is not an earlier prediction CSV (never an input)")
     _inference_options(predict)
     predict.set_defaults(func=_predict)
+
+    pseudo = commands.add_parser("pseudo-label", help="label the confident predictions on unlabeled images "
+                                                      "(self-training): a class folder or a CSV manifest",
+                                 argument_default=argparse.SUPPRESS)
+    pseudo.add_argument("checkpoint", help="a run's best checkpoint (its fitted temperature calibrates the threshold)")
+    pseudo.add_argument("--images", required=True, help="folder of unlabeled images (sub-folders included)")
+    pseudo.add_argument("--out", required=True,
+                        help="folder to create (--format folder: OUT/<class>/) or CSV file (--format csv)")
+    pseudo.add_argument("--threshold", type=float, help="keep images whose calibrated top probability is at least "
+                                                        "this (default 0.9)")
+    pseudo.add_argument("--max-per-class", type=int, metavar="K",
+                        help="keep at most K per class, the most confident (keeps classes balanced)")
+    pseudo.add_argument("--format", choices=["folder", "csv"],
+                        help="folder (default): copies in OUT/<class>/; csv: path,label,probability manifest")
+    pseudo.add_argument("--link", action="store_true", help="--format folder: symlink instead of copying")
+    pseudo.add_argument("--truth", help="CSV of the true labels (file stem or name, class): adds the pseudo-labels' "
+                                        "accuracy")
+    pseudo.add_argument("--force", action="store_true", help="--format csv: replace an existing --out file")
+    _inference_options(pseudo)
+    pseudo.set_defaults(func=_pseudo_label)
 
     score = commands.add_parser("score", help="accuracy and evaluation bundle of a submission against true labels")
     score.add_argument("submission", help="submission CSV (Id,Category)")

@@ -27,6 +27,7 @@ __all__ = [
     "ModelConfig",
     "AugmentConfig",
     "TrainConfig",
+    "SemiConfig",
     "Recipe",
     "load_recipe",
     "apply_overrides",
@@ -262,6 +263,32 @@ class TrainConfig:
 
 
 @dataclass
+class SemiConfig:
+    """Self-training on unlabeled images: a labels-only teacher, then `rounds` students on labels + pseudo-labels."""
+
+    unlabeled: Optional[str] = None  # unlabeled image folder (any depth; relative to data.root); None = data.unlabeled
+    rounds: int = 0  # pseudo-label rounds after the teacher (each: label the pool, train a student); 0 = off
+    threshold: float = 0.9  # keep a pseudo-label when its calibrated probability is at least this
+    max_per_class: Optional[int] = None  # at most K pseudo-labels per class, the most confident (balance); None = all
+    student_augment: Optional[str] = None  # augment.preset for the students (Noisy Student: stronger, e.g. heavy)
+    truth: Optional[str] = None  # CSV (file stem or name, label) of the pool's true labels: pseudo-label accuracy
+
+    def __post_init__(self) -> None:
+        self.validate()  # a bad section cannot be built, from YAML or in code
+
+    def validate(self) -> None:
+        """Reject out-of-range settings, naming the recipe key."""
+        if self.rounds < 0:
+            raise FinetuneError("recipe key 'semi.rounds' must be 0 (off) or more, e.g. 2")
+        if not 0.0 < self.threshold <= 1.0:
+            raise FinetuneError("recipe key 'semi.threshold' is a probability in (0, 1], e.g. 0.9")
+        if self.max_per_class is not None and self.max_per_class < 1:
+            raise FinetuneError("recipe key 'semi.max_per_class' must be at least 1, or null for no limit")
+        if self.student_augment is not None:
+            _choice("semi.student_augment", self.student_augment, PRESETS)
+
+
+@dataclass
 class Recipe:
     """A whole run: data, model, augmentation and training settings."""
 
@@ -271,6 +298,7 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    semi: SemiConfig = field(default_factory=SemiConfig)  # pseudo-labelling rounds (finetune/semi.py)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -283,6 +311,7 @@ class Recipe:
         self.model.validate()
         self.augment.validate()
         self.train.validate()
+        self.semi.validate()
         return self
 
     def to_dict(self) -> dict:

@@ -162,6 +162,8 @@ class RunDir:
         self.test_submission = self.path / "predictions" / "submission.csv"  # demo: the test folder's predictions
         self.test_eval = EvalFiles(self.path / "test_eval")  # demo: the submission scored against the answers
         self.tensorboard = self.path / "tensorboard_events"  # train.loggers: [tensorboard]
+        self.pseudo_labels = self.path / "pseudo_labels.csv"  # semi: the pseudo-labels this run's model made
+        self.semi_summary = self.path / "semi_summary.json"  # semi: parent folder of the rounds
         self._loggers: list[Logger] = []
 
     def __repr__(self) -> str:
@@ -313,6 +315,16 @@ class RunDir:
         """curves.png: loss, accuracy and learning rate per epoch."""
         if self.is_main:
             plot_curves(list(history), self.curves)
+
+    def write_pseudo_labels(self, rows: Iterable[Sequence[Any]]) -> None:
+        """pseudo_labels.csv: path, label, probability (and true label when known) of each image kept."""
+        if self.is_main:
+            _write_csv(self.pseudo_labels, rows)
+
+    def write_semi_summary(self, summary: dict) -> None:
+        """semi_summary.json of a self-training parent folder."""
+        if self.is_main:
+            self.semi_summary.write_text(json.dumps(summary, indent=2) + "\n")
 
     def write_cv_summary(self, summary: dict) -> None:
         """cv_summary.json of a k-fold parent folder."""

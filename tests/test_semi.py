@@ -206,3 +206,76 @@ def test_predict_on_testing_gives_hw03_ids_calibrated_probs_and_rejects(trained_
     labels = [r["Category"] for r in _rows(rejected)]
     expected = ["unsure" if p.max() < cut else ["00", "01", "02"][p.argmax()] for p in top]
     assert labels == expected and "unsure" in labels
+
+
+def _truth_csv(root: Path, path: Path) -> Path:
+    """The unlabeled pool's answers, from the <label>_<n>.jpg names write_hw03_2021 gives them."""
+    images = sorted((root / "training" / "unlabeled" / "00").iterdir())
+    path.write_text("Id,Category\n" + "".join(f"{p.stem},{int(p.stem.split('_')[0]):02d}\n" for p in images))
+    return path
+
+
+def test_pseudo_label_writes_confident_images_as_a_folder_or_a_csv(trained_2021, tmp_path: Path) -> None:
+    from finetune.cli import main
+    from finetune.data.sources import read_labelled_folder
+    from finetune.inference import load_model
+
+    root, best = trained_2021
+    pool = root / "training" / "unlabeled"
+    truth = _truth_csv(root, tmp_path / "truth.csv")
+    table = tmp_path / "pl.csv"
+    assert main(["pseudo-label", str(best), "--images", str(pool), "--out", str(table), "--format", "csv",
+                 "--threshold", "0.01", "--truth", str(truth), "--workers", "0"]) == 0
+    rows = _rows(table)
+    assert len(rows) == 12  # threshold 0.01: every image of the pool, with its probability and truth
+    assert all(float(r["probability"]) >= 1 / 3 - 1e-6 for r in rows)
+    assert {r["true_label"] for r in rows} == {"00", "01", "02"}
+    # The CSV is a manifest that data.layout: csv trains on.
+    recipe = Recipe(data=DataConfig(root=str(tmp_path), layout="csv", csv=str(table), val=None))
+    assert len(prepare(recipe, print).train) + len(prepare(recipe, print).val) == 12
+
+    # A stricter threshold and at most 1 per class, as class folders.
+    cut = sorted(float(r["probability"]) for r in rows)[4]
+    out = tmp_path / "pl_folder"
+    assert main(["pseudo-label", str(best), "--images", str(pool), "--out", str(out), "--threshold", str(cut),
+                 "--max-per-class", "1", "--workers", "0"]) == 0
+    found = read_labelled_folder(out, "folder", "")
+    assert 1 <= len(found.items) <= 3 and len({name for _, name in found.items}) == len(found.items)
+    best_rows = {}
+    for r in rows:
+        if float(r["probability"]) >= cut:
+            best_rows.setdefault(r["label"], []).append(r)
+    kept = {max(rs, key=lambda r: float(r["probability"]))["path"].rsplit("/", 1)[1] for rs in best_rows.values()}
+    assert {path.name for path, _ in found.items} == kept  # the most confident of each class
+    assert load_model(best).classes == ["00", "01", "02"]
+    # The output folder is never written inside the pool, and an existing one is not overwritten.
+    assert main(["pseudo-label", str(best), "--images", str(pool), "--out", str(pool / "x")]) == 2
+    assert main(["pseudo-label", str(best), "--images", str(pool), "--out", str(out), "--workers", "0"]) == 2
+
+
+def test_semi_recipe_runs_teacher_and_student_rounds_with_a_summary(food_2021: Path, tmp_path: Path,
+                                                                   one_torch_thread) -> None:
+    import json
+
+    from conftest import TINY_OVERRIDES
+    from finetune.cli import main
+    from finetune.run import RunDir
+
+    truth = _truth_csv(food_2021, tmp_path / "truth.csv")
+    sets = [*TINY_OVERRIDES, f"output={tmp_path / 'runs'}", "name=semi", "semi.rounds=2", "semi.threshold=0.34",
+            "semi.max_per_class=3", "semi.student_augment=medium", f"semi.truth={truth}"]
+    assert main(["train", "quick_cpu", "--data", str(food_2021), *sum((["--set", s] for s in sets), [])]) == 0
+    parent = RunDir(tmp_path / "runs" / "semi")
+    summary = json.loads(parent.semi_summary.read_text())
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
+    for r in summary["rounds"][1:]:
+        assert sum(r["pseudo_labels_per_class"].values()) == r["pseudo_labels"] <= 9  # at most 3 per class
+        assert r["train_images"] == 24 + r["pseudo_labels"]
+        assert r["pseudo_label_accuracy"] is None or 0.0 <= r["pseudo_label_accuracy"] <= 1.0
+    for name in ("round0", "round1", "round2"):
+        child = RunDir(parent.path / name)
+        assert child.best.is_file() and child.eval.metrics.is_file()
+    assert RunDir(parent.path / "round0").pseudo_labels.is_file()  # the labels round 0's model gave round 1
+    student = Recipe.from_dict(__import__("yaml").safe_load(RunDir(parent.path / "round1").recipe.read_text()))
+    assert student.augment.preset == "medium" and student.semi.rounds == 0
+    assert Path(summary["final_checkpoint"]) == RunDir(parent.path / "round2").best
