@@ -206,7 +206,8 @@ def _datasets_fashion_mnist(args: argparse.Namespace) -> None:
     from finetune.datasets import describe, export_fashion_mnist
 
     export = export_fashion_mnist(args.out, per_class=args.per_class, val_per_class=args.val_per_class,
-                                  test_limit=args.test_limit, seed=args.seed, source=args.source)
+                                  test_limit=args.test_limit, seed=args.seed, source=args.source,
+                                  unlabeled=args.unlabeled, layout=args.layout)
     print(describe(export))
     print(f"train on it with: finetune train RECIPE --data {export.root}")
 
@@ -235,6 +236,11 @@ def _add_demo_commands(commands: argparse._SubParsersAction) -> None:
     fashion.add_argument("--seed", type=int, default=0)
     fashion.add_argument("--source", default=None,
                          help="folder with the four *-ubyte.gz files (default /usr/share/datasets/fashion-mnist)")
+    fashion.add_argument("--unlabeled", type=int, default=0, metavar="N",
+                         help="also N more training images without labels (answers in unlabeled_truth.csv)")
+    fashion.add_argument("--layout", choices=["folders", "hw03-2021"], default="folders",
+                         help="folders (default): train/ val/ test/; hw03-2021: training/labeled/<class>/, "
+                              "training/unlabeled/00/, validation/<class>/, testing/00/")
     fashion.set_defaults(func=_datasets_fashion_mnist)
 
     demo = commands.add_parser("demo", help="offline end to end: Fashion-MNIST, fine-tune Lite0, submission, score")
