@@ -56,7 +56,7 @@ def plot_reliability(bins: CalibrationBins, path: Path, before: Optional[Calibra
                      temperature: Optional[float] = None) -> None:
     """Accuracy per confidence bin against the diagonal of perfect calibration, with a count histogram.
 
-    `before`: the same bins before temperature scaling, drawn as grey marks of their mean confidence.
+    `before`: the bins before temperature scaling, drawn as dotted outlines of their accuracy.
     """
     fig = Figure(figsize=(5.5, 6.5))
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
@@ -72,8 +72,9 @@ def plot_reliability(bins: CalibrationBins, path: Path, before: Optional[Calibra
     title = f"reliability diagram (ECE {bins.ece:.3f})"
     if before is not None:
         shown = before.counts > 0
-        top.scatter(centres[shown], before.confidence[shown], marker="x", color="grey", zorder=3,
-                    label="mean confidence before temperature scaling")
+        # The same binning before scaling: where its outline leaves the diagonal, the raw model was off.
+        top.bar(centres[shown], before.accuracy[shown], width=width * 0.95, fill=False, edgecolor="grey",
+                linestyle=":", linewidth=1.5, label="accuracy of the bin before temperature scaling")
         title = f"reliability (ECE {bins.ece:.3f}; before T={temperature or 1.0:.2f}: {before.ece:.3f})"
     top.set_ylim(0, 1)
     top.set_ylabel("accuracy")
