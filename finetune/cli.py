@@ -24,6 +24,11 @@ def _train(args: argparse.Namespace) -> None:
 
         if args.resume:
             raise FinetuneError("--folds and --resume do not combine; resume one fold with --resume RUN_DIR/foldN")
+        from finetune.semi import semi_requested
+
+        if semi_requested(args.recipe, args.overrides):
+            raise FinetuneError("--folds and a semi: section (semi.rounds) do not combine; train the rounds without "
+                                "--folds, or set semi.rounds=0")
         train_kfold(args.recipe, args.folds, data=args.data, overrides=args.overrides)
         return
     if not args.resume:

@@ -279,3 +279,19 @@ def test_semi_recipe_runs_teacher_and_student_rounds_with_a_summary(food_2021: P
     student = Recipe.from_dict(__import__("yaml").safe_load(RunDir(parent.path / "round1").recipe.read_text()))
     assert student.augment.preset == "medium" and student.semi.rounds == 0
     assert Path(summary["final_checkpoint"]) == RunDir(parent.path / "round2").best
+
+
+def test_semi_settings_are_checked(food_2021: Path) -> None:
+    from finetune.cli import main
+    from finetune.recipe import load_recipe
+
+    for bad, key in (("semi.threshold=1.5", "semi.threshold"), ("semi.rounds=-1", "semi.rounds"),
+                     ("semi.max_per_class=0", "semi.max_per_class"), ("semi.student_augment=wild", "semi.student_augment")):
+        with pytest.raises(FinetuneError, match=key):
+            load_recipe("quick_cpu", [bad])
+    assert main(["train", "quick_cpu", "--data", str(food_2021), "--folds", "2", "--set", "semi.rounds=1"]) == 2
+    # No unlabeled folder anywhere: the rounds cannot start, and say which key to set.
+    with pytest.raises(FinetuneError, match="semi.unlabeled"):
+        from finetune.semi import train_semi
+
+        train_semi("quick_cpu", data=food_2021, overrides=["semi.rounds=1", "data.unlabeled=null"])
