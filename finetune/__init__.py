@@ -28,8 +28,10 @@ __all__ = [
     "load_model",
     "load_recipe",
     "predict",
+    "pseudo_label",
     "report",
     "train",
+    "train_semi",
 ]
 
 _LAZY = {
@@ -38,6 +40,8 @@ _LAZY = {
     "evaluate": "finetune.api",
     "predict": "finetune.api",
     "report": "finetune.api",
+    "pseudo_label": "finetune.semi",
+    "train_semi": "finetune.semi",
     "LoadedModel": "finetune.inference",
     "load_model": "finetune.inference",
 }

@@ -11,19 +11,22 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from finetune.data.images import SkippedImage, check_images, list_images
 from finetune.data.loaders import eval_loader, train_loader
 from finetune.data.mixing import create_mixer
 from finetune.data.prepare import Prepared, labelled, prepare
+from finetune.data.sources import Sample, single_image_subfolder
 from finetune.engine import distributed
 from finetune.engine.fit import EpochHook, FitState, fit
 from finetune.engine.loss import create_criterion
 from finetune.engine.resume import read_resume, seed_everything
 from finetune.errors import FinetuneError
 from finetune.evaluation import evaluate_samples
-from finetune.inference import load_ensemble, load_model, resolve_device, sharded_probs
+from finetune.engine.temperature import fit_temperature, nll
+from finetune.inference import LoadedModel, load_ensemble, load_model, predict_probs, resolve_device, sharded_probs
 from finetune.loggers import check_loggers
 from finetune.models import build_model, format_summary, stage_summary
 from finetune.models.backbones import check_backbone_name
@@ -142,8 +145,10 @@ def train(
             evaluation = multilabel_eval.evaluate_after_training(run, state.best_path, dataset.val, device,
                                                                  cfg.batch_size, cfg.num_workers, log)
         else:
-            evaluation = evaluate_samples(load_model(state.best_path, device), dataset.val, run.eval,
-                                          cfg.batch_size, cfg.num_workers, log)
+            best = load_model(state.best_path, device)
+            raw = calibrate(best, dataset.val, run, cfg.batch_size, cfg.num_workers, log)
+            evaluation = evaluate_samples(best, dataset.val, run.eval, cfg.batch_size, cfg.num_workers, log,
+                                          raw_probs=raw)
     except BaseException:
         run.close_loggers()  # what was logged so far stays readable
         raise
@@ -153,6 +158,20 @@ def train(
     log(f"best validation accuracy {state.best_accuracy:.4f} (epoch {state.best_epoch}); files in {run.path}")
     return TrainResult(run.path, state.best_path, state.last_path, state.best_accuracy, state.best_epoch,
                        dataset.classes, dataset.skipped, evaluation)
+
+
+def calibrate(best: LoadedModel, val: Sequence[Sample], run: RunDir, batch_size: int, num_workers: int,
+              log: Log = print) -> np.ndarray:
+    """Fit the temperature on the validation images, store it in best.pt and in `best`; the raw probabilities."""
+    raw = predict_probs(best, val, batch_size, num_workers, calibrated=False)
+    labels = [s.label for s in val]
+    logits = np.log(np.clip(raw.astype(np.float64), 1e-45, 1.0))  # log-probabilities: logits up to a row shift
+    temperature = fit_temperature(logits, labels)
+    run.store_temperature(temperature)
+    best.temperature = temperature
+    log(f"temperature scaling: T = {temperature:.3f} fitted on {len(labels)} validation images (NLL "
+        f"{nll(logits, labels):.4f} → {nll(logits, labels, temperature):.4f}); every probability written is calibrated")
+    return raw
 
 
 def evaluate(
@@ -220,14 +239,18 @@ def predict(
     force: bool = False,
     threshold: Optional[float] = None,
     label_sep: str = " ",
+    reject_below: Optional[float] = None,
+    reject_label: str = "unknown",
 ) -> Path:
     """Predict every image in a folder and write a Kaggle-style CSV with one row per image.
 
     Several checkpoints are an ensemble (probabilities averaged); `tta` adds flips/crops; `probs`
     and `topk` also write `<out>_probs.csv` and `<out>_top<K>.csv`; `sample_submission` fixes the
     Ids, their order and the columns. Outputs never replace a file the command reads; an existing
-    file that is not an earlier CSV of the same kind is replaced only with `force`. A multi-label model
-    writes `Id,Tags` (labels joined by `label_sep`) using its stored per-class thresholds or `threshold`.
+    file that is not an earlier CSV of the same kind is replaced only with `force`. Probabilities are
+    calibrated (each checkpoint's temperature); `reject_below` writes `reject_label` for an image whose top
+    probability is below it. A multi-label model writes `Id,Tags` (labels joined by `label_sep`) using its
+    stored per-class thresholds or `threshold`.
     """
     checkpoints = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     views = parse_tta(tta)
@@ -237,9 +260,16 @@ def predict(
     if multilabel and topk:
         raise FinetuneError("--topk is for one label per image; a multi-label model writes every label above its "
                             "threshold (add --probs for each class's probability)")
+    if multilabel and reject_below is not None:
+        raise FinetuneError("--reject-below is for one label per image; a multi-label model leaves out every label "
+                            "below its threshold (raise it with --threshold)")
     label_column = label_column or ("Tags" if multilabel else "Category")
     folder = Path(images).expanduser()
     paths = list_images(folder)
+    inner = single_image_subfolder(folder) if not paths else None
+    if inner is not None:  # HW03 2021: --images food-11/testing means its one sub-folder, testing/00/
+        log(f"reading the test images in {inner}, the one sub-folder of {folder}")
+        folder, paths = inner, list_images(inner)
     _refuse_nested_images(folder, paths)
     if not paths:
         raise FinetuneError(f"no images in {images} (looked for .jpg/.png/... files, hidden files ignored)")
@@ -265,7 +295,19 @@ def predict(
         thresholds = multilabel_eval.decision_thresholds(models[0], threshold)
         rows_written = write_multilabel_rows(plan, batches, classes, thresholds, out, value, label_sep, probs_out)
     else:
-        rows_written = write_rows(plan, batches, classes, out, value, probs_out, topk, topk_out)
+        rejected = [0]
+
+        def counted(stream):
+            for probs in stream:
+                if reject_below is not None:
+                    rejected[0] += int((probs.max(axis=1) < reject_below).sum())
+                yield probs
+
+        rows_written = write_rows(plan, counted(batches), classes, out, value, probs_out, topk, topk_out,
+                                  reject_below, reject_label)
+        if reject_below is not None:
+            log(f"{rejected[0]} of {rows_written} image(s) have a top probability below {reject_below:g}: "
+                f"labelled '{reject_label}'")
     if skipped:
         # Still one row per image: an unreadable image is scored as a blank (mean-colour) input.
         listing = out.with_name(out.stem + "_unreadable.csv")

@@ -26,8 +26,19 @@ def _train(args: argparse.Namespace) -> None:
 
         if args.resume:
             raise FinetuneError("--folds and --resume do not combine; resume one fold with --resume RUN_DIR/foldN")
+        from finetune.semi import semi_requested
+
+        if semi_requested(args.recipe, args.overrides):
+            raise FinetuneError("--folds and a semi: section (semi.rounds) do not combine; train the rounds without "
+                                "--folds, or set semi.rounds=0")
         train_kfold(args.recipe, args.folds, data=args.data, overrides=args.overrides)
         return
+    if not args.resume:
+        from finetune.semi import semi_requested, train_semi
+
+        if semi_requested(args.recipe, args.overrides):
+            train_semi(args.recipe, data=args.data, overrides=args.overrides)
+            return
     train(args.recipe, data=args.data, overrides=args.overrides, resume=args.resume)
 
 
@@ -58,6 +69,12 @@ def _predict(args: argparse.Namespace) -> None:
     from finetune.api import predict
 
     predict(**_given(args))
+
+
+def _pseudo_label(args: argparse.Namespace) -> None:
+    from finetune.semi import pseudo_label
+
+    pseudo_label(**_given(args))
 
 
 def _score(args: argparse.Namespace) -> None:
@@ -206,7 +223,8 @@ def _datasets_fashion_mnist(args: argparse.Namespace) -> None:
     from finetune.datasets import describe, export_fashion_mnist
 
     export = export_fashion_mnist(args.out, per_class=args.per_class, val_per_class=args.val_per_class,
-                                  test_limit=args.test_limit, seed=args.seed, source=args.source)
+                                  test_limit=args.test_limit, seed=args.seed, source=args.source,
+                                  unlabeled=args.unlabeled, layout=args.layout)
     print(describe(export))
     print(f"train on it with: finetune train RECIPE --data {export.root}")
 
@@ -244,6 +262,11 @@ def _add_demo_commands(commands: argparse._SubParsersAction) -> None:
     fashion.add_argument("--seed", type=int, default=0)
     fashion.add_argument("--source", default=None,
                          help="folder with the four *-ubyte.gz files (default /usr/share/datasets/fashion-mnist)")
+    fashion.add_argument("--unlabeled", type=int, default=0, metavar="N",
+                         help="also N more training images without labels (answers in unlabeled_truth.csv)")
+    fashion.add_argument("--layout", choices=["folders", "hw03-2021"], default="folders",
+                         help="folders (default): train/ val/ test/; hw03-2021: training/labeled/<class>/, "
+                              "training/unlabeled/00/, validation/<class>/, testing/00/")
     fashion.set_defaults(func=_datasets_fashion_mnist)
     mosaics = sources.add_parser("fashion-mnist-multilabel",
                                  help="2x2 mosaics of 1-4 Fashion-MNIST garments, labels = the garments present: "
@@ -361,10 +384,34 @@ def build_parser() -> argparse.ArgumentParser:
                               "in file-name order zero-padded (HW03 sample code: pad4 from 1)")
     predict.add_argument("--id-width", type=int, help="--id-format index: digits, zero-padded (default 4; 0: none)")
     predict.add_argument("--index-start", type=int, help="--id-format index: number of the first image (default 1)")
+    predict.add_argument("--reject-below", type=float, metavar="P",
+                         help="write --reject-label for images whose calibrated top probability is below P "
+                              "(evaluate's accuracy-coverage curve suggests P for a target accuracy)")
+    predict.add_argument("--reject-label", help="label written for rejected images (default unknown)")
     predict.add_argument("--force", action="store_true",
                          help="replace an existing --out file that is not an earlier prediction CSV (never an input)")
     _inference_options(predict)
     predict.set_defaults(func=_predict)
+
+    pseudo = commands.add_parser("pseudo-label", help="label the confident predictions on unlabeled images "
+                                                      "(self-training): a class folder or a CSV manifest",
+                                 argument_default=argparse.SUPPRESS)
+    pseudo.add_argument("checkpoint", help="a run's best checkpoint (its fitted temperature calibrates the threshold)")
+    pseudo.add_argument("--images", required=True, help="folder of unlabeled images (sub-folders included)")
+    pseudo.add_argument("--out", required=True,
+                        help="folder to create (--format folder: OUT/<class>/) or CSV file (--format csv)")
+    pseudo.add_argument("--threshold", type=float, help="keep images whose calibrated top probability is at least "
+                                                        "this (default 0.9)")
+    pseudo.add_argument("--max-per-class", type=int, metavar="K",
+                        help="keep at most K per class, the most confident (keeps classes balanced)")
+    pseudo.add_argument("--format", choices=["folder", "csv"],
+                        help="folder (default): copies in OUT/<class>/; csv: path,label,probability manifest")
+    pseudo.add_argument("--link", action="store_true", help="--format folder: symlink instead of copying")
+    pseudo.add_argument("--truth", help="CSV of the true labels (file stem or name, class): adds the pseudo-labels' "
+                                        "accuracy")
+    pseudo.add_argument("--force", action="store_true", help="--format csv: replace an existing --out file")
+    _inference_options(pseudo)
+    pseudo.set_defaults(func=_pseudo_label)
 
     score = commands.add_parser("score", help="accuracy and evaluation bundle of a submission against true labels")
     score.add_argument("submission", help="submission CSV (Id,Category)")

@@ -23,6 +23,7 @@ __all__ = [
     "DEBIAN_FASHION_MNIST",
     "FASHION_MNIST_CLASSES",
     "FashionMNISTExport",
+    "LAYOUTS",
     "MosaicExport",
     "describe",
     "describe_mosaics",
@@ -64,6 +65,19 @@ class FashionMNISTExport:
     counts: dict[str, int]
     source: str
     reused: bool = False
+    unlabeled_dir: Optional[Path] = None  # --unlabeled N: the pool without labels (HW03 2021 layout)
+    unlabeled_truth: Optional[Path] = None  # its answers, kept outside the pool (Id,Category)
+
+
+LAYOUTS = ("folders", "hw03-2021")  # train/ val/ test/, or training/labeled/ training/unlabeled/00/ ... testing/00/
+
+
+def _paths(root: Path, layout: str) -> tuple[Path, Path, Path, Path, Path]:
+    """(train, val, test, unlabeled, unlabeled truth) folders/files of an export in `layout`."""
+    if layout == "hw03-2021":
+        return (root / "training" / "labeled", root / "validation", root / "testing" / "00",
+                root / "training" / "unlabeled" / "00", root / "unlabeled_truth.csv")
+    return root / "train", root / "val", root / "test", root / "unlabeled", root / "unlabeled_truth.csv"
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -113,6 +127,27 @@ def load_fashion_mnist(
         ) from None
 
 
+def _pick_unlabeled(count: int, labels: np.ndarray, taken: list, rng: np.random.Generator) -> list:
+    """`count` seeded indices from the training images not already used, uniformly (the classes as they come)."""
+    rest = np.setdiff1d(np.arange(len(labels)), np.asarray(taken, dtype=np.int64))
+    if count > len(rest):
+        raise FinetuneError(f"asked for {count} unlabeled images but only {len(rest)} training images are left "
+                            "after the labelled ones; lower --unlabeled")
+    return sorted(rng.choice(rest, size=count, replace=False).tolist())
+
+
+def _write_pool(folder: Path, truth_csv: Path, images: np.ndarray, labels: np.ndarray, indices: list) -> None:
+    """Unlabeled images u00001.png... in `folder`, their answers in `truth_csv` (outside it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with truth_csv.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["Id", "Category"])
+        for n, i in enumerate(indices, 1):
+            image_id = f"u{n:05d}"
+            Image.fromarray(images[i]).save(folder / f"{image_id}.png")
+            writer.writerow([image_id, FASHION_MNIST_CLASSES[labels[i]]])
+
+
 def _pick(labels: np.ndarray, per_class: int, val_per_class: int, rng: np.random.Generator) -> tuple[list, list]:
     """Disjoint, seeded train/val indices: `per_class` and `val_per_class` of each class."""
     train_idx, val_idx = [], []
@@ -143,20 +178,33 @@ def export_fashion_mnist(
     seed: int = 0,
     source: Optional[Union[str, Path]] = None,
     reuse: bool = False,
+    unlabeled: int = 0,
+    layout: str = "folders",
 ) -> FashionMNISTExport:
     """Write a Fashion-MNIST folder data set (train/, val/, unlabeled test/, test_truth.csv) into `out_dir`.
 
     `per_class` / `val_per_class` images per class are drawn (seeded, disjoint) from the 60 000 training
-    images; test/ holds the first `test_limit` of the 10 000 test images (all by default). With `reuse`,
-    an existing export made with the same settings is returned as it is.
+    images; test/ holds the first `test_limit` of the 10 000 test images (all by default). `unlabeled`
+    more training images (disjoint from both) form a pool without labels, their answers kept apart in
+    unlabeled_truth.csv. `layout` hw03-2021 writes HW03's 2021 tree: training/labeled/<class>/,
+    training/unlabeled/00/, validation/<class>/, testing/00/. With `reuse`, an existing export made
+    with the same settings is returned as it is.
     """
+    if layout not in LAYOUTS:
+        raise FinetuneError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if unlabeled < 0:
+        raise FinetuneError("--unlabeled must be 0 or more")
     if per_class < 1 or val_per_class < 1:
         raise FinetuneError("--per-class and --val-per-class must be at least 1")
     if test_limit is not None and test_limit < 1:
         raise FinetuneError("--test-limit must be at least 1 (or left out for all 10 000 test images)")
     root = Path(out_dir).expanduser()
-    train_dir, val_dir, test_dir, truth_csv = root / "train", root / "val", root / "test", root / "test_truth.csv"
+    train_dir, val_dir, test_dir, pool_dir, pool_truth = _paths(root, layout)
+    truth_csv = root / "test_truth.csv"
     settings = {"per_class": per_class, "val_per_class": val_per_class, "test_limit": test_limit, "seed": seed}
+    if unlabeled or layout != "folders":  # older exports' manifests stay reusable
+        settings.update(unlabeled=unlabeled, layout=layout)
+    pool_paths = (pool_dir, pool_truth) if unlabeled else (None, None)
     manifest = root / _MANIFEST
     if reuse and manifest.is_file():
         try:
@@ -165,7 +213,7 @@ def export_fashion_mnist(
             done = {}  # a damaged manifest: not reusable, and the folder is not empty (error below)
         if done.get("settings") == settings:
             return FashionMNISTExport(root, train_dir, val_dir, test_dir, truth_csv, list(FASHION_MNIST_CLASSES),
-                                      done["counts"], done["source"], reused=True)
+                                      done["counts"], done["source"], True, *pool_paths)
     if root.exists() and any(root.iterdir()):
         raise FinetuneError(f"{root} already exists and is not empty; choose another --out or delete it")
 
@@ -173,6 +221,9 @@ def export_fashion_mnist(
     train_idx, val_idx = _pick(train_y, per_class, val_per_class, np.random.default_rng(seed))
     _write_split(train_dir, train_x, train_y, train_idx)
     _write_split(val_dir, train_x, train_y, val_idx)
+    pool_idx = _pick_unlabeled(unlabeled, train_y, train_idx + val_idx, np.random.default_rng(seed + 1))
+    if unlabeled:
+        _write_pool(pool_dir, pool_truth, train_x, train_y, pool_idx)
     count = len(test_x) if test_limit is None else min(test_limit, len(test_x))
     test_dir.mkdir(parents=True, exist_ok=True)
     with truth_csv.open("w", newline="") as handle:
@@ -183,9 +234,11 @@ def export_fashion_mnist(
             Image.fromarray(test_x[i]).save(test_dir / f"{image_id}.png")
             writer.writerow([image_id, FASHION_MNIST_CLASSES[test_y[i]]])
     counts = {"train": len(train_idx), "val": len(val_idx), "test": count}
+    if unlabeled:
+        counts["unlabeled"] = len(pool_idx)
     manifest.write_text(json.dumps({"settings": settings, "counts": counts, "source": origin}, indent=2) + "\n")
     return FashionMNISTExport(root, train_dir, val_dir, test_dir, truth_csv, list(FASHION_MNIST_CLASSES), counts,
-                              origin)
+                              origin, False, *pool_paths)
 
 
 def describe(export: FashionMNISTExport) -> str:
@@ -197,7 +250,10 @@ def describe(export: FashionMNISTExport) -> str:
         f"  validation images  {export.counts['val']:>6}  {export.val_dir}/<class>/",
         f"  test images        {export.counts['test']:>6}  {export.test_dir}/ (unlabeled)",
         f"  test answers               {export.truth_csv} (Id,Category)",
-    ])
+    ] + ([
+        f"  unlabeled images   {export.counts['unlabeled']:>6}  {export.unlabeled_dir}/",
+        f"  unlabeled answers          {export.unlabeled_truth} (Id,Category; for pseudo-label accuracy)",
+    ] if export.unlabeled_dir is not None else []))
 
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix, top_k_accuracy_score
 
 from finetune.data.sources import Sample
-from finetune.reports.calibration import calibration_bins, plot_reliability
+from finetune.reports.calibration import accuracy_coverage, calibration_bins, plot_coverage, plot_reliability
 from finetune.reports.gallery import Tile, plot_gallery, thumbnail, worst_mistakes
 from finetune.reports.plots import BARS, plot_class_recall, plot_confused_pairs, plot_confusion_matrix
 from finetune.run import EvalFiles
@@ -96,11 +96,14 @@ def write_evaluation(
     probs: Optional[np.ndarray] = None,
     paths: Optional[Sequence[Path]] = None,
     model: Optional["LoadedModel"] = None,
+    uncalibrated: Optional[np.ndarray] = None,
+    temperature: Optional[float] = None,
 ) -> dict:
     """Write the evaluation bundle into `files` and return the metrics.
 
     With `probs`: top-k accuracy and calibration; with `probs` and `paths`: the misclassified
-    gallery; with `model` as well: Grad-CAM overlays of the worst mistakes.
+    gallery; with `model` as well: Grad-CAM overlays of the worst mistakes. `uncalibrated` (the
+    probabilities before temperature scaling) adds the ECE before it, beside the ECE of `probs`.
     """
     files.prepare()
     labels = list(range(len(classes)))
@@ -118,6 +121,12 @@ def write_evaluation(
         bins = calibration_bins(probs, y_true)
         summary["ece"] = bins.ece
         summary["calibration_bins"] = bins.to_dict()
+        before = calibration_bins(uncalibrated, y_true) if uncalibrated is not None else None
+        if temperature is not None:
+            summary["temperature"] = float(temperature)
+        if before is not None:
+            summary["ece_uncalibrated"] = before.ece
+        summary["coverage"] = accuracy_coverage(probs, y_true).to_dict()
     if files.writes:
         plot_confusion_matrix(matrix, classes, files.confusion_png)
         plot_confused_pairs(most_confused(matrix, classes, BARS), files.most_confused_png)
@@ -132,7 +141,8 @@ def write_evaluation(
                  float(probs[i, y_pred[i]]) if probs is not None else "", int(y_true[i] == y_pred[i])]
                 for i, path in enumerate(paths))])
         if "calibration_bins" in summary:
-            plot_reliability(bins, files.reliability)
+            plot_reliability(bins, files.reliability, before, temperature)
+            plot_coverage(accuracy_coverage(probs, y_true), files.coverage_png)
             if paths is not None:
                 worst = _write_gallery(y_true, y_pred, probs, classes, paths, files.misclassified)
                 if model is not None and worst:
@@ -153,6 +163,12 @@ def summary_lines(metrics: dict, classes: Sequence[str]) -> list[str]:
     extras = [f"{k} {v:.4f}" for k, v in metrics.get("top_k", {}).items() if k != "top1"]
     if "ece" in metrics:
         extras.append(f"ECE {metrics['ece']:.4f}")
+    if "ece_uncalibrated" in metrics:
+        extras[-1] += f" (before temperature scaling {metrics['ece_uncalibrated']:.4f}, T={metrics['temperature']:.3f})"
+    for target, point in (metrics.get("coverage", {}).get("targets") or {}).items():
+        if point["threshold"] is not None:
+            extras.append(f"{float(target):.0%} accuracy at {point['coverage']:.0%} coverage "
+                          f"(--reject-below {point['threshold']:.3f})")
     if extras:
         lines.append(", ".join(extras))
     if metrics["most_confused"]:
@@ -162,13 +178,26 @@ def summary_lines(metrics: dict, classes: Sequence[str]) -> list[str]:
 
 
 def evaluate_samples(loaded: "LoadedModel", samples: Sequence[Sample], files: EvalFiles, batch_size: int,
-                     num_workers: int, log: Callable[[str], None] = print, tta: Sequence[str] = ()) -> dict:
-    """Predict labelled samples with a loaded model, write the bundle into `files`, log the summary; the metrics."""
+                     num_workers: int, log: Callable[[str], None] = print, tta: Sequence[str] = (),
+                     raw_probs: Optional[np.ndarray] = None) -> dict:
+    """Predict labelled samples with a loaded model, write the bundle into `files`, log the summary; the metrics.
+
+    Probabilities are calibrated with the checkpoint's temperature; `raw_probs` (the uncalibrated ones,
+    already computed) saves running the model again.
+    """
+    from finetune.engine.temperature import apply_temperature
     from finetune.inference import predict_probs
 
-    probs = predict_probs(loaded, samples, batch_size, num_workers, tta=tta)
+    temperature = loaded.temperature
+    raw = raw_probs if raw_probs is not None else predict_probs(loaded, samples, batch_size, num_workers, tta=tta,
+                                                                 calibrated=False)
+    if tta and temperature != 1.0:  # averaged views: rescaling the average is not the average of the rescaled
+        probs = predict_probs(loaded, samples, batch_size, num_workers, tta=tta)
+    else:
+        probs = apply_temperature(raw, temperature)
     metrics = write_evaluation([s.label for s in samples], probs.argmax(1), loaded.classes, files, probs,
-                               [s.path for s in samples], model=loaded)
+                               [s.path for s in samples], model=loaded,
+                               uncalibrated=raw if temperature != 1.0 else None, temperature=temperature)
     for line in summary_lines(metrics, loaded.classes):
         log(line)
     log(f"evaluation written to {files.folder}")

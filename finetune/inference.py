@@ -34,6 +34,7 @@ class LoadedModel:
     preprocessing: Preprocessing
     recipe: Recipe
     checkpoint: dict
+    temperature: float = 1.0  # fitted on validation after training; checkpoints made before it hold none (1.0)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -71,7 +72,7 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu")
         raise FinetuneError(f"checkpoint {path} does not match its own recipe: {str(err).splitlines()[0]}") from None
     device = torch.device(device) if isinstance(device, str) else device
     model.to(device).eval()
-    return LoadedModel(model, classes, preprocessing, recipe, payload)
+    return LoadedModel(model, classes, preprocessing, recipe, payload, float(payload.get("temperature", 1.0)))
 
 
 def load_ensemble(paths: Sequence[Union[str, Path]], device: Union[str, torch.device] = "cpu") -> list[LoadedModel]:
@@ -122,10 +123,12 @@ def stream_probs(
     num_workers: int = 2,
     tta: Sequence[str] = (),
     blank: AbstractSet[Path] = frozenset(),
+    calibrated: bool = True,
 ) -> Iterator[np.ndarray]:
     """Yield class probabilities batch by batch, in `paths` order, averaged over models and TTA views.
 
     Paths in `blank` (known unreadable) are scored as a mean-colour image so every path gets a row.
+    `calibrated` applies each checkpoint's fitted temperature (False: the raw softmax).
     """
     groups: dict[Preprocessing, list[LoadedModel]] = {}
     for loaded in models:
@@ -140,7 +143,9 @@ def stream_probs(
                 loaded.model.eval()
                 device = next(loaded.model.parameters()).device
                 activation = "sigmoid" if loaded.recipe.data.task == "multilabel" else "softmax"
-                probs = average_views(loaded.model, [v.to(device) for v in views], tta, activation).cpu()
+                temperature = loaded.temperature if calibrated else 1.0
+                probs = average_views(loaded.model, [v.to(device) for v in views], tta, activation,
+                                      temperature).cpu()
                 total = probs if total is None else total + probs
         yield (total / len(models)).numpy()
 
@@ -152,6 +157,7 @@ def sharded_probs(
     num_workers: int = 2,
     tta: Sequence[str] = (),
     blank: AbstractSet[Path] = frozenset(),
+    calibrated: bool = True,
 ) -> Iterator[np.ndarray]:
     """`stream_probs` of every path; under torchrun each rank scores a contiguous share and all ranks get every row.
 
@@ -160,10 +166,10 @@ def sharded_probs(
     must consume it.
     """
     if not distributed.active():
-        yield from stream_probs(models, paths, batch_size, num_workers, tta, blank)
+        yield from stream_probs(models, paths, batch_size, num_workers, tta, blank, calibrated)
         return
     start, stop = distributed.shard_bounds(len(paths))
-    chunks = list(stream_probs(models, list(paths)[start:stop], batch_size, num_workers, tta, blank))
+    chunks = list(stream_probs(models, list(paths)[start:stop], batch_size, num_workers, tta, blank, calibrated))
     part = np.concatenate(chunks) if chunks else np.zeros((0, len(models[0].classes)), dtype=np.float32)
     yield from distributed.gather_objects(part)
 
@@ -175,11 +181,13 @@ def predict_probs(
     num_workers: int = 2,
     device: Optional[torch.device] = None,
     tta: Sequence[str] = (),
+    calibrated: bool = True,
 ) -> np.ndarray:
-    """Class probabilities (N, C) for `samples`, in order (one model or an ensemble)."""
+    """Class probabilities (N, C) for `samples`, in order (one model or an ensemble); calibrated unless asked."""
     models = [loaded] if isinstance(loaded, LoadedModel) else list(loaded)
     if device is not None:
         for m in models:
             m.model.to(device)
-    chunks = list(sharded_probs(models, [s.path for s in samples], batch_size, num_workers, tta))
+    chunks = list(sharded_probs(models, [s.path for s in samples], batch_size, num_workers, tta,
+                                calibrated=calibrated))
     return np.concatenate(chunks) if chunks else np.zeros((0, len(models[0].classes)), dtype=np.float32)

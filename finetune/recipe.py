@@ -27,6 +27,7 @@ __all__ = [
     "ModelConfig",
     "AugmentConfig",
     "TrainConfig",
+    "SemiConfig",
     "Recipe",
     "load_recipe",
     "apply_overrides",
@@ -64,6 +65,9 @@ class DataConfig:
     train: str = "auto"  # sub-folder holding training images ("auto": train/ or training/, else root)
     val: Optional[str] = "auto"  # sub-folder with validation images; "auto" finds val/validation/valid
     test: Optional[str] = "auto"  # unlabeled test folder; k-fold names it in the predict command it prints
+    # Images without labels, any depth ("auto": training/unlabeled/ or unlabeled/; null = none); a `semi:`
+    # section and `finetune pseudo-label` use them. With "auto", training/labeled/<class>/ is the training data.
+    unlabeled: Optional[str] = "auto"
     label_regex: str = r"^(\d+)_"  # filename layout: first group of this regex is the label
     csv: Optional[str] = None  # csv layout: manifest file with columns path|id and label
     csv_image_dir: Optional[str] = None  # csv layout: folder the ids/paths are relative to
@@ -273,6 +277,32 @@ class TrainConfig:
 
 
 @dataclass
+class SemiConfig:
+    """Self-training on unlabeled images: a labels-only teacher, then `rounds` students on labels + pseudo-labels."""
+
+    unlabeled: Optional[str] = None  # unlabeled image folder (any depth; relative to data.root); None = data.unlabeled
+    rounds: int = 0  # pseudo-label rounds after the teacher (each: label the pool, train a student); 0 = off
+    threshold: float = 0.9  # keep a pseudo-label when its calibrated probability is at least this
+    max_per_class: Optional[int] = None  # at most K pseudo-labels per class, the most confident (balance); None = all
+    student_augment: Optional[str] = None  # augment.preset for the students (Noisy Student: stronger, e.g. heavy)
+    truth: Optional[str] = None  # CSV (file stem or name, label) of the pool's true labels: pseudo-label accuracy
+
+    def __post_init__(self) -> None:
+        self.validate()  # a bad section cannot be built, from YAML or in code
+
+    def validate(self) -> None:
+        """Reject out-of-range settings, naming the recipe key."""
+        if self.rounds < 0:
+            raise FinetuneError("recipe key 'semi.rounds' must be 0 (off) or more, e.g. 2")
+        if not 0.0 < self.threshold <= 1.0:
+            raise FinetuneError("recipe key 'semi.threshold' is a probability in (0, 1], e.g. 0.9")
+        if self.max_per_class is not None and self.max_per_class < 1:
+            raise FinetuneError("recipe key 'semi.max_per_class' must be at least 1, or null for no limit")
+        if self.student_augment is not None:
+            _choice("semi.student_augment", self.student_augment, PRESETS)
+
+
+@dataclass
 class Recipe:
     """A whole run: data, model, augmentation and training settings."""
 
@@ -282,6 +312,7 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    semi: SemiConfig = field(default_factory=SemiConfig)  # pseudo-labelling rounds (finetune/semi.py)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -294,9 +325,13 @@ class Recipe:
         self.model.validate()
         self.augment.validate()
         self.train.validate()
+        self.semi.validate()
         if self.train.monitor in ("val_map", "val_f1") and self.data.task != "multilabel":
             raise FinetuneError(f"train.monitor '{self.train.monitor}' is a multi-label metric; with data.task "
                                 "'single' use val_acc or val_loss (or set data.task: multilabel)")
+        if self.semi.rounds and self.data.task == "multilabel":
+            raise FinetuneError("semi.rounds (pseudo-labelling) takes one label per image; it does not work with "
+                                "data.task: multilabel (set semi.rounds: 0)")
         return self
 
     def to_dict(self) -> dict:

@@ -114,6 +114,9 @@ def _evaluation_sections(files: EvalFiles) -> tuple[list[str], list[str]]:
                 cards.append(_card(_pct(value), f"{name} accuracy"))
         if "ece" in metrics:
             cards.append(_card(f"{metrics['ece']:.3f}", "calibration error (ECE)"))
+        if "ece_uncalibrated" in metrics:
+            cards.append(_card(f"{metrics['ece_uncalibrated']:.3f}",
+                               f"ECE before temperature scaling (T = {metrics.get('temperature', 1.0):.2f})"))
     parts.append("<h2>Confusion matrix</h2>" + _img(files.confusion_png, "confusion matrix",
                                                     "rows: true class; columns: predicted class"))
     confused = _read_csv(files.most_confused)[1:11]
@@ -139,6 +142,10 @@ def _evaluation_sections(files: EvalFiles) -> tuple[list[str], list[str]]:
                        "bar below its red confidence mark: over-confident; above: under-confident")
     if reliability:
         parts.append("<h2>Calibration</h2>" + reliability)
+    coverage = _img(files.coverage_png, "accuracy against coverage",
+                    "keeping only predictions above a confidence threshold (predict --reject-below)")
+    if coverage:
+        parts.append("<h2>Accuracy against coverage</h2>" + coverage)
     return cards, parts
 
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 from finetune.data.images import SkippedImage
 from finetune.engine import distributed
-from finetune.engine.checkpoint import save_checkpoint
+from finetune.engine.checkpoint import read_checkpoint, save_checkpoint
 from finetune.errors import FinetuneError
 from finetune.loggers import Logger, create_loggers
 from finetune.recipe import Recipe
@@ -98,6 +98,7 @@ class EvalFiles:
         self.predictions = self.folder / "predictions.csv"
         self.metrics = self.folder / "metrics.json"
         self.reliability = self.folder / "reliability.png"
+        self.coverage_png = self.folder / "accuracy_coverage.png"  # accuracy when only the confident are kept
         self.misclassified = self.folder / "misclassified.png"
         self.gradcam = self.folder / "gradcam.png"
         self.skipped = self.folder / "skipped_images.csv"
@@ -167,6 +168,8 @@ class RunDir:
         self.test_submission = self.path / "predictions" / "submission.csv"  # demo: the test folder's predictions
         self.test_eval = EvalFiles(self.path / "test_eval")  # demo: the submission scored against the answers
         self.tensorboard = self.path / "tensorboard_events"  # train.loggers: [tensorboard]
+        self.pseudo_labels = self.path / "pseudo_labels.csv"  # semi: the pseudo-labels this run's model made
+        self.semi_summary = self.path / "semi_summary.json"  # semi: parent folder of the rounds
         self._loggers: list[Logger] = []
 
     def __repr__(self) -> str:
@@ -264,6 +267,11 @@ class RunDir:
         if self.is_main:
             save_checkpoint(path, payload)
 
+    def store_temperature(self, temperature: float) -> None:
+        """Add the fitted temperature to best.pt (atomically), so every later prediction is calibrated."""
+        if self.is_main:
+            save_checkpoint(self.best, {**read_checkpoint(self.best), "temperature": float(temperature)})
+
     def start_loggers(self, recipe: Recipe) -> None:
         """Open the loggers train.loggers names; from now on every history row goes to them too."""
         if self.is_main:
@@ -323,6 +331,16 @@ class RunDir:
         """curves.png: loss, accuracy and learning rate per epoch."""
         if self.is_main:
             plot_curves(list(history), self.curves)
+
+    def write_pseudo_labels(self, rows: Iterable[Sequence[Any]]) -> None:
+        """pseudo_labels.csv: path, label, probability (and true label when known) of each image kept."""
+        if self.is_main:
+            _write_csv(self.pseudo_labels, rows)
+
+    def write_semi_summary(self, summary: dict) -> None:
+        """semi_summary.json of a self-training parent folder."""
+        if self.is_main:
+            self.semi_summary.write_text(json.dumps(summary, indent=2) + "\n")
 
     def write_cv_summary(self, summary: dict) -> None:
         """cv_summary.json of a k-fold parent folder."""

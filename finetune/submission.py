@@ -182,11 +182,18 @@ def write_rows(
     probs_out: Optional[Path] = None,
     topk: int = 0,
     topk_out: Optional[Path] = None,
+    reject_below: Optional[float] = None,
+    reject_label: str = "unknown",
 ) -> int:
     """Write submission rows (and optional probability / top-k files) as probability batches arrive.
 
-    `batches` yields (B, C) arrays in `plan` order; returns the number of rows written.
+    `batches` yields (B, C) arrays in `plan` order; returns the number of rows written. With
+    `reject_below`, an image whose top probability is below it gets `reject_label` in the submission.
     """
+    if reject_below is not None and not 0.0 < reject_below <= 1.0:
+        raise FinetuneError(f"--reject-below is a probability between 0 and 1 (e.g. 0.8), got {reject_below}")
+    if reject_below is not None and plan.label_column is None:
+        raise FinetuneError("--reject-below needs a label column; this sample submission has one column per class")
     if value not in VALUE_KINDS:
         raise FinetuneError(f"--value must be one of {', '.join(VALUE_KINDS)}, got {value!r}")
     if topk and not 1 <= topk <= len(classes):
@@ -217,6 +224,8 @@ def write_rows(
             for i, p, k in zip(ids, probs, predicted):
                 if plan.label_column is None:
                     files["sub"].writer.writerow([i, *(_fmt(p[c]) for c in prob_order)])
+                elif reject_below is not None and p[k] < reject_below:
+                    files["sub"].writer.writerow([i, reject_label])
                 else:
                     files["sub"].writer.writerow([i, classes[k] if value == "name" else int(k)])
                 if "probs" in files:

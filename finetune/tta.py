@@ -86,8 +86,9 @@ def _corners(big: torch.Tensor, size: int) -> list[torch.Tensor]:
 
 
 def average_views(model: torch.nn.Module, views: Sequence[torch.Tensor], tta: Sequence[str],
-                  activation: str = "softmax") -> torch.Tensor:
-    """Probabilities (B, C) averaged over the TTA views of one batch: softmax, or sigmoid for multi-label models."""
+                  activation: str = "softmax", temperature: float = 1.0) -> torch.Tensor:
+    """Probabilities (B, C) of logits / `temperature` averaged over the TTA views of one batch: softmax, or
+    sigmoid for multi-label models."""
     centre = views[0]
     crops = [centre] + (_corners(views[1], centre.shape[-1]) if "crops" in tta else [])
     if "flip" in tta:
@@ -95,6 +96,7 @@ def average_views(model: torch.nn.Module, views: Sequence[torch.Tensor], tta: Se
     total = None
     for crop in crops:
         logits = model(crop.contiguous(memory_format=torch.channels_last)).float()
+        logits = logits / temperature
         probs = torch.sigmoid(logits) if activation == "sigmoid" else torch.softmax(logits, dim=1)
         total = probs if total is None else total + probs
     return total / len(crops)

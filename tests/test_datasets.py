@@ -99,3 +99,30 @@ def test_cli_datasets_command(tmp_path: Path, fake_source: Path, capsys):
     assert len(list((out / "train").rglob("*.png"))) == 20
     assert str(out / "test_truth.csv") in capsys.readouterr().out
     assert main(["datasets", "fashion-mnist", "--out", str(out), "--source", str(fake_source)]) == 2
+
+
+def test_export_in_the_hw03_2021_layout_with_an_unlabeled_pool(tmp_path: Path, fake_source: Path):
+    from finetune.data.prepare import prepare
+    from finetune.recipe import DataConfig, Recipe
+
+    assert main(["datasets", "fashion-mnist", "--out", str(tmp_path / "fm"), "--per-class", "2",
+                 "--val-per-class", "1", "--test-limit", "5", "--unlabeled", "40", "--layout", "hw03-2021",
+                 "--source", str(fake_source)]) == 0
+    root = tmp_path / "fm"
+    pool = sorted((root / "training" / "unlabeled" / "00").iterdir())
+    assert len(pool) == 40 and len(list((root / "testing" / "00").iterdir())) == 5
+    with (root / "unlabeled_truth.csv").open() as handle:
+        truth = {r["Id"]: r["Category"] for r in csv.DictReader(handle)}
+    assert truth == {p.stem: FASHION_MNIST_CLASSES[_label_of(p)] for p in pool}
+    # Labelled files are named by their index in the training set: the pool never repeats one of them.
+    taken = [int(p.stem) for p in (root / "training" / "labeled").rglob("*.png")]
+    taken += [int(p.stem) for p in (root / "validation").rglob("*.png")]
+    assert len(taken) == 30
+    rest = datasets._pick_unlabeled(50, np.zeros(80), taken, np.random.default_rng(1))
+    assert len(set(rest)) == 50 and not set(rest) & set(taken)  # all that is left, none of the labelled
+    prepared = prepare(Recipe(data=DataConfig(root=str(root))), print)
+    assert sorted(prepared.classes) == sorted(FASHION_MNIST_CLASSES)
+    assert prepared.unlabeled_dir == root / "training" / "unlabeled"
+    assert prepared.test_dir == root / "testing" / "00" and len(prepared.train) == 20
+    assert main(["datasets", "fashion-mnist", "--out", str(tmp_path / "fm2"), "--per-class", "2",
+                 "--val-per-class", "1", "--unlabeled", "51", "--source", str(fake_source)]) == 2  # 50 left

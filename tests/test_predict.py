@@ -47,14 +47,18 @@ def trained(tmp_path_factory):
 
 
 def manual_probs(checkpoint: Path, paths: list[Path], flip: bool = False) -> np.ndarray:
-    """Softmax of the model on the evaluation view (and its mirror), computed without the inference code."""
+    """Softmax of the model on the evaluation view (and its mirror), computed without the inference code.
+
+    The logits are divided by the checkpoint's fitted temperature: every probability written is calibrated.
+    """
     loaded = load_model(checkpoint)
     transform = build_eval_transform(loaded.preprocessing)
     batch = torch.stack([transform(image=load_rgb(p))["image"] for p in paths])
+    t = loaded.checkpoint.get("temperature", 1.0)
     with torch.no_grad():
-        probs = torch.softmax(loaded.model(batch), 1)
+        probs = torch.softmax(loaded.model(batch) / t, 1)
         if flip:
-            probs = (probs + torch.softmax(loaded.model(torch.flip(batch, dims=[-1])), 1)) / 2
+            probs = (probs + torch.softmax(loaded.model(torch.flip(batch, dims=[-1])) / t, 1)) / 2
     return probs.numpy()
 
 

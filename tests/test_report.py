@@ -41,11 +41,12 @@ def run(tmp_path_factory):
 def test_report_is_self_contained_with_every_figure_embedded(run):
     page = (run / "report.html").read_text()
     for heading in ("Confusion matrix", "Per-class results", "Misclassified", "Grad-CAM", "Calibration",
-                    "Training curves", "Data", "Recipe"):
+                    "Training curves", "Data", "Recipe", "Accuracy against coverage"):
         assert f">{heading}" in page, heading
     sources = re.findall(r'<img src="([^"]+)"', page)
-    # confusion matrix, most-confused pairs, per-class recall, gallery, Grad-CAM, reliability diagram, curves
-    assert len(sources) == 7
+    # confusion matrix, most-confused pairs, per-class recall, gallery, Grad-CAM, reliability diagram,
+    # accuracy against coverage, curves
+    assert len(sources) == 8
     for src in sources:
         assert src.startswith("data:image/png;base64,")
         with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as image:

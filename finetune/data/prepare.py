@@ -28,6 +28,7 @@ class Prepared:
     skipped: list[SkippedImage]
     val_source: str = "folder"  # "folder", "split" or a k-fold description
     test_dir: Optional[Path] = None
+    unlabeled_dir: Optional[Path] = None  # images without labels (data.unlabeled)
 
     @property
     def train_counts(self) -> list[int]:
@@ -75,7 +76,10 @@ def prepare(recipe: Recipe, log: Log = print) -> Prepared:
     if val_source == "split":
         kind = "iterative-stratified" if recipe.data.task == "multilabel" else "stratified"
         val_source = f"{recipe.data.val_fraction:.0%} {kind} split"
-    prepared = Prepared(splits.classes, splits.train, splits.val, splits.skipped, val_source, splits.test_dir)
+    for note in splits.notes:
+        log(note)
+    prepared = Prepared(splits.classes, splits.train, splits.val, splits.skipped, val_source, splits.test_dir,
+                        splits.unlabeled_dir)
     _check_classes(prepared, log)
     return prepared
 

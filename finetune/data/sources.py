@@ -21,11 +21,16 @@ __all__ = [
     "read_labelled_folder",
     "read_manifest",
     "sort_class_names",
+    "single_image_subfolder",
+    "LABELED_NAMES",
+    "UNLABELED_NAMES",
 ]
 
 TRAIN_NAMES = ("train", "training")
 VAL_NAMES = ("val", "validation", "valid")
 TEST_NAMES = ("test", "testing")
+LABELED_NAMES = ("labeled", "labelled")  # HW03 2021: training/labeled/<class>/ beside training/unlabeled/
+UNLABELED_NAMES = ("unlabeled", "unlabelled")
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,8 @@ class DatasetSplits:
     val_source: str  # "folder" or "split"
     test_dir: Optional[Path]
     skipped: list[SkippedImage]
+    unlabeled_dir: Optional[Path] = None  # images without labels (HW03 2021: training/unlabeled/)
+    notes: list[str] = field(default_factory=list)  # how the layout was read, for the log
 
 
 def sort_class_names(names: set[str]) -> list[str]:
@@ -130,6 +137,12 @@ def one_sample_per_file(found: LabelledSet, where: Path) -> LabelledSet:
     return LabelledSet(items, skipped)
 
 
+def _only_split_names(class_dirs: Sequence[Path]) -> bool:
+    """True when every sub-folder is named labeled/unlabeled: a semi-supervised tree, not classes."""
+    names = {p.name.lower() for p in class_dirs}
+    return bool(names) and names <= set(LABELED_NAMES + UNLABELED_NAMES)
+
+
 def _detect_layout(folder: Path) -> str:
     if _class_dirs(folder):
         return "folder"
@@ -142,12 +155,24 @@ def _detect_layout(folder: Path) -> str:
 
 
 def read_labelled_folder(folder: Path, layout: str, label_regex: str) -> LabelledSet:
-    """Read (path, class name) pairs from a class-per-subfolder or label-in-filename folder."""
-    if layout == "auto":
+    """Read (path, class name) pairs from a class-per-subfolder or label-in-filename folder.
+
+    With `layout: auto`, sub-folders named only labeled/unlabeled are refused as classes: that is the
+    semi-supervised layout (`data.train: training/labeled`, `data.unlabeled: training/unlabeled`).
+    """
+    detected = layout == "auto"
+    if detected:
         layout = _detect_layout(folder)
     if layout == "folder":
         items: list[tuple[Path, str]] = []
         class_dirs, skipped_dirs = _real_class_dirs(folder)
+        if detected and _only_split_names(class_dirs):
+            names = ", ".join(p.name for p in class_dirs)
+            raise FinetuneError(
+                f"{folder} holds only the sub-folders {names}: that is a labeled/unlabeled split, not classes. "
+                f"Point data.train at the class folders (e.g. --set data.train={folder.name}/labeled) and "
+                f"data.unlabeled at the rest; if they really are your classes, set data.layout: folder"
+            )
         if not class_dirs:
             raise FinetuneError(f"{folder} has no class sub-folders; expected {folder}/<class>/<image>")
         for class_dir in class_dirs:
@@ -271,14 +296,19 @@ def discover(cfg: DataConfig, seed: int = 0, keep: Optional[Keep] = None) -> Dat
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
         raise FinetuneError(f"dataset folder not found: {root}")
-    test_dir = _find_child(root, cfg.test, TEST_NAMES)
+    notes: list[str] = []
+    test_dir = _test_folder(_find_child(root, cfg.test, TEST_NAMES), cfg.test == "auto", notes)
+    unlabeled_dir = None
     if cfg.layout == "csv":
         train_set, val_set = read_manifest(cfg, root), None
     else:
         train_dir = _find_child(root, cfg.train, TRAIN_NAMES) or root
+        train_dir, unlabeled_dir = _semi_supervised_split(root, train_dir, cfg, notes)
         val_dir = _find_child(root, cfg.val, VAL_NAMES)
         train_set = read_labelled_folder(train_dir, cfg.layout, cfg.label_regex)
         val_set = read_labelled_folder(val_dir, cfg.layout, cfg.label_regex) if val_dir else None
+    if cfg.layout == "csv" and cfg.unlabeled not in (None, "auto"):
+        unlabeled_dir = _unlabeled_folder(root / cfg.unlabeled)
     classes = sort_class_names({name for _, name in train_set.items})
     if len(classes) < 2:
         raise FinetuneError(f"found only one class ({classes[0]}) in {root}; a classifier needs at least two")
@@ -289,6 +319,60 @@ def discover(cfg: DataConfig, seed: int = 0, keep: Optional[Keep] = None) -> Dat
     if val_set is not None:
         _check_disjoint(train_set, val_set)
         val, dropped = keep(_to_samples(val_set, classes))
-        return DatasetSplits(classes, train, val, "folder", test_dir, skipped + dropped)
+        return DatasetSplits(classes, train, val, "folder", test_dir, skipped + dropped, unlabeled_dir, notes)
     train, val = _stratified_split(train, cfg.val_fraction, seed)
-    return DatasetSplits(classes, train, val, "split", test_dir, skipped)
+    return DatasetSplits(classes, train, val, "split", test_dir, skipped, unlabeled_dir, notes)
+
+
+def _unlabeled_folder(path: Path) -> Path:
+    if not path.is_dir():
+        raise FinetuneError(f"unlabeled folder {path} not found (data.unlabeled in the recipe)")
+    if not list_images(path, recursive=True):
+        raise FinetuneError(f"the unlabeled folder {path} holds no images (data.unlabeled in the recipe)")
+    return path
+
+
+def _named_child(folder: Path, names: tuple[str, ...]) -> Optional[Path]:
+    by_name = {p.name.lower(): p for p in _class_dirs(folder)} if folder.is_dir() else {}
+    return next((by_name[n] for n in names if n in by_name), None)
+
+
+def _semi_supervised_split(root: Path, train_dir: Path, cfg: DataConfig,
+                           notes: list[str]) -> tuple[Path, Optional[Path]]:
+    """(labelled training folder, unlabeled folder): finds HW03 2021's training/labeled + training/unlabeled."""
+    labeled = _named_child(train_dir, LABELED_NAMES) if cfg.train == "auto" else None
+    unlabeled = None
+    if cfg.unlabeled not in (None, "auto"):
+        unlabeled = _unlabeled_folder(root / cfg.unlabeled)
+    elif cfg.unlabeled == "auto":
+        # Beside labeled/ (HW03 2021), or at the top when the training images are elsewhere; never a class
+        # folder of a plain training tree (a class may be called "unlabeled").
+        found = _named_child(train_dir, UNLABELED_NAMES) if labeled is not None else (
+            _named_child(root, UNLABELED_NAMES) if train_dir != root else None)
+        unlabeled = found if found is not None and list_images(found, recursive=True) else None
+    if labeled is not None:
+        notes.append(f"semi-supervised layout: labelled training images in {labeled.relative_to(root)}/<class>/")
+        train_dir = labeled
+    if unlabeled is not None:
+        count = len(list_images(unlabeled, recursive=True))
+        notes.append(f"unlabeled images: {count} in {unlabeled} (used only by a recipe's semi: section or "
+                     "`finetune pseudo-label`)")
+    return train_dir, unlabeled
+
+
+def single_image_subfolder(folder: Path) -> Optional[Path]:
+    """The one sub-folder holding `folder`'s images when it has no images itself (HW03 2021: testing/00/)."""
+    if not folder.is_dir() or list_images(folder):
+        return None
+    subs = _class_dirs(folder)
+    return subs[0] if len(subs) == 1 and list_images(subs[0]) else None
+
+
+def _test_folder(test_dir: Optional[Path], auto: bool, notes: list[str]) -> Optional[Path]:
+    """The folder that holds the test images: HW03 2021 keeps them in testing/00/, its one sub-folder."""
+    inner = single_image_subfolder(test_dir) if test_dir is not None else None
+    if inner is None:
+        return test_dir
+    if auto:
+        notes.append(f"test images in {inner} (the one sub-folder of {test_dir.name}/)")
+    return inner
