@@ -13,12 +13,15 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from finetune.data.images import SkippedImage, check_images, list_images
-from finetune.data.loaders import eval_loader, train_loader
+from finetune.data.loaders import eval_loader, image_reader, tensor_train_loader, train_loader
+from finetune.data.transforms import eval_decode_side
 from finetune.data.mixing import create_mixer
 from finetune.data.prepare import Prepared, labelled, prepare
+from finetune.engine.features import FeatureCache
 from finetune.engine.fit import EpochHook, FitState, fit
 from finetune.engine.loss import create_criterion
 from finetune.engine.resume import read_resume, seed_everything
+from finetune.engine.step import compile_model, train_precision
 from finetune.errors import FinetuneError
 from finetune.evaluation import evaluate_samples
 from finetune.inference import load_ensemble, load_model, resolve_device, stream_probs
@@ -94,6 +97,11 @@ def train(
     log(format_summary(stage_summary(model)))
     memory_format = torch.channels_last if recipe.train.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
+    train_precision(recipe.train, device)  # fp16 on a CPU stops here, before the run folder exists
+    if recipe.train.compile:
+        example = torch.zeros(2, 3, preprocessing.size, preprocessing.size, device=device)
+        if compile_model(model, example.contiguous(memory_format=memory_format), log):
+            log("train.compile: the model runs compiled (torch.compile)")
 
     run = RunDir.open(checkpoint) if payload is not None else RunDir.create(recipe.output, recipe.name)
     run.write_recipe(recipe)
@@ -104,14 +112,33 @@ def train(
     extras = {"classes": dataset.classes, "preprocessing": preprocessing.to_dict(), "recipe": recipe.to_dict()}
     log(f"training on {device} for {recipe.train.epochs} epoch(s); run folder {run.path}")
     run.start_loggers(recipe)
+
+    def on_skip(item: SkippedImage) -> None:
+        log(f"warning: skipped {item.path}, which does not decode ({item.reason}); it is listed in {run.skipped}")
+
+    # Each image is decoded once per pass, by the loaders: what fails there is dropped from its batch and listed.
+    val_read = image_reader(cfg, eval_decode_side(preprocessing), [s.path for s in dataset.val])
+    loaders = (train_loader(recipe, dataset.train, preprocessing, len(dataset.classes), on_skip=on_skip),
+               eval_loader(dataset.val, preprocessing, cfg.batch_size, cfg.num_workers, val_read, on_skip))
+    mixer = create_mixer(recipe.augment, len(dataset.classes))
+    features = None
+    if _caches_features(recipe, mixer is not None):
+        # One pass over the training images (the validation loader serves both): no image cache needed.
+        features = FeatureCache(eval_loader(dataset.train, preprocessing, cfg.batch_size, cfg.num_workers),
+                                loaders[1], lambda d: tensor_train_loader(recipe, d, len(dataset.classes)))
     try:
         state: FitState = fit(
-            model, train_loader(recipe, dataset.train, preprocessing, len(dataset.classes)),
-            eval_loader(dataset.val, preprocessing, cfg.batch_size, cfg.num_workers),
-            create_criterion(recipe, dataset.train_counts, device), recipe.train, run, device, extras, log=log,
-            mixer=create_mixer(recipe.augment, len(dataset.classes)), resume=payload, on_epoch=on_epoch,
+            model, *loaders, create_criterion(recipe, dataset.train_counts, device), recipe.train, run, device, extras,
+            log=log, mixer=mixer, resume=payload, on_epoch=on_epoch, feature_cache=features,
         )
-        evaluation = evaluate_samples(load_model(state.best_path, device), dataset.val, run.eval, cfg.batch_size,
+        unreadable = {path: item for loader in loaders for path, item in getattr(loader, "skipped", {}).items()}
+        skipped = [*dataset.skipped, *unreadable.values()]  # a shared Prepared (k-fold, tune) stays as it was
+        if unreadable:
+            run.write_skipped(skipped, log=lambda _: None)
+            log(f"{len(unreadable)} image(s) failed to decode during training and were left out; "
+                f"{len(skipped)} skipped file(s) in all are listed in {run.skipped}")
+        val_samples = [s for s in dataset.val if s.path not in unreadable]
+        evaluation = evaluate_samples(load_model(state.best_path, device), val_samples, run.eval, cfg.batch_size,
                                       cfg.num_workers, log)
     except BaseException:
         run.close_loggers()  # what was logged so far stays readable
@@ -120,7 +147,17 @@ def train(
     run.finish_loggers({"best_val_acc": state.best_accuracy, "best_epoch": state.best_epoch, **evaluation})
     log(f"best validation accuracy {state.best_accuracy:.4f} (epoch {state.best_epoch}); files in {run.path}")
     return TrainResult(run.path, state.best_path, state.last_path, state.best_accuracy, state.best_epoch,
-                       dataset.classes, dataset.skipped, evaluation)
+                       dataset.classes, skipped, evaluation)
+
+
+def _caches_features(recipe: Recipe, mixes: bool) -> bool:
+    """Whether head-only epochs may train on cached backbone features (train.cache_features)."""
+    aug, choice = recipe.augment, recipe.train.cache_features
+    if choice is False or mixes:  # mixup/cutmix blend images, not features
+        return False
+    # Features of un-augmented images stand in for random augmentation only when the recipe accepts it.
+    deterministic = aug.preset == "none" and not aug.ops and aug.policy == "none"
+    return bool(choice) or (deterministic and recipe.model.bn == "frozen")
 
 
 def evaluate(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Protocol, Sequence
 
@@ -16,9 +17,10 @@ from tqdm import tqdm
 
 from finetune.data.mixing import BatchMixer, dominant_label
 from finetune.engine.ema import WeightEma
+from finetune.engine.features import FeatureCache, features_in, head_only
 from finetune.engine.optim import base_lr, create_optimizer, create_scheduler, stage_lrs
 from finetune.engine.resume import capture_rng_state, check_resumable, restore_rng_state
-from finetune.engine.step import autocast, optimizer_step, to_device
+from finetune.engine.step import autocast, grad_scaler, optimizer_step, to_device, train_precision
 from finetune.errors import FinetuneError
 from finetune.models.unfreezing import plan_unfreezing
 from finetune.recipe import TrainConfig
@@ -123,6 +125,7 @@ def train_one_epoch(
     `on_step` gets the mean loss of the batches behind each optimiser step (the live loggers' per-step curve).
     """
     model.train()
+    precision = train_precision(cfg, device)
     total_loss, correct, seen = 0.0, 0, 0
     batches = len(loader)
     group_loss = 0.0
@@ -133,7 +136,7 @@ def train_one_epoch(
         targets = labels
         if mixer is not None:
             images, targets = mixer(images, labels)
-        with autocast(device, cfg.amp):
+        with autocast(device, precision):
             logits = model(images)
             loss = criterion(logits, targets)
         # Each batch contributes loss/group so an accumulated step uses the mean gradient of its group
@@ -172,10 +175,11 @@ def train_one_epoch(
 def validate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device: torch.device, cfg: TrainConfig) -> EpochStats:
     """Loss and accuracy on the validation data."""
     model.eval()
+    precision = train_precision(cfg, device)
     total_loss, correct, seen = 0.0, 0, 0
     for images, labels in loader:
         images, labels = to_device(images, labels, device, cfg.channels_last)
-        with autocast(device, cfg.amp):
+        with autocast(device, precision):
             logits = model(images)
             loss = criterion(logits.float(), labels)
         total_loss += loss.item() * labels.shape[0]
@@ -226,6 +230,7 @@ def fit(
     mixer: Optional[BatchMixer] = None,
     resume: Optional[dict] = None,
     on_epoch: Optional[EpochHook] = None,
+    feature_cache: Optional[FeatureCache] = None,
 ) -> FitState:
     """Train up to cfg.epochs (fewer with early stopping), continuing from a last.pt payload if given.
 
@@ -233,13 +238,14 @@ def fit(
     best.pt is written when cfg.monitor improves. With EMA on, the averaged weights are validated
     and saved. All of it goes through `run`, which decides whether this process writes.
     `on_epoch` sees each saved row and may stop training early, like patience does.
+    With a `feature_cache`, epochs that train the head only run it on backbone features computed once.
     """
     steps_per_epoch = math.ceil(len(train_loader) / cfg.accumulate)
     # Parameters that a later epoch unfreezes join the optimizer now; frozen, they get no gradient.
     unfreezing = plan_unfreezing(model, cfg)
     optimizer = create_optimizer(model, cfg, unfreezing.ever_trainable)
     scheduler = create_scheduler(optimizer, cfg, steps_per_epoch)
-    scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" else None
+    scaler = grad_scaler(cfg, device)
     ema = WeightEma(model, cfg.ema_decay) if cfg.ema else None
     eval_model = ema.module if ema is not None else model
     monitor = Monitor(cfg.monitor)
@@ -266,11 +272,17 @@ def fit(
             def on_step(loss: float) -> None:
                 run.log_step({"step": next(steps), "train_loss": loss, "lr": base_lr(optimizer)})
 
-            train = train_one_epoch(
-                model, train_loader, criterion, optimizer, scheduler, scaler, device, cfg,
-                f"epoch {epoch}/{cfg.epochs}", mixer, ema, on_step,
-            )
-            val = validate(eval_model, val_loader, criterion, device, cfg)
+            cached = feature_cache is not None and head_only(unfreezing.trainable_at(epoch))
+            epoch_loaders, epoch_cfg = (train_loader, val_loader), cfg
+            if cached:
+                epoch_loaders = feature_cache.loaders(model, device, cfg, log)
+                epoch_cfg = replace(cfg, channels_last=False)  # feature batches are (N, C), not images
+            with features_in(*{id(m): m for m in (model, eval_model)}.values()) if cached else nullcontext():
+                train = train_one_epoch(
+                    model, epoch_loaders[0], criterion, optimizer, scheduler, scaler, device, epoch_cfg,
+                    f"epoch {epoch}/{cfg.epochs}", mixer, ema, on_step,
+                )
+                val = validate(eval_model, epoch_loaders[1], criterion, device, epoch_cfg)
             if not math.isfinite(val.loss):  # the epoch's last step broke the weights: save nothing of them
                 raise FinetuneError(
                     f"epoch {epoch}/{cfg.epochs}: the validation loss is {val.loss} (training diverged in the "
