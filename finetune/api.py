@@ -21,7 +21,7 @@ from finetune.engine.features import FeatureCache
 from finetune.engine.fit import EpochHook, FitState, fit
 from finetune.engine.loss import create_criterion
 from finetune.engine.resume import read_resume, seed_everything
-from finetune.engine.step import compile_model, train_precision
+from finetune.engine.step import check_precision, compile_model, train_precision
 from finetune.errors import FinetuneError
 from finetune.evaluation import evaluate_samples
 from finetune.inference import load_ensemble, load_model, resolve_device, stream_probs
@@ -169,9 +169,14 @@ def evaluate(
     device: str = "auto",
     log: Log = print,
     tta: Union[str, Sequence[str], None] = None,
+    precision: str = "fp32",
 ) -> dict:
-    """Score a checkpoint on a labelled folder; writes the evaluation bundle and report.html, returns metrics."""
+    """Score a checkpoint on a labelled folder; writes the evaluation bundle and report.html, returns metrics.
+
+    `precision` bf16 runs the model under bf16 autocast (faster on recent CPUs and GPUs; see benchmarks/).
+    """
     views = parse_tta(tta)
+    check_precision(precision, resolve_device(device), "--precision")
     loaded = load_model(checkpoint, resolve_device(device))
     data_cfg = loaded.recipe.data
     samples, skipped = labelled(Path(data).expanduser(), loaded.classes, data_cfg.layout, data_cfg.label_regex)
@@ -185,7 +190,7 @@ def evaluate(
                             "folder outside the data")
     files.prepare()
     write_skipped_list(files.skipped, skipped, log)
-    metrics = evaluate_samples(loaded, samples, files, batch_size, num_workers, log, views)
+    metrics = evaluate_samples(loaded, samples, files, batch_size, num_workers, log, views, precision)
     log(f"report: {build_report(run, files)}")
     return metrics
 
@@ -209,16 +214,19 @@ def predict(
     id_width: int = 4,
     index_start: int = 1,
     force: bool = False,
+    precision: str = "fp32",
 ) -> Path:
     """Predict every image in a folder and write a Kaggle-style CSV with one row per image.
 
     Several checkpoints are an ensemble (probabilities averaged); `tta` adds flips/crops; `probs`
     and `topk` also write `<out>_probs.csv` and `<out>_top<K>.csv`; `sample_submission` fixes the
     Ids, their order and the columns. Outputs never replace a file the command reads; an existing
-    file that is not an earlier CSV of the same kind is replaced only with `force`.
+    file that is not an earlier CSV of the same kind is replaced only with `force`. `precision` bf16
+    runs the models under bf16 autocast.
     """
     checkpoints = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     views = parse_tta(tta)
+    check_precision(precision, resolve_device(device), "--precision")
     models = load_ensemble(checkpoints, resolve_device(device))
     classes = models[0].classes
     folder = Path(images).expanduser()
@@ -239,7 +247,7 @@ def predict(
     skipped = check_images(paths)
     if len(models) > 1 or views:
         log(f"averaging {len(models)} model(s) x {view_count(views)} view(s) per image")
-    batches = stream_probs(models, plan.paths, batch_size, num_workers, views, {s.path for s in skipped})
+    batches = stream_probs(models, plan.paths, batch_size, num_workers, views, {s.path for s in skipped}, precision)
     rows_written = write_rows(plan, batches, classes, out, value, probs_out, topk, topk_out)
     if skipped:
         # Still one row per image: an unreadable image is scored as a blank (mean-colour) input.

@@ -162,11 +162,12 @@ def summary_lines(metrics: dict, classes: Sequence[str]) -> list[str]:
 
 
 def evaluate_samples(loaded: "LoadedModel", samples: Sequence[Sample], files: EvalFiles, batch_size: int,
-                     num_workers: int, log: Callable[[str], None] = print, tta: Sequence[str] = ()) -> dict:
+                     num_workers: int, log: Callable[[str], None] = print, tta: Sequence[str] = (),
+                     precision: str = "fp32") -> dict:
     """Predict labelled samples with a loaded model, write the bundle into `files`, log the summary; the metrics."""
     from finetune.inference import predict_probs
 
-    probs = predict_probs(loaded, samples, batch_size, num_workers, tta=tta)
+    probs = predict_probs(loaded, samples, batch_size, num_workers, tta=tta, precision=precision)
     metrics = write_evaluation([s.label for s in samples], probs.argmax(1), loaded.classes, files, probs,
                                [s.path for s in samples], model=loaded)
     for line in summary_lines(metrics, loaded.classes):

@@ -15,6 +15,7 @@ from finetune.data.loaders import make_loader
 from finetune.data.sources import Sample
 from finetune.data.preprocessing import Preprocessing
 from finetune.engine.checkpoint import read_checkpoint
+from finetune.engine.step import autocast, check_precision
 from finetune.errors import FinetuneError
 from finetune.models import Classifier, build_model
 from finetune.recipe import Recipe
@@ -117,10 +118,12 @@ def stream_probs(
     num_workers: int = 2,
     tta: Sequence[str] = (),
     blank: AbstractSet[Path] = frozenset(),
+    precision: str = "fp32",
 ) -> Iterator[np.ndarray]:
     """Yield class probabilities batch by batch, in `paths` order, averaged over models and TTA views.
 
     Paths in `blank` (known unreadable) are scored as a mean-colour image so every path gets a row.
+    `precision` bf16 (or fp16 on CUDA) runs the models under autocast; probabilities stay float32.
     """
     groups: dict[Preprocessing, list[LoadedModel]] = {}
     for loaded in models:
@@ -134,7 +137,8 @@ def stream_probs(
             for loaded in members:
                 loaded.model.eval()
                 device = next(loaded.model.parameters()).device
-                probs = average_views(loaded.model, [v.to(device) for v in views], tta).cpu()
+                with autocast(device, check_precision(precision, device, "--precision")):
+                    probs = average_views(loaded.model, [v.to(device) for v in views], tta).cpu()
                 total = probs if total is None else total + probs
         yield (total / len(models)).numpy()
 
@@ -146,11 +150,12 @@ def predict_probs(
     num_workers: int = 2,
     device: Optional[torch.device] = None,
     tta: Sequence[str] = (),
+    precision: str = "fp32",
 ) -> np.ndarray:
     """Class probabilities (N, C) for `samples`, in order (one model or an ensemble)."""
     models = [loaded] if isinstance(loaded, LoadedModel) else list(loaded)
     if device is not None:
         for m in models:
             m.model.to(device)
-    chunks = list(stream_probs(models, [s.path for s in samples], batch_size, num_workers, tta))
+    chunks = list(stream_probs(models, [s.path for s in samples], batch_size, num_workers, tta, precision=precision))
     return np.concatenate(chunks) if chunks else np.zeros((0, len(models[0].classes)), dtype=np.float32)

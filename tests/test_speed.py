@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import finetune
+from finetune.cli import main
 from finetune.data.cache import ImageCache
 from finetune.data.images import check_headers, load_rgb
 from finetune.data.loaders import ImageDataset, make_loader
@@ -134,6 +135,18 @@ def test_fp16_on_a_cpu_is_refused_bf16_trains_and_compile_falls_back_with_one_wa
     assert np.isfinite(float(_history(result.run_dir)[0]["train_loss"]))
     assert [line for line in lines if "torch.compile" in line] == [
         "warning: train.compile: torch.compile failed here (no backend for this platform); training without it"]
+
+    outputs = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / f"{precision}.csv"
+        assert main(["predict", str(result.best_checkpoint), "--images", str(root / "test"), "--out", str(out),
+                     "--precision", precision, "--probs"]) == 0
+        with out.with_name(f"{precision}_probs.csv").open() as handle:
+            outputs[precision] = np.array([[float(v) for v in row[1:]] for row in list(csv.reader(handle))[1:]])
+    assert outputs["bf16"].shape == outputs["fp32"].shape
+    assert np.abs(outputs["bf16"] - outputs["fp32"]).max() < 0.05  # bf16 keeps ~3 significant digits
+    assert main(["predict", str(result.best_checkpoint), "--images", str(root / "test"), "--out",
+                 str(tmp_path / "x.csv"), "--precision", "fp16", "--device", "cpu"]) != 0
 
 
 def test_ram_cache_is_shared_and_disk_cache_rereads_a_changed_file(tmp_path):

@@ -19,6 +19,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 def check_precision(precision: str, device: torch.device, key: str = "train.precision") -> str:
     """`precision` if `device` can run it, else one FinetuneError naming what to use instead."""
+    if precision not in ("fp32", *DTYPES):
+        raise FinetuneError(f"{key} is {precision!r}; valid choices: fp32, {', '.join(DTYPES)}")
     if precision == "fp16" and device.type != "cuda":
         raise FinetuneError(f"{key} fp16 needs a CUDA GPU (it trains with a gradient scaler there); on {device.type} "
                             "use bf16 or fp32")
