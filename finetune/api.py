@@ -12,7 +12,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from finetune.data.images import SkippedImage, check_images, list_images
+from finetune.data.images import SkippedImage, check_headers, list_images
 from finetune.data.loaders import eval_loader, image_reader, tensor_train_loader, train_loader
 from finetune.data.transforms import eval_decode_side
 from finetune.data.mixing import create_mixer
@@ -244,11 +244,15 @@ def predict(
     inputs = [*map(Path, checkpoints), *paths, *([sample] if sample else [])]
     replaced = [path for path, first in outputs.items()
                 if check_output(path, inputs, "prediction CSV", _csv_starting_with(first), force)]
-    skipped = check_images(paths)
+    skipped = check_headers(paths)  # the pixels are decoded once, while predicting
     if len(models) > 1 or views:
         log(f"averaging {len(models)} model(s) x {view_count(views)} view(s) per image")
-    batches = stream_probs(models, plan.paths, batch_size, num_workers, views, {s.path for s in skipped}, precision)
+    failed: dict[Path, str] = {}
+    batches = stream_probs(models, plan.paths, batch_size, num_workers, views, {s.path for s in skipped}, precision,
+                           failed)
     rows_written = write_rows(plan, batches, classes, out, value, probs_out, topk, topk_out)
+    skipped = sorted([*skipped, *(SkippedImage(path, reason) for path, reason in failed.items())],
+                     key=lambda item: str(item.path))
     if skipped:
         # Still one row per image: an unreadable image is scored as a blank (mean-colour) input.
         listing = out.with_name(out.stem + "_unreadable.csv")

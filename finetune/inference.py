@@ -103,11 +103,15 @@ class _ViewsDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple:
+        """One tensor per distinct preprocessing, then "" (or why the image did not decode: blank views)."""
         path = self.paths[index]
         if path in self.blank:
-            return tuple(t.blank() for t in self.transforms)
-        image = load_rgb(path)
-        return tuple(t(image) for t in self.transforms)
+            return (*(t.blank() for t in self.transforms), "")
+        try:
+            image = load_rgb(path)
+        except FinetuneError as err:
+            return (*(t.blank() for t in self.transforms), str(err).split(": ", 1)[-1])
+        return (*(t(image) for t in self.transforms), "")
 
 
 @torch.no_grad()
@@ -119,10 +123,12 @@ def stream_probs(
     tta: Sequence[str] = (),
     blank: AbstractSet[Path] = frozenset(),
     precision: str = "fp32",
+    unreadable: Optional[dict[Path, str]] = None,
 ) -> Iterator[np.ndarray]:
     """Yield class probabilities batch by batch, in `paths` order, averaged over models and TTA views.
 
-    Paths in `blank` (known unreadable) are scored as a mean-colour image so every path gets a row.
+    Paths in `blank` (known unreadable) are scored as a mean-colour image so every path gets a row;
+    so is an image that fails to decode here, which is added to `unreadable` (path: reason) if given.
     `precision` bf16 (or fp16 on CUDA) runs the models under autocast; probabilities stay float32.
     """
     groups: dict[Preprocessing, list[LoadedModel]] = {}
@@ -131,7 +137,12 @@ def stream_probs(
     transforms = [ViewTransform(pre, tta) for pre in groups]
     loader = make_loader(_ViewsDataset(paths, transforms, blank), batch_size,
                          num_workers if len(paths) > batch_size else 0)
-    for batch in loader:
+    start = 0
+    for *batch, reasons in loader:
+        for offset, reason in enumerate(reasons):
+            if reason and unreadable is not None:
+                unreadable[paths[start + offset]] = reason
+        start += len(reasons)
         total = None
         for views, members in zip(batch, groups.values()):
             for loaded in members:

@@ -136,6 +136,7 @@ def test_fp16_on_a_cpu_is_refused_bf16_trains_and_compile_falls_back_with_one_wa
     assert [line for line in lines if "torch.compile" in line] == [
         "warning: train.compile: torch.compile failed here (no backend for this platform); training without it"]
 
+    _truncated_jpeg(root / "test" / "0099.jpg")  # passes the header check; decoded once, while predicting
     outputs = {}
     for precision in ("fp32", "bf16"):
         out = tmp_path / f"{precision}.csv"
@@ -143,7 +144,9 @@ def test_fp16_on_a_cpu_is_refused_bf16_trains_and_compile_falls_back_with_one_wa
                      "--precision", precision, "--probs"]) == 0
         with out.with_name(f"{precision}_probs.csv").open() as handle:
             outputs[precision] = np.array([[float(v) for v in row[1:]] for row in list(csv.reader(handle))[1:]])
-    assert outputs["bf16"].shape == outputs["fp32"].shape
+    with (tmp_path / "fp32_unreadable.csv").open() as handle:
+        assert [row["path"].rsplit("/", 1)[-1] for row in csv.DictReader(handle)] == ["0099.jpg"]
+    assert outputs["bf16"].shape == outputs["fp32"].shape == (2, 3)  # a row for the damaged image too
     assert np.abs(outputs["bf16"] - outputs["fp32"]).max() < 0.05  # bf16 keeps ~3 significant digits
     assert main(["predict", str(result.best_checkpoint), "--images", str(root / "test"), "--out",
                  str(tmp_path / "x.csv"), "--precision", "fp16", "--device", "cpu"]) != 0
