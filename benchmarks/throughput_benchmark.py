@@ -3,7 +3,7 @@
     python benchmarks/throughput_benchmark.py [--size 128] [--batch-size 64] [--images 512] [--repeats 3]
         [--checkpoint runs/x/best.pt --images-dir DIR --truth truth.csv]
 
-In one process, on the same images, median of `--repeats`:
+In one process, on the same images, median of `--repeats` (raw and finetune alternate within each round):
 
 - raw forward: the model's forward on ready-made, normalised tensors (eval, no_grad) — the ceiling;
 - finetune predict: `stream_probs` (decode the files, preprocess, batch, forward, softmax) — the pipeline;
@@ -42,15 +42,20 @@ from finetune.models import build_model
 from finetune.recipe import load_recipe
 
 
-def median_seconds(fn, repeats: int) -> float:
-    """Median wall time of `fn()` over `repeats` calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def median_seconds(*fns, repeats: int) -> list[float]:
+    """Median wall time of each of `fns` over `repeats` rounds, after one warm-up call each.
+
+    The functions alternate within each round, so a change in the machine's load hits all of them alike.
+    """
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, spent in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - start)
+    return [statistics.median(spent) for spent in times]
 
 
 def write_images(folder: Path, count: int, size: int) -> list[Sample]:
@@ -103,13 +108,16 @@ def main() -> None:
                         for batch in tensors:
                             torch.softmax(model(batch.contiguous(memory_format=layout)).float(), 1)
 
-                raw = median_seconds(raw_forward, args.repeats)
                 name = f"{precision}{', channels_last' if layout == torch.channels_last else ', contiguous'}"
-                line = f"  predict {name:<24} raw forward {n / raw:7.1f} images/s"
                 if layout == torch.channels_last:  # finetune's prediction always runs channels_last
-                    pipeline = median_seconds(lambda: predict_probs(loaded, samples, args.batch_size, args.workers,
-                                                                    precision=precision), args.repeats)
-                    line += f"  finetune predict {n / pipeline:7.1f} images/s  ratio {raw / pipeline:.2f}"
+                    raw, pipeline = median_seconds(
+                        raw_forward, lambda: predict_probs(loaded, samples, args.batch_size, args.workers,
+                                                           precision=precision), repeats=args.repeats)
+                    line = (f"  predict {name:<24} raw forward {n / raw:7.1f} images/s  finetune predict "
+                            f"{n / pipeline:7.1f} images/s  ratio {raw / pipeline:.2f}")
+                else:
+                    (raw,) = median_seconds(raw_forward, repeats=args.repeats)
+                    line = f"  predict {name:<24} raw forward {n / raw:7.1f} images/s"
                 print(line, flush=True)
         model.to(memory_format=torch.channels_last)
         if not args.skip_train:
@@ -130,9 +138,8 @@ def main() -> None:
                         optimizer.zero_grad(set_to_none=True)
 
                 loader = train_loader(recipe, samples, pre, 10)
-                raw = median_seconds(raw_steps, args.repeats)
-                ours = median_seconds(lambda: train_one_epoch(model, loader, criterion, optimizer, scheduler, None,
-                                                              device, cfg, "bench"), args.repeats)
+                raw, ours = median_seconds(raw_steps, lambda: train_one_epoch(
+                    model, loader, criterion, optimizer, scheduler, None, device, cfg, "bench"), repeats=args.repeats)
                 print(f"  train   {precision + ', channels_last':<24} raw step    {n / raw:7.1f} images/s  "
                       f"finetune epoch   {len(loader) * args.batch_size / ours:7.1f} images/s  "
                       f"ratio {raw / ours * len(loader) * args.batch_size / n:.2f}", flush=True)
