@@ -88,7 +88,8 @@ def run_fastai(export: FashionMNISTExport, args: argparse.Namespace, seed: int, 
     learn = vision_learner(dls, BACKBONE, pretrained=False)
     missing, unexpected = learn.model[0].model.load_state_dict(lite0_body_state(), strict=False)
     if missing or unexpected:
-        raise RuntimeError(f"Lite0 weights do not fit fastai's body: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise RuntimeError(f"Lite0 weights do not fit fastai's body: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
     with learn.no_bar(), learn.no_logging():
         learn.fine_tune(args.epochs - 1, base_lr=args.fastai_lr, freeze_epochs=1)
         files = get_image_files(export.test_dir)

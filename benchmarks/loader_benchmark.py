@@ -2,7 +2,8 @@
 
     python benchmarks/loader_benchmark.py [--images 192] [--source-size 512] [--size 128] [--repeats 3]
 
-Writes `--images` real-photo `--source-size` px JPEGs (crops of scikit-learn's sample photographs), then times, in one process and one run:
+Writes `--images` real-photo `--source-size` px JPEGs (crops of scikit-learn's sample photographs), then
+times, in one process and one run:
 
 - old: every image fully decoded once by the pre-training check (check_images), then an epoch of the
   training loader decoding each image at full size;

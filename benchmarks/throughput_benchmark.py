@@ -85,7 +85,8 @@ def main() -> None:
     args = parser.parse_args()
     recipe = load_recipe(DEMO_RECIPE, [f"data.image_size={args.size}", f"data.batch_size={args.batch_size}",
                                        f"data.num_workers={args.workers}", "augment.ops=null", "augment.preset=light",
-                                       "augment.mixup=0", "augment.cutmix=0", "train.epochs=1", "train.warmup_epochs=0"])
+                                       "augment.mixup=0", "augment.cutmix=0", "train.epochs=1",
+                                       "train.warmup_epochs=0"])
     device = torch.device("cpu")
     model, pre = build_model(recipe.model, 10, args.size)
     model.to(memory_format=torch.channels_last)

@@ -298,8 +298,9 @@ class Recipe:
         self.augment.validate()
         self.train.validate()
         if self.train.cache_features and (self.augment.mixup or self.augment.cutmix):
-            raise FinetuneError("train.cache_features: true trains the head on backbone features, which mixup/cutmix "
-                                "cannot blend; set augment.mixup and augment.cutmix to 0 or train.cache_features: false")
+            raise FinetuneError("train.cache_features: true trains the head on backbone features, which "
+                                "mixup/cutmix cannot blend; set augment.mixup and augment.cutmix to 0, or "
+                                "train.cache_features: false")
         return self
 
     def to_dict(self) -> dict:
