@@ -14,15 +14,18 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from finetune.data.images import SkippedImage, check_images, list_images
-from finetune.data.loaders import eval_loader, train_loader
+from finetune.data.images import SkippedImage, check_headers, list_images
+from finetune.data.loaders import eval_loader, image_reader, tensor_train_loader, train_loader
+from finetune.data.transforms import eval_decode_side
 from finetune.data.mixing import create_mixer
 from finetune.data.prepare import Prepared, labelled, prepare
 from finetune.data.sources import Sample, single_image_subfolder
 from finetune.engine import distributed
+from finetune.engine.features import FeatureCache
 from finetune.engine.fit import EpochHook, FitState, fit
 from finetune.engine.loss import create_criterion
 from finetune.engine.resume import read_resume, seed_everything
+from finetune.engine.step import check_precision, compile_model, train_precision
 from finetune.errors import FinetuneError
 from finetune.evaluation import evaluate_samples
 from finetune.engine.temperature import fit_temperature, nll
@@ -111,6 +114,11 @@ def train(
         model = distributed.convert_sync_bn(model, device)
     elif recipe.train.sync_bn:
         log("note: train.sync_bn only changes anything when several processes train together (torchrun)")
+    train_precision(recipe.train, device)  # fp16 on a CPU stops here, before the run folder exists
+    if recipe.train.compile:
+        example = torch.zeros(2, 3, preprocessing.size, preprocessing.size, device=device)
+        if compile_model(model, example.contiguous(memory_format=memory_format), log):
+            log("train.compile: the model runs compiled (torch.compile)")
     if distributed.rank() > 0:  # every rank built the same model; from here each draws its own augmentation
         seed_everything(distributed.rank_seed(recipe.train.seed))
 
@@ -127,27 +135,50 @@ def train(
               "world_size": world}
     log(f"training on {device} for {recipe.train.epochs} epoch(s); run folder {run.path}")
     run.start_loggers(recipe)
+
+    def on_skip(item: SkippedImage) -> None:
+        log(f"warning: skipped {item.path}, which does not decode ({item.reason}); it is listed in {run.skipped}")
+
+    features = None
+    if multilabel:  # its loaders read manifests' images checked in full by prepare()
+        *loaders, criterion, mixer, scorer = multilabel_eval.training_parts(recipe, dataset, preprocessing, device)
+    else:
+        # Each image is decoded once per pass, by the loaders: what fails there is dropped from its batch and listed.
+        # Under torchrun each rank trains on its strided share and validates an unpadded contiguous one.
+        val_share = distributed.shard(dataset.val)
+        val_read = image_reader(cfg, eval_decode_side(preprocessing), [s.path for s in val_share])
+        loaders = [train_loader(recipe, dataset.train, preprocessing, len(dataset.classes), distributed.rank(), world,
+                                distributed.rank_seed(recipe.train.seed), on_skip=on_skip),
+                   eval_loader(val_share, preprocessing, cfg.batch_size, cfg.num_workers, val_read, on_skip)]
+        criterion, scorer = create_criterion(recipe, dataset.train_counts, device), None
+        mixer = create_mixer(recipe.augment, len(dataset.classes))
+        if _caches_features(recipe, mixer is not None) and not distributed.active():
+            # One pass over the training images (the validation loader serves both): no image cache needed.
+            features = FeatureCache(eval_loader(dataset.train, preprocessing, cfg.batch_size, cfg.num_workers),
+                                    loaders[1], lambda d: tensor_train_loader(recipe, d, len(dataset.classes)))
     try:
-        train_data, val_data, criterion, mixer, scorer = (
-            multilabel_eval.training_parts(recipe, dataset, preprocessing, device) if multilabel else (
-                train_loader(recipe, dataset.train, preprocessing, len(dataset.classes), distributed.rank(), world,
-                             distributed.rank_seed(recipe.train.seed)),
-                # Validation: each rank scores an unpadded share; fit sums the losses and counts over ranks.
-                eval_loader(distributed.shard(dataset.val), preprocessing, cfg.batch_size, cfg.num_workers),
-                create_criterion(recipe, dataset.train_counts, device),
-                create_mixer(recipe.augment, len(dataset.classes)), None))
         state: FitState = fit(
-            model, train_data, val_data, criterion, recipe.train, run, device, extras, log=log,
-            mixer=mixer, resume=payload, on_epoch=on_epoch, scorer=scorer,
+            model, *loaders, criterion, recipe.train, run, device, extras, log=log, mixer=mixer, resume=payload,
+            on_epoch=on_epoch, scorer=scorer, feature_cache=features,
         )
         distributed.barrier()  # rank 0 has written best.pt
+        unreadable: dict = {}
+        for part in distributed.gather_objects(
+                {path: item for loader in loaders for path, item in getattr(loader, "skipped", {}).items()}):
+            unreadable.update(part)  # every rank's decode failures
+        skipped = [*dataset.skipped, *unreadable.values()]  # a shared Prepared (k-fold, tune) stays as it was
+        if unreadable:
+            run.write_skipped(skipped, log=lambda _: None)
+            log(f"{len(unreadable)} image(s) failed to decode during training and were left out; "
+                f"{len(skipped)} skipped file(s) in all are listed in {run.skipped}")
+        val_samples = [s for s in dataset.val if s.path not in unreadable]
         if multilabel:  # per-class thresholds are chosen on validation and stored in best.pt first
-            evaluation = multilabel_eval.evaluate_after_training(run, state.best_path, dataset.val, device,
+            evaluation = multilabel_eval.evaluate_after_training(run, state.best_path, val_samples, device,
                                                                  cfg.batch_size, cfg.num_workers, log)
         else:
             best = load_model(state.best_path, device)
-            raw = calibrate(best, dataset.val, run, cfg.batch_size, cfg.num_workers, log)
-            evaluation = evaluate_samples(best, dataset.val, run.eval, cfg.batch_size, cfg.num_workers, log,
+            raw = calibrate(best, val_samples, run, cfg.batch_size, cfg.num_workers, log)
+            evaluation = evaluate_samples(best, val_samples, run.eval, cfg.batch_size, cfg.num_workers, log,
                                           raw_probs=raw)
     except BaseException:
         run.close_loggers()  # what was logged so far stays readable
@@ -157,7 +188,17 @@ def train(
     run.finish_loggers({"best_val_acc": state.best_accuracy, "best_epoch": state.best_epoch, **evaluation})
     log(f"best validation accuracy {state.best_accuracy:.4f} (epoch {state.best_epoch}); files in {run.path}")
     return TrainResult(run.path, state.best_path, state.last_path, state.best_accuracy, state.best_epoch,
-                       dataset.classes, dataset.skipped, evaluation)
+                       dataset.classes, skipped, evaluation)
+
+
+def _caches_features(recipe: Recipe, mixes: bool) -> bool:
+    """Whether head-only epochs may train on cached backbone features (train.cache_features)."""
+    aug, choice = recipe.augment, recipe.train.cache_features
+    if choice is False or mixes:  # mixup/cutmix blend images, not features
+        return False
+    # Features of un-augmented images stand in for random augmentation only when the recipe accepts it.
+    deterministic = aug.preset == "none" and not aug.ops and aug.policy == "none"
+    return bool(choice) or (deterministic and recipe.model.bn == "frozen")
 
 
 def calibrate(best: LoadedModel, val: Sequence[Sample], run: RunDir, batch_size: int, num_workers: int,
@@ -184,13 +225,16 @@ def evaluate(
     log: Log = print,
     tta: Union[str, Sequence[str], None] = None,
     threshold: Optional[float] = None,
+    precision: str = "fp32",
 ) -> dict:
     """Score a checkpoint on a labelled folder; writes the evaluation bundle and report.html, returns metrics.
 
     A multi-label checkpoint reads a manifest CSV (or a folder holding one named as in its recipe) and
-    decides with its stored per-class thresholds, or `threshold` for every class.
+    decides with its stored per-class thresholds, or `threshold` for every class. `precision` bf16 runs
+    the model under bf16 autocast (faster on recent CPUs and GPUs; see benchmarks/).
     """
     views = parse_tta(tta)
+    check_precision(precision, resolve_device(device), "--precision")
     loaded = load_model(checkpoint, distributed.setup(resolve_device(device)))
     data_cfg = loaded.recipe.data
     multilabel = data_cfg.task == "multilabel"
@@ -212,7 +256,8 @@ def evaluate(
         metrics = multilabel_eval.evaluate_multilabel_samples(loaded, samples, files, batch_size, num_workers, log,
                                                               views, threshold)
     else:
-        metrics = evaluate_samples(loaded, samples, files, batch_size, num_workers, log, views)
+        metrics = evaluate_samples(loaded, samples, files, batch_size, num_workers, log, views,
+                                   precision=precision)
     if files.writes:
         log(f"report: {build_report(run, files)}")
     return metrics
@@ -241,6 +286,7 @@ def predict(
     label_sep: str = " ",
     reject_below: Optional[float] = None,
     reject_label: str = "unknown",
+    precision: str = "fp32",
 ) -> Path:
     """Predict every image in a folder and write a Kaggle-style CSV with one row per image.
 
@@ -250,10 +296,11 @@ def predict(
     file that is not an earlier CSV of the same kind is replaced only with `force`. Probabilities are
     calibrated (each checkpoint's temperature); `reject_below` writes `reject_label` for an image whose top
     probability is below it. A multi-label model writes `Id,Tags` (labels joined by `label_sep`) using its
-    stored per-class thresholds or `threshold`.
+    stored per-class thresholds or `threshold`. `precision` bf16 runs the models under bf16 autocast.
     """
     checkpoints = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     views = parse_tta(tta)
+    check_precision(precision, resolve_device(device), "--precision")
     models = load_ensemble(checkpoints, distributed.setup(resolve_device(device)))
     classes = models[0].classes
     multilabel = models[0].recipe.data.task == "multilabel"
@@ -283,10 +330,12 @@ def predict(
     inputs = [*map(Path, checkpoints), *paths, *([sample] if sample else [])]
     replaced = [path for path, first in outputs.items()
                 if check_output(path, inputs, "prediction CSV", _csv_starting_with(first), force)]
-    skipped = check_images(paths)
+    skipped = check_headers(paths)  # the pixels are decoded once, while predicting
     if len(models) > 1 or views:
         log(f"averaging {len(models)} model(s) x {view_count(views)} view(s) per image")
-    batches = sharded_probs(models, plan.paths, batch_size, num_workers, views, {s.path for s in skipped})
+    failed: dict[Path, str] = {}
+    batches = sharded_probs(models, plan.paths, batch_size, num_workers, views, {s.path for s in skipped},
+                            precision=precision, unreadable=failed)
     if not is_main_process():  # under torchrun: this rank scored its share; rank 0 writes every row
         deque(batches, maxlen=0)
         return out
@@ -308,6 +357,8 @@ def predict(
         if reject_below is not None:
             log(f"{rejected[0]} of {rows_written} image(s) have a top probability below {reject_below:g}: "
                 f"labelled '{reject_label}'")
+    skipped = sorted([*skipped, *(SkippedImage(path, reason) for path, reason in failed.items())],
+                     key=lambda item: str(item.path))
     if skipped:
         # Still one row per image: an unreadable image is scored as a blank (mean-colour) input.
         listing = out.with_name(out.stem + "_unreadable.csv")

@@ -298,6 +298,8 @@ def _inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="images per batch (default 64)")
     parser.add_argument("--workers", type=int, dest="num_workers", help="data-loading processes (default 2)")
     parser.add_argument("--device", help="auto (default) | cpu | cuda | cuda:N")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                        help="fp32 (default) | bf16 (autocast: faster on recent CPUs/GPUs) | fp16 (CUDA only)")
 
 
 def _recipe_options(parser: argparse.ArgumentParser) -> None:

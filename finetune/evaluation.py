@@ -179,20 +179,20 @@ def summary_lines(metrics: dict, classes: Sequence[str]) -> list[str]:
 
 def evaluate_samples(loaded: "LoadedModel", samples: Sequence[Sample], files: EvalFiles, batch_size: int,
                      num_workers: int, log: Callable[[str], None] = print, tta: Sequence[str] = (),
-                     raw_probs: Optional[np.ndarray] = None) -> dict:
+                     raw_probs: Optional[np.ndarray] = None, precision: str = "fp32") -> dict:
     """Predict labelled samples with a loaded model, write the bundle into `files`, log the summary; the metrics.
 
     Probabilities are calibrated with the checkpoint's temperature; `raw_probs` (the uncalibrated ones,
-    already computed) saves running the model again.
+    already computed) saves running the model again. `precision` bf16 runs it under bf16 autocast.
     """
     from finetune.engine.temperature import apply_temperature
     from finetune.inference import predict_probs
 
     temperature = loaded.temperature
     raw = raw_probs if raw_probs is not None else predict_probs(loaded, samples, batch_size, num_workers, tta=tta,
-                                                                 calibrated=False)
+                                                                 calibrated=False, precision=precision)
     if tta and temperature != 1.0:  # averaged views: rescaling the average is not the average of the rescaled
-        probs = predict_probs(loaded, samples, batch_size, num_workers, tta=tta)
+        probs = predict_probs(loaded, samples, batch_size, num_workers, tta=tta, precision=precision)
     else:
         probs = apply_temperature(raw, temperature)
     metrics = write_evaluation([s.label for s in samples], probs.argmax(1), loaded.classes, files, probs,

@@ -16,6 +16,7 @@ from finetune.data.sources import Sample
 from finetune.data.preprocessing import Preprocessing
 from finetune.engine import distributed
 from finetune.engine.checkpoint import read_checkpoint
+from finetune.engine.step import autocast, check_precision
 from finetune.errors import FinetuneError
 from finetune.models import Classifier, build_model
 from finetune.recipe import Recipe
@@ -108,11 +109,15 @@ class _ViewsDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple:
+        """One tensor per distinct preprocessing, then "" (or why the image did not decode: blank views)."""
         path = self.paths[index]
         if path in self.blank:
-            return tuple(t.blank() for t in self.transforms)
-        image = load_rgb(path)
-        return tuple(t(image) for t in self.transforms)
+            return (*(t.blank() for t in self.transforms), "")
+        try:
+            image = load_rgb(path)
+        except FinetuneError as err:
+            return (*(t.blank() for t in self.transforms), str(err).split(": ", 1)[-1])
+        return (*(t(image) for t in self.transforms), "")
 
 
 @torch.no_grad()
@@ -124,11 +129,15 @@ def stream_probs(
     tta: Sequence[str] = (),
     blank: AbstractSet[Path] = frozenset(),
     calibrated: bool = True,
+    precision: str = "fp32",
+    unreadable: Optional[dict[Path, str]] = None,
 ) -> Iterator[np.ndarray]:
     """Yield class probabilities batch by batch, in `paths` order, averaged over models and TTA views.
 
-    Paths in `blank` (known unreadable) are scored as a mean-colour image so every path gets a row.
+    Paths in `blank` (known unreadable) are scored as a mean-colour image so every path gets a row;
+    so is an image that fails to decode here, which is added to `unreadable` (path: reason) if given.
     `calibrated` applies each checkpoint's fitted temperature (False: the raw softmax).
+    `precision` bf16 (or fp16 on CUDA) runs the models under autocast; probabilities stay float32.
     """
     groups: dict[Preprocessing, list[LoadedModel]] = {}
     for loaded in models:
@@ -136,7 +145,12 @@ def stream_probs(
     transforms = [ViewTransform(pre, tta) for pre in groups]
     loader = make_loader(_ViewsDataset(paths, transforms, blank), batch_size,
                          num_workers if len(paths) > batch_size else 0)
-    for batch in loader:
+    start = 0
+    for *batch, reasons in loader:
+        for offset, reason in enumerate(reasons):
+            if reason and unreadable is not None:
+                unreadable[paths[start + offset]] = reason
+        start += len(reasons)
         total = None
         for views, members in zip(batch, groups.values()):
             for loaded in members:
@@ -144,8 +158,9 @@ def stream_probs(
                 device = next(loaded.model.parameters()).device
                 activation = "sigmoid" if loaded.recipe.data.task == "multilabel" else "softmax"
                 temperature = loaded.temperature if calibrated else 1.0
-                probs = average_views(loaded.model, [v.to(device) for v in views], tta, activation,
-                                      temperature).cpu()
+                with autocast(device, check_precision(precision, device, "--precision")):
+                    probs = average_views(loaded.model, [v.to(device) for v in views], tta, activation,
+                                          temperature).cpu()
                 total = probs if total is None else total + probs
         yield (total / len(models)).numpy()
 
@@ -158,20 +173,29 @@ def sharded_probs(
     tta: Sequence[str] = (),
     blank: AbstractSet[Path] = frozenset(),
     calibrated: bool = True,
+    precision: str = "fp32",
+    unreadable: Optional[dict[Path, str]] = None,
 ) -> Iterator[np.ndarray]:
     """`stream_probs` of every path; under torchrun each rank scores a contiguous share and all ranks get every row.
 
     Shares are unpadded (no image scored twice, none dropped) and come back in rank order, which is
-    `paths` order, so metrics and submissions equal a single process's. A collective call: every rank
-    must consume it.
+    `paths` order, so metrics and submissions equal a single process's; `unreadable` gathers every
+    rank's decode failures. A collective call: every rank must consume it.
     """
     if not distributed.active():
-        yield from stream_probs(models, paths, batch_size, num_workers, tta, blank, calibrated)
+        yield from stream_probs(models, paths, batch_size, num_workers, tta, blank, calibrated, precision, unreadable)
         return
     start, stop = distributed.shard_bounds(len(paths))
-    chunks = list(stream_probs(models, list(paths)[start:stop], batch_size, num_workers, tta, blank, calibrated))
+    failed: dict[Path, str] = {}
+    chunks = list(stream_probs(models, list(paths)[start:stop], batch_size, num_workers, tta, blank, calibrated,
+                               precision, failed))
     part = np.concatenate(chunks) if chunks else np.zeros((0, len(models[0].classes)), dtype=np.float32)
-    yield from distributed.gather_objects(part)
+    parts = distributed.gather_objects((part, failed))
+    if unreadable is not None:
+        for _, rank_failed in parts:
+            unreadable.update(rank_failed)
+    for rank_part, _ in parts:
+        yield rank_part
 
 
 def predict_probs(
@@ -182,6 +206,7 @@ def predict_probs(
     device: Optional[torch.device] = None,
     tta: Sequence[str] = (),
     calibrated: bool = True,
+    precision: str = "fp32",
 ) -> np.ndarray:
     """Class probabilities (N, C) for `samples`, in order (one model or an ensemble); calibrated unless asked."""
     models = [loaded] if isinstance(loaded, LoadedModel) else list(loaded)
@@ -189,5 +214,5 @@ def predict_probs(
         for m in models:
             m.model.to(device)
     chunks = list(sharded_probs(models, [s.path for s in samples], batch_size, num_workers, tta,
-                                calibrated=calibrated))
+                                calibrated=calibrated, precision=precision))
     return np.concatenate(chunks) if chunks else np.zeros((0, len(models[0].classes)), dtype=np.float32)

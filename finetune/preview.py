@@ -78,8 +78,20 @@ def augment_preview(
     _, preprocessing = build_model(replace(recipe.model, pretrained=False, weights=None), len(dataset.classes),
                                    recipe.data.image_size)
     transform = train_transform(recipe, preprocessing)
-    picked = random.Random(recipe.train.seed).sample(dataset.train, min(n, len(dataset.train)))
-    images = torch.stack([transform(image=load_rgb(s.path))["image"] for s in picked])
+    picked, tensors = [], []
+    # Pixels are decoded only here: a damaged file that passed the header check is passed over.
+    for sample in random.Random(recipe.train.seed).sample(dataset.train, len(dataset.train)):
+        try:
+            tensors.append(transform(image=load_rgb(sample.path))["image"])
+        except FinetuneError as err:
+            log(f"skipping {err}")
+            continue
+        picked.append(sample)
+        if len(picked) == n:
+            break
+    if not picked:
+        raise FinetuneError("no training image could be decoded; see the messages above")
+    images = torch.stack(tensors)
     labels = torch.tensor([s.label for s in picked])
     mixer = create_mixer(recipe.augment, len(dataset.classes))
     targets = None

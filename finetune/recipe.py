@@ -48,6 +48,8 @@ TASKS = ("single", "multilabel")
 # backbone was trained near it (224-600 px); larger images are downscaled to data.image_size anyway.
 MAX_IMAGE_SIZE = 2048
 LOGGERS = ("csv", "tensorboard", "mlflow")  # built in finetune/loggers.py
+IMAGE_CACHES = ("none", "disk", "ram")  # built in finetune/data/cache.py
+PRECISIONS = ("fp32", "bf16", "fp16")  # autocast dtypes, finetune/engine/step.py
 
 
 def _choice(key: str, value: Any, choices: tuple) -> None:
@@ -81,6 +83,10 @@ class DataConfig:
     batch_size: int = 32
     num_workers: int = 2
     balance: str = "none"  # none | sampler (weighted sampling) | loss (class-weighted loss)
+    # Pre-resized image cache: none | ram (decoded once into shared memory, for folders that fit in RAM) |
+    # disk (one file per image in cache_dir, reused across runs; a changed image is decoded again).
+    cache: str = "none"
+    cache_dir: Optional[str] = None  # data.cache: disk folder; None = ~/.cache/finetune/images
 
     def __post_init__(self) -> None:
         self.validate()  # a bad section cannot be built, from YAML or in code
@@ -88,6 +94,7 @@ class DataConfig:
     def validate(self) -> None:
         """Reject out-of-range or conflicting settings, naming the recipe key."""
         _choice("data.layout", self.layout, LAYOUTS)
+        _choice("data.cache", self.cache, IMAGE_CACHES)
         _choice("data.balance", self.balance, BALANCE)
         _choice("data.task", self.task, TASKS)
         if self.task == "multilabel" and self.layout != "csv":
@@ -200,7 +207,15 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
     grad_clip: Optional[float] = None  # max gradient norm; None = no clipping
-    amp: bool = True  # mixed precision when running on CUDA
+    amp: bool = True  # fp16 mixed precision when running on CUDA (train.precision: fp32 turns it off too)
+    # Autocast precision: fp32 (none) | bf16 (CPU and CUDA; faster inference, often slower CPU training) |
+    # fp16 (CUDA only, with a gradient scaler). None = fp16 on CUDA when train.amp, else fp32.
+    precision: Optional[str] = None
+    compile: bool = False  # torch.compile the model; falls back to eager with one warning where it fails
+    # Head-only training on cached backbone features: computed once, then only the head runs per epoch.
+    # auto: when only the head trains and the augmentation is deterministic (augment.preset none, no policy,
+    # no mixup/cutmix); true: also with random augmentation (features of un-augmented images); false: never.
+    cache_features: Optional[bool] = None
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     channels_last: bool = True  # faster convolutions on CPU and GPU
@@ -239,6 +254,8 @@ class TrainConfig:
                 f"({self.epochs}); set train.warmup_epochs={max(self.epochs - 1, 0)} (or 0) or raise train.epochs"
             )
         _choice("train.monitor", self.monitor, MONITORS)
+        if self.precision is not None:
+            _choice("train.precision", self.precision, PRECISIONS)
         if self.accumulate < 1:
             raise FinetuneError("recipe key 'train.accumulate' must be at least 1 (1 = no accumulation)")
         if not 0.0 < self.ema_decay < 1.0:
@@ -332,6 +349,10 @@ class Recipe:
         if self.semi.rounds and self.data.task == "multilabel":
             raise FinetuneError("semi.rounds (pseudo-labelling) takes one label per image; it does not work with "
                                 "data.task: multilabel (set semi.rounds: 0)")
+        if self.train.cache_features and (self.augment.mixup or self.augment.cutmix):
+            raise FinetuneError("train.cache_features: true trains the head on backbone features, which "
+                                "mixup/cutmix cannot blend; set augment.mixup and augment.cutmix to 0, or "
+                                "train.cache_features: false")
         return self
 
     def to_dict(self) -> dict:

@@ -3,40 +3,86 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable, Optional, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from finetune.data.images import load_rgb
+from finetune.data.cache import ImageCache
+from finetune.data.images import SkippedImage, load_rgb
 from finetune.data.preprocessing import Preprocessing
 from finetune.data.sources import Sample
-from finetune.data.transforms import build_eval_transform, build_train_transform, seed_transform
-from finetune.recipe import Recipe
+from finetune.data.transforms import (build_eval_transform, build_train_transform, eval_decode_side, seed_transform,
+                                      train_decode_side)
+from finetune.errors import FinetuneError
+from finetune.recipe import DataConfig, Recipe
 
-__all__ = ["ImageDataset", "class_counts", "make_loader", "BalancedSampler", "balanced_sampler", "train_sampler",
-           "train_transform", "train_loader", "eval_loader"]
+__all__ = ["ImageDataset", "SkippingLoader", "collate_readable", "class_counts", "make_loader", "BalancedSampler",
+           "balanced_sampler", "train_sampler", "train_transform", "image_reader", "train_reader", "train_loader",
+           "tensor_train_loader", "eval_loader"]
+
+Reader = Callable[[Path], np.ndarray]
 
 
 class ImageDataset(Dataset):
-    """Decodes samples with `load_rgb` and applies an albumentations transform.
+    """Decodes samples with `read` (default `load_rgb`) and applies an albumentations transform.
 
-    Items are (image tensor, label); unlabeled samples get label -1.
+    Items are (image tensor, label); unlabeled samples get label -1. An image that fails to decode
+    becomes a SkippedImage marker, which `collate_readable` drops from the batch and reports.
     """
 
-    def __init__(self, samples: Sequence[Sample], transform: Callable) -> None:
+    def __init__(self, samples: Sequence[Sample], transform: Callable, read: Optional[Reader] = None) -> None:
         self.samples = list(samples)
         self.transform = transform
+        self.read = read or load_rgb
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | SkippedImage:
         sample = self.samples[index]
-        image = load_rgb(sample.path)
+        try:
+            image = self.read(sample.path)
+        except FinetuneError as err:
+            return SkippedImage(sample.path, str(err).split(": ", 1)[-1])
         tensor = self.transform(image=image)["image"]
         return tensor, -1 if sample.label is None else sample.label
+
+
+def collate_readable(items: list) -> tuple[torch.Tensor, torch.Tensor, list[SkippedImage]]:
+    """Stack the decoded items; unreadable ones leave the batch and come back as the third element."""
+    good = [item for item in items if not isinstance(item, SkippedImage)]
+    bad = [item for item in items if isinstance(item, SkippedImage)]
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), bad
+    images, labels = torch.utils.data.default_collate(good)
+    return images, labels, bad
+
+
+class SkippingLoader(DataLoader):
+    """A DataLoader that yields (images, labels) and remembers every image that failed to decode.
+
+    `skipped` holds each unreadable file once (by path), however many epochs met it; `on_skip`
+    hears about a file the first time. A batch with no readable image is left out.
+    """
+
+    def __init__(self, *args, on_skip: Optional[Callable[[SkippedImage], None]] = None, **kwargs) -> None:
+        super().__init__(*args, collate_fn=collate_readable, **kwargs)
+        self.skipped: dict[Path, SkippedImage] = {}
+        self.on_skip = on_skip
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels, bad in super().__iter__():
+            for item in bad:
+                if item.path not in self.skipped:
+                    self.skipped[item.path] = item
+                    if self.on_skip is not None:
+                        self.on_skip(item)
+            if len(labels):
+                yield images, labels
 
 
 def class_counts(samples: Sequence[Sample], num_classes: int) -> list[int]:
@@ -106,9 +152,15 @@ def make_loader(
     seed: int = 0,
     sampler: Optional[torch.utils.data.Sampler] = None,
     drop_last: bool = False,
+    on_skip: Optional[Callable[[SkippedImage], None]] = None,
 ) -> DataLoader:
-    """A DataLoader with seeded shuffling and per-worker seeds."""
+    """A DataLoader with seeded shuffling and per-worker seeds (a SkippingLoader for an ImageDataset)."""
     generator = torch.Generator().manual_seed(seed)
+    if isinstance(dataset, ImageDataset):
+        return SkippingLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                              num_workers=num_workers, pin_memory=torch.cuda.is_available(), drop_last=drop_last,
+                              worker_init_fn=_seed_worker, generator=generator, persistent_workers=num_workers > 0,
+                              on_skip=on_skip)
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -130,21 +182,57 @@ def train_transform(recipe: Recipe, preprocessing: Preprocessing, seed: Optional
     return build_train_transform(preprocessing, aug.preset, aug.ops, aug.policy, seed=seed)
 
 
+def tensor_train_loader(recipe: Recipe, dataset: torch.utils.data.TensorDataset, num_classes: int) -> DataLoader:
+    """Training batches of precomputed (features, label) pairs, drawn as train_loader draws images (one process)."""
+    cfg, seed = recipe.data, recipe.train.seed
+    labels = dataset.tensors[1].tolist()
+    sampler = (train_sampler(recipe, [Sample(Path(), label) for label in labels], num_classes)
+               if cfg.balance == "sampler" else None)
+    return make_loader(dataset, cfg.batch_size, 0, shuffle=True, seed=seed, sampler=sampler,
+                       drop_last=len(labels) > cfg.batch_size)
+
+
+def image_reader(cfg: DataConfig, min_side: Optional[int], paths: Sequence[Path]) -> Reader:
+    """How a loader decodes: `load_rgb` (JPEGs at reduced scale down to `min_side`), or through data.cache.
+
+    A ram cache is filled here, in this process, so every DataLoader worker shares it.
+    """
+    if cfg.cache == "none":
+        return partial(load_rgb, min_side=min_side)
+    cache = ImageCache(cfg.cache, Path(cfg.cache_dir) if cfg.cache_dir else None, min_side)
+    cache.fill(paths)
+    return cache.read
+
+
+def train_reader(recipe: Recipe, preprocessing: Preprocessing, paths: Sequence[Path] = ()) -> Reader:
+    """Decode for training: no larger than the augmentation needs, cached as data.cache says."""
+    aug = recipe.augment
+    return image_reader(recipe.data, train_decode_side(preprocessing, aug.preset, aug.ops), paths)
+
+
 def train_loader(recipe: Recipe, samples: Sequence[Sample], preprocessing: Preprocessing,
-                 num_classes: int, rank: int = 0, world: int = 1, seed: Optional[int] = None) -> DataLoader:
+                 num_classes: int, rank: int = 0, world: int = 1, seed: Optional[int] = None,
+                 read: Optional[Reader] = None,
+                 on_skip: Optional[Callable[[SkippedImage], None]] = None) -> DataLoader:
     """Augmented training batches for one rank (of `world`): shuffled, or class-balanced with `data.balance: sampler`.
 
     `data.batch_size` is per process. `seed` (default train.seed) seeds this rank's augmentation and workers;
-    the sample order comes from train.seed alone (`train_sampler`).
+    the sample order comes from train.seed alone (`train_sampler`). `read` decodes (default: `train_reader`);
+    `on_skip` hears of each image that fails to decode.
     """
     cfg = recipe.data
     seed = recipe.train.seed if seed is None else seed
     sampler = train_sampler(recipe, samples, num_classes, rank, world)
-    return make_loader(ImageDataset(samples, train_transform(recipe, preprocessing, seed)), cfg.batch_size,
-                       cfg.num_workers, seed=seed, sampler=sampler, drop_last=len(sampler) > cfg.batch_size)
+    read = read or train_reader(recipe, preprocessing, [s.path for s in samples])
+    dataset = ImageDataset(samples, train_transform(recipe, preprocessing, seed), read)
+    return make_loader(dataset, cfg.batch_size, cfg.num_workers, seed=seed, sampler=sampler,
+                       drop_last=len(sampler) > cfg.batch_size, on_skip=on_skip)
 
 
-def eval_loader(samples: Sequence[Sample], preprocessing: Preprocessing, batch_size: int,
-                num_workers: int) -> DataLoader:
-    """Batches in sample order with the evaluation preprocessing."""
-    return make_loader(ImageDataset(samples, build_eval_transform(preprocessing)), batch_size, num_workers)
+def eval_loader(samples: Sequence[Sample], preprocessing: Preprocessing, batch_size: int, num_workers: int,
+                read: Optional[Reader] = None,
+                on_skip: Optional[Callable[[SkippedImage], None]] = None) -> DataLoader:
+    """Batches in sample order with the evaluation preprocessing (JPEGs decoded no larger than it needs)."""
+    read = read or partial(load_rgb, min_side=eval_decode_side(preprocessing))
+    return make_loader(ImageDataset(samples, build_eval_transform(preprocessing), read), batch_size, num_workers,
+                       on_skip=on_skip)

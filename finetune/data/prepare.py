@@ -1,4 +1,8 @@
-"""Prepare data once: discover the samples, decode-check them, drop (and list) the unreadable ones, count classes."""
+"""Prepare data once: discover the samples, drop (and list) the files that are not images, count classes.
+
+Training decodes each image once, in the loader: a file whose header reads but whose pixels do not
+(truncated, damaged) is dropped from its batch there and listed by the run (finetune.api.train).
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from finetune.data.images import SkippedImage, check_images
+from finetune.data.images import SkippedImage, check_headers, check_images
 from finetune.data.loaders import class_counts
 from finetune.data.multilabel import check_single_label, discover_multilabel
 from finetune.data.sources import VAL_NAMES, Sample, discover, read_labelled_folder
 from finetune.errors import FinetuneError
 from finetune.recipe import Recipe
 
-__all__ = ["Prepared", "prepare", "readable", "labelled"]
+__all__ = ["Prepared", "prepare", "openable", "readable", "labelled"]
 
 Log = Callable[[str], None]
 
@@ -46,6 +50,13 @@ class Prepared:
                 f"classes (validation: {self.val_source})")
 
 
+def openable(samples: Sequence[Sample]) -> tuple[list[Sample], list[SkippedImage]]:
+    """The samples whose file has an image header (no pixel decoded), and the ones that do not (with the reason)."""
+    skipped = check_headers([s.path for s in samples])
+    bad = {s.path for s in skipped}
+    return [s for s in samples if s.path not in bad], skipped
+
+
 def readable(samples: Sequence[Sample]) -> tuple[list[Sample], list[SkippedImage]]:
     """The samples whose image decodes, and the ones that do not (with the reason)."""
     skipped = check_images([s.path for s in samples])
@@ -64,14 +75,16 @@ def _check_classes(prepared: Prepared, log: Log) -> None:
 
 
 def prepare(recipe: Recipe, log: Log = print) -> Prepared:
-    """The recipe's data: discovered, decode-checked (unreadable images dropped and kept in `skipped`), counted."""
-    # Unreadable images are dropped before the validation split, so it holds val_fraction of the usable ones.
+    """The recipe's data: discovered, header-checked (non-images dropped and kept in `skipped`), counted."""
+    # Files that are not images are dropped before the validation split, so it holds val_fraction of the usable
+    # ones; only the header is read here, the pixels are decoded once, by the training loader.
     if recipe.data.task == "multilabel":
+        # The multi-hot loaders cannot drop an image mid-batch yet: decode-check every image up front.
         splits = discover_multilabel(recipe.data, recipe.train.seed, keep=readable)
     else:
         if recipe.data.layout == "csv" and recipe.data.root:
             check_single_label(recipe.data, Path(recipe.data.root).expanduser())
-        splits = discover(recipe.data, recipe.train.seed, keep=readable)
+        splits = discover(recipe.data, recipe.train.seed, keep=openable)
     val_source = splits.val_source
     if val_source == "split":
         kind = "iterative-stratified" if recipe.data.task == "multilabel" else "stratified"

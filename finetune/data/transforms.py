@@ -38,6 +38,8 @@ __all__ = [
     "TorchvisionPolicy",
     "build_train_transform",
     "build_eval_transform",
+    "eval_decode_side",
+    "train_decode_side",
     "seed_transform",
     "transform_rng_state",
     "set_transform_rng_state",
@@ -154,7 +156,7 @@ def _finish(pre: Preprocessing) -> list[A.BasicTransform]:
 
 
 def _eval_ops(pre: Preprocessing) -> list[A.BasicTransform]:
-    resize_to = max(pre.size, int(round(pre.size / pre.crop_pct)))
+    resize_to = eval_decode_side(pre)
     return [
         A.SmallestMaxSize(max_size=resize_to, interpolation=cv2_interpolation(pre)),
         A.CenterCrop(pre.size, pre.size),
@@ -164,6 +166,30 @@ def _eval_ops(pre: Preprocessing) -> list[A.BasicTransform]:
 def build_eval_transform(pre: Preprocessing) -> A.Compose:
     """Resize the shorter side to size/crop_pct, centre-crop, normalise, to tensor."""
     return A.Compose(_eval_ops(pre) + _finish(pre))
+
+
+def eval_decode_side(pre: Preprocessing) -> int:
+    """The shorter side the evaluation preprocessing resizes to: decoding larger is wasted work."""
+    return max(pre.size, int(round(pre.size / pre.crop_pct)))
+
+
+# Smallest crop area of each preset's RandomResizedCrop; its narrowest crop (aspect 3/4) must still hold
+# `size` source pixels, so the image needs a shorter side of size / sqrt(area * 3/4).
+_CROP_AREA = {"light": 0.5, "medium": 0.5, "heavy": 0.25}
+
+
+def train_decode_side(pre: Preprocessing, preset: str, ops: Optional[list[dict]] = None) -> Optional[int]:
+    """The smallest shorter side an image needs for the training augmentation to lose no detail.
+
+    None when unknown (an explicit `augment.ops` list): images are then decoded at full size.
+    """
+    if ops:
+        return None
+    if preset in _CROP_AREA:
+        return int(np.ceil(pre.size / np.sqrt(_CROP_AREA[preset] * 0.75)))
+    if preset == "hw03":
+        return pre.size  # a plain resize to size x size
+    return eval_decode_side(pre)
 
 
 def build_train_transform(

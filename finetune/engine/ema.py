@@ -18,6 +18,8 @@ class WeightEma:
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self._ema = ModelEmaV3(model, decay=decay, use_warmup=True)
+        # A deep copy keeps train.compile's compiled forward, which is bound to the live model: run the copy eager.
+        self._ema.module._compiled_call_impl = None
         self.updates = 0
 
     @property

@@ -5,7 +5,8 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Protocol, Sequence, Union
 
@@ -17,10 +18,11 @@ from tqdm import tqdm
 from finetune.data.mixing import BatchMixer, dominant_label
 from finetune.engine import distributed
 from finetune.engine.ema import WeightEma
+from finetune.engine.features import FeatureCache, features_in, head_only
 from finetune.engine.multilabel import MultiLabelScorer
 from finetune.engine.optim import base_lr, create_optimizer, create_scheduler, stage_lrs
 from finetune.engine.resume import capture_all_ranks, check_resumable, restore_this_rank
-from finetune.engine.step import autocast, optimizer_step, to_device
+from finetune.engine.step import autocast, grad_scaler, optimizer_step, to_device, train_precision
 from finetune.errors import FinetuneError
 from finetune.models.unfreezing import plan_unfreezing
 from finetune.recipe import TrainConfig
@@ -132,6 +134,7 @@ def train_one_epoch(
     returned loss and accuracy are over every rank's samples.
     """
     model.train()
+    precision = train_precision(cfg, device)
     total_loss, correct, seen = 0.0, 0, 0
     batches = len(loader)
     group_loss = 0.0
@@ -149,7 +152,7 @@ def train_one_epoch(
         group = min(cfg.accumulate, batches - group_start)
         stepping = index + 1 == group_start + group
         # DDP decides in the forward pass whether this backward all-reduces: not until the group's last batch.
-        with distributed.sync_context(model, stepping), autocast(device, cfg.amp):
+        with distributed.sync_context(model, stepping), autocast(device, precision):
             logits = model(images)
             loss = criterion(logits, targets)
         value = loss.item()
@@ -188,11 +191,12 @@ def validate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device:
     """Loss and accuracy on the validation data (under DDP: each rank's share, summed over ranks), and the
     scorer's metrics over the whole pass (multi-label runs, which train in one process)."""
     model.eval()
+    precision = train_precision(cfg, device)
     total_loss, correct, seen = 0.0, 0, 0
     outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
     for images, labels in loader:
         images, labels = to_device(images, labels, device, cfg.channels_last)
-        with autocast(device, cfg.amp):
+        with autocast(device, precision):
             logits = model(images)
             loss = criterion(logits.float(), labels)
         total_loss += loss.item() * labels.shape[0]
@@ -251,6 +255,7 @@ def fit(
     resume: Optional[dict] = None,
     on_epoch: Optional[EpochHook] = None,
     scorer: Optional[MultiLabelScorer] = None,
+    feature_cache: Optional[FeatureCache] = None,
 ) -> FitState:
     """Train up to cfg.epochs (fewer with early stopping), continuing from a last.pt payload if given.
 
@@ -260,13 +265,15 @@ def fit(
     `on_epoch` sees each saved row and may stop training early, like patience does.
     Under torchrun every rank runs this with its own loaders' shares; `model` stays the plain model
     (what is saved) and trains through a DDP wrapper, rebuilt when the trainable set changes.
+    With a `feature_cache` (one process only), epochs that train the head only run it on backbone features
+    computed once.
     """
     steps_per_epoch = math.ceil(len(train_loader) / cfg.accumulate)
     # Parameters that a later epoch unfreezes join the optimizer now; frozen, they get no gradient.
     unfreezing = plan_unfreezing(model, cfg)
     optimizer = create_optimizer(model, cfg, unfreezing.ever_trainable)
     scheduler = create_scheduler(optimizer, cfg, steps_per_epoch)
-    scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" else None
+    scaler = grad_scaler(cfg, device)
     ema = WeightEma(model, cfg.ema_decay) if cfg.ema else None
     eval_model = ema.module if ema is not None else model
     monitor = Monitor(cfg.monitor)
@@ -290,8 +297,6 @@ def fit(
                 log(f"epoch {epoch}: trainable stages now {', '.join(trainable_now)}")
             if trainable_now or train_model is model:
                 train_model = distributed.wrap(model, device)  # DDP tracks only what was trainable when built
-            if hasattr(train_loader.sampler, "set_epoch"):
-                train_loader.sampler.set_epoch(epoch)  # the epoch's order: the same on every rank, and on resume
             lr = base_lr(optimizer)
             rates = stage_lrs(optimizer)
             steps = itertools.count((epoch - 1) * steps_per_epoch + 1)  # optimiser steps since the run began
@@ -299,12 +304,21 @@ def fit(
             def on_step(loss: float) -> None:
                 run.log_step({"step": next(steps), "train_loss": loss, "lr": base_lr(optimizer)})
 
-            train = train_one_epoch(
-                train_model, train_loader, criterion, optimizer, scheduler, scaler, device, cfg,
-                f"epoch {epoch}/{cfg.epochs}", mixer, ema, on_step, scorer,
-            )
-            distributed.sync_buffers(model, eval_model)  # BN statistics as rank 0 has them, before validating
-            val = validate(eval_model, val_loader, criterion, device, cfg, scorer)
+            cached = feature_cache is not None and head_only(unfreezing.trainable_at(epoch))
+            epoch_loaders, epoch_cfg = (train_loader, val_loader), cfg
+            if cached:
+                epoch_loaders = feature_cache.loaders(model, device, cfg, log)
+                epoch_cfg = replace(cfg, channels_last=False)  # feature batches are (N, C), not images
+            if hasattr(epoch_loaders[0].sampler, "set_epoch"):
+                # The epoch's order: the same on every rank, and on resume.
+                epoch_loaders[0].sampler.set_epoch(epoch)
+            with features_in(*{id(m): m for m in (model, eval_model)}.values()) if cached else nullcontext():
+                train = train_one_epoch(
+                    train_model, epoch_loaders[0], criterion, optimizer, scheduler, scaler, device, epoch_cfg,
+                    f"epoch {epoch}/{cfg.epochs}", mixer, ema, on_step, scorer,
+                )
+                distributed.sync_buffers(model, eval_model)  # BN statistics as rank 0 has them, before validating
+                val = validate(eval_model, epoch_loaders[1], criterion, device, epoch_cfg, scorer)
             if not math.isfinite(val.loss):  # the epoch's last step broke the weights: save nothing of them
                 raise FinetuneError(
                     f"epoch {epoch}/{cfg.epochs}: the validation loss is {val.loss} (training diverged in the "

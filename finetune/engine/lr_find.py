@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from finetune.engine.optim import create_optimizer
-from finetune.engine.step import autocast, optimizer_step, to_device
+from finetune.engine.step import autocast, grad_scaler, optimizer_step, to_device, train_precision
 from finetune.errors import FinetuneError
 from finetune.recipe import TrainConfig
 
@@ -80,7 +80,8 @@ def lr_range_test(
     saved = copy.deepcopy(model.state_dict())
     optimizer = create_optimizer(model, cfg)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
-    scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" else None
+    scaler = grad_scaler(cfg, device)
+    precision = train_precision(cfg, device)
     gamma = (end_lr / start_lr) ** (1.0 / max(1, steps - 1))
     lrs, losses, raw = [], [], []
     average, lowest, diverged = 0.0, math.inf, False
@@ -92,7 +93,7 @@ def lr_range_test(
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * lr / cfg.lr
             images, labels = to_device(*next(batches), device, cfg.channels_last)
-            with autocast(device, cfg.amp):
+            with autocast(device, precision):
                 loss = criterion(model(images), labels)
             value = loss.item()
             if not math.isfinite(value):

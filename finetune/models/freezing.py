@@ -45,9 +45,10 @@ class Classifier(nn.Module):
         self.stages = stages  # stage name → parameter-name prefixes inside `backbone`, input to output
         self.frozen_bn: list[str] = []
         self.bn_policy = "frozen"
+        self.features_in = False  # True: `x` is already the backbone's output (cached features, head-only epochs)
 
     def forward(self, x, pre_logits: bool = False):
-        features = self.backbone(x)
+        features = x if self.features_in else self.backbone(x)
         return features if pre_logits else self.head(features)
 
     def train(self, mode: bool = True) -> "Classifier":
