@@ -186,10 +186,10 @@ def tensor_train_loader(recipe: Recipe, dataset: torch.utils.data.TensorDataset,
     """Training batches of precomputed (features, label) pairs, drawn as train_loader draws images (one process)."""
     cfg, seed = recipe.data, recipe.train.seed
     labels = dataset.tensors[1].tolist()
-    sampler = (train_sampler(recipe, [Sample(Path(), label) for label in labels], num_classes)
-               if cfg.balance == "sampler" else None)
-    return make_loader(dataset, cfg.batch_size, 0, shuffle=True, seed=seed, sampler=sampler,
-                       drop_last=len(labels) > cfg.batch_size)
+    # The same sampler as the image loader's, so a cached epoch visits the samples in the same order.
+    sampler = train_sampler(recipe, [Sample(Path(), label) for label in labels], num_classes)
+    return make_loader(dataset, cfg.batch_size, 0, seed=seed, sampler=sampler,
+                       drop_last=len(sampler) > cfg.batch_size)
 
 
 def image_reader(cfg: DataConfig, min_side: Optional[int], paths: Sequence[Path]) -> Reader:
