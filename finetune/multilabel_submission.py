@@ -15,7 +15,7 @@ from finetune.data.sources import sort_class_names
 from finetune.errors import FinetuneError
 from finetune.multilabel_eval import SEPARATOR, write_multilabel_evaluation
 from finetune.run import EvalFiles
-from finetune.scoring import read_labels
+from finetune.scoring import read_matching
 from finetune.submission import VALUE_KINDS, SubmissionPlan, _AtomicCSV, _fmt
 
 __all__ = ["write_multilabel_rows", "score_multilabel_csv"]
@@ -91,15 +91,7 @@ def score_multilabel_csv(
 ) -> dict:
     """Mean per-image F1 (Kaggle's Planet metric) of a multi-label submission, plus the bundle in `out_dir`."""
     submission, truth = Path(submission).expanduser(), Path(truth).expanduser()
-    predicted = read_labels(submission, id_column, label_column)
-    answers = read_labels(truth, id_column, label_column)
-    missing = sorted(set(answers) - set(predicted))
-    extra = sorted(set(predicted) - set(answers))
-    if missing or extra:
-        raise FinetuneError(
-            f"{submission.name} does not match {truth.name} Id for Id: {len(missing)} Id(s) have no prediction "
-            f"(e.g. {missing[:5]}), {len(extra)} predicted Id(s) are not in the truth (e.g. {extra[:5]})"
-        )
+    predicted, answers = read_matching(submission, truth, id_column, label_column)
     ids = sorted(answers)
     pred_sets = {i: split_labels(predicted[i], sep) for i in ids}
     true_sets = {i: split_labels(answers[i], sep) for i in ids}

@@ -11,7 +11,7 @@ from finetune.errors import FinetuneError
 from finetune.evaluation import write_evaluation
 from finetune.run import EvalFiles
 
-__all__ = ["read_labels", "score_csv"]
+__all__ = ["read_labels", "read_matching", "score_csv"]
 
 
 def read_labels(path: Path, id_column: Optional[str] = None, label_column: Optional[str] = None) -> dict[str, str]:
@@ -46,15 +46,9 @@ def _padding_hint(missing: list[str], extra: list[str]) -> str:
     return ""
 
 
-def score_csv(
-    submission: Path,
-    truth: Path,
-    out_dir: Optional[Path] = None,
-    classes: Optional[Sequence[str]] = None,
-    id_column: Optional[str] = None,
-    label_column: Optional[str] = None,
-) -> dict:
-    """Accuracy of `submission` against `truth` plus the evaluation bundle in `out_dir`; returns the metrics."""
+def read_matching(submission: Path, truth: Path, id_column: Optional[str] = None,
+                  label_column: Optional[str] = None) -> tuple[dict[str, str], dict[str, str]]:
+    """The labels of `submission` and of `truth` by Id; an error unless both hold exactly the same Ids."""
     submission, truth = Path(submission).expanduser(), Path(truth).expanduser()
     predicted = read_labels(submission, id_column, label_column)
     answers = read_labels(truth, id_column, label_column)
@@ -66,6 +60,20 @@ def score_csv(
             f"(e.g. {missing[:5]}), {len(extra)} predicted Id(s) are not in the truth (e.g. {extra[:5]})"
             f"{_padding_hint(missing, extra)}"
         )
+    return predicted, answers
+
+
+def score_csv(
+    submission: Path,
+    truth: Path,
+    out_dir: Optional[Path] = None,
+    classes: Optional[Sequence[str]] = None,
+    id_column: Optional[str] = None,
+    label_column: Optional[str] = None,
+) -> dict:
+    """Accuracy of `submission` against `truth` plus the evaluation bundle in `out_dir`; returns the metrics."""
+    submission, truth = Path(submission).expanduser(), Path(truth).expanduser()
+    predicted, answers = read_matching(submission, truth, id_column, label_column)
     names = list(classes) if classes else sort_class_names(set(answers.values()) | set(predicted.values()))
     index = {name: i for i, name in enumerate(names)}
     unknown = sorted({v for v in list(predicted.values()) + list(answers.values()) if v not in index})
