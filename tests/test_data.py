@@ -123,3 +123,25 @@ def test_broken_files_are_reported_not_fatal(tmp_path):
     assert any("empty file" in s.reason for s in skipped)
     with pytest.raises(FinetuneError, match="cannot read image"):
         load_rgb(tmp_path / "truncated.jpg")
+
+
+def test_a_loader_worker_reports_errors_but_not_the_broken_pipe_of_an_interrupted_main_process():
+    """After Ctrl-C the resource sharer's broken pipe is expected noise; any other error still prints."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from finetune.data.loaders import make_loader\n"
+        "class Probe(torch.utils.data.Dataset):\n"
+        "    def __len__(self): return 1\n"
+        "    def __getitem__(self, i):\n"
+        "        sys.excepthook(BrokenPipeError, BrokenPipeError(32, 'Broken pipe'), None)\n"
+        "        sys.excepthook(ValueError, ValueError('a real error'), None)\n"
+        "        return torch.zeros(1)\n"
+        "list(make_loader(Probe(), 1, 1))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "a real error" in result.stderr
+    assert "Broken pipe" not in result.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -142,6 +143,16 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
     info = torch.utils.data.get_worker_info()
     seed_transform(getattr(info.dataset, "transform", None), seed)
+    sys.excepthook = _quiet_when_main_stops_reading
+
+
+def _quiet_when_main_stops_reading(kind: type, value: BaseException, tb) -> None:
+    # A worker hands each batch's tensors to the main process through multiprocessing's resource sharer,
+    # whose thread reports a failed hand-over through sys.excepthook. After Ctrl-C the main process stops
+    # reading mid-hand-over: that broken pipe is expected and must not print a traceback under "interrupted".
+    if issubclass(kind, (BrokenPipeError, ConnectionResetError)):
+        return
+    sys.__excepthook__(kind, value, tb)
 
 
 def make_loader(
