@@ -16,7 +16,7 @@ from finetune.errors import FinetuneError
 from finetune.multilabel_eval import SEPARATOR, write_multilabel_evaluation
 from finetune.run import EvalFiles
 from finetune.scoring import read_matching
-from finetune.submission import VALUE_KINDS, SubmissionPlan, _AtomicCSV, _fmt
+from finetune.submission import VALUE_KINDS, SubmissionPlan, _AtomicCSV, stream_rows
 
 __all__ = ["write_multilabel_rows", "score_multilabel_csv"]
 
@@ -40,44 +40,12 @@ def write_multilabel_rows(
         raise FinetuneError(f"--value must be one of {', '.join(VALUE_KINDS)}, got {value!r}")
     if not sep:
         raise FinetuneError("--label-sep must not be empty (Kaggle's multi-label format uses a space)")
-    class_index = {c: i for i, c in enumerate(classes)}
     names = list(classes) if value == "name" else [str(i) for i in range(len(classes))]
     files = {"sub": _AtomicCSV(out)}
     if probs_out is not None:
         files["probs"] = _AtomicCSV(probs_out)
-    try:
-        if plan.label_column is None:
-            prob_order = [class_index[c] for c in plan.prob_columns]
-            files["sub"].writer.writerow([plan.id_column, *plan.prob_columns])
-        else:
-            files["sub"].writer.writerow([plan.id_column, plan.label_column])
-        if "probs" in files:
-            files["probs"].writer.writerow([plan.id_column, *classes])
-        row = 0
-        for probs in batches:
-            ids = plan.ids[row: row + len(probs)]
-            if len(ids) != len(probs):
-                raise FinetuneError(f"internal mismatch: {len(plan.ids)} images but more predictions than that")
-            chosen = probs >= thresholds[None, :]
-            for i, p, yes in zip(ids, probs, chosen):
-                if plan.label_column is None:
-                    files["sub"].writer.writerow([i, *(_fmt(p[c]) for c in prob_order)])
-                else:
-                    files["sub"].writer.writerow([i, sep.join(names[k] for k in np.flatnonzero(yes))])
-                if "probs" in files:
-                    files["probs"].writer.writerow([i, *map(_fmt, p)])
-            for f in files.values():
-                f.handle.flush()
-            row += len(probs)
-        if row != len(plan.ids):
-            raise FinetuneError(f"internal mismatch: {len(plan.ids)} images but {row} predictions")
-        for f in files.values():
-            f.commit()
-    except BaseException:
-        for f in files.values():  # no temporary file outlives a failed write
-            f.discard()
-        raise
-    return row
+    return stream_rows(plan, batches, classes, files,
+                       lambda p: [sep.join(names[k] for k in np.flatnonzero(p >= thresholds))])
 
 
 def score_multilabel_csv(

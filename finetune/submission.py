@@ -13,7 +13,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -198,13 +198,39 @@ def write_rows(
         raise FinetuneError(f"--value must be one of {', '.join(VALUE_KINDS)}, got {value!r}")
     if topk and not 1 <= topk <= len(classes):
         raise FinetuneError(f"--topk must be between 1 and the number of classes ({len(classes)}), got {topk}")
-    class_index = {c: i for i, c in enumerate(classes)}
     files = {"sub": _AtomicCSV(out)}
     if probs_out is not None:
         files["probs"] = _AtomicCSV(probs_out)
     if topk and topk_out is not None:
         files["topk"] = _AtomicCSV(topk_out)
+    if "topk" in files:
+        files["topk"].writer.writerow(
+            [plan.id_column] + [f"{kind}_{r}" for r in range(1, topk + 1) for kind in ("class", "score")])
+
+    def label(p: np.ndarray) -> list:
+        k = int(p.argmax())
+        if reject_below is not None and p[k] < reject_below:
+            return [reject_label]
+        return [classes[k] if value == "name" else k]
+
+    def extra(key: str, i: str, p: np.ndarray) -> None:
+        best = np.argsort(-p, kind="stable")[:topk]
+        files[key].writer.writerow([i] + [x for c in best for x in (classes[c], _fmt(p[c]))])
+
+    return stream_rows(plan, batches, classes, files, label, extra)
+
+
+def stream_rows(plan: SubmissionPlan, batches: Iterable[np.ndarray], classes: Sequence[str],
+                files: dict[str, "_AtomicCSV"], label: Callable[[np.ndarray], list],
+                extra: Optional[Callable[[str, str, np.ndarray], None]] = None) -> int:
+    """Write the submission (and `probs`) rows batch by batch in `plan` order, committing every file at the end.
+
+    `label(p)` gives one image's label cells; with a per-class sample submission (`plan.label_column`
+    None) the row holds the probabilities instead. `extra` writes any other file's row (top-k).
+    Files in `files` after sub/probs are headed already. Returns the number of rows.
+    """
     try:
+        class_index = {c: i for i, c in enumerate(classes)}
         if plan.label_column is None:
             prob_order = [class_index[c] for c in plan.prob_columns]
             files["sub"].writer.writerow([plan.id_column, *plan.prob_columns])
@@ -212,27 +238,20 @@ def write_rows(
             files["sub"].writer.writerow([plan.id_column, plan.label_column])
         if "probs" in files:
             files["probs"].writer.writerow([plan.id_column, *classes])
-        if "topk" in files:
-            files["topk"].writer.writerow(
-                [plan.id_column] + [f"{kind}_{r}" for r in range(1, topk + 1) for kind in ("class", "score")])
         row = 0
         for probs in batches:
             ids = plan.ids[row : row + len(probs)]
             if len(ids) != len(probs):
                 raise FinetuneError(f"internal mismatch: {len(plan.ids)} images but more predictions than that")
-            predicted = probs.argmax(axis=1)
-            for i, p, k in zip(ids, probs, predicted):
+            for i, p in zip(ids, probs):
                 if plan.label_column is None:
                     files["sub"].writer.writerow([i, *(_fmt(p[c]) for c in prob_order)])
-                elif reject_below is not None and p[k] < reject_below:
-                    files["sub"].writer.writerow([i, reject_label])
                 else:
-                    files["sub"].writer.writerow([i, classes[k] if value == "name" else int(k)])
+                    files["sub"].writer.writerow([i, *label(p)])
                 if "probs" in files:
                     files["probs"].writer.writerow([i, *map(_fmt, p)])
-                if "topk" in files:
-                    best = np.argsort(-p, kind="stable")[:topk]
-                    files["topk"].writer.writerow([i] + [x for c in best for x in (classes[c], _fmt(p[c]))])
+                for key in files.keys() - {"sub", "probs"}:
+                    extra(key, i, p)
             for f in files.values():
                 f.handle.flush()
             row += len(probs)

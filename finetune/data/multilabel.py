@@ -21,7 +21,7 @@ from finetune.data.images import SkippedImage, list_images
 from finetune.data.loaders import ImageDataset, make_loader, train_transform
 from finetune.data.preprocessing import Preprocessing
 from finetune.data.sources import (DatasetSplits, Keep, Sample, _find_child, _resolve_manifest_path,
-                                   sort_class_names, TEST_NAMES)
+                                   manifest_paths, sort_class_names, TEST_NAMES)
 from finetune.data.transforms import build_eval_transform
 from finetune.errors import FinetuneError
 from finetune.recipe import AugmentConfig, DataConfig, Recipe
@@ -38,18 +38,6 @@ def split_labels(text: str, sep: Optional[str] = None) -> list[str]:
     """The labels of one manifest cell: split on `sep`, or on any run of spaces, commas and `|`."""
     parts = text.split(sep) if sep else _ANY_SEPARATOR.split(text)
     return [p.strip() for p in parts if p.strip()]
-
-
-def _manifest_path(cfg: DataConfig, root: Path) -> tuple[Path, Path]:
-    manifest = Path(cfg.csv or "").expanduser()
-    if not manifest.is_absolute():
-        manifest = root / manifest
-    if not manifest.is_file():
-        raise FinetuneError(f"CSV manifest not found: {manifest}")
-    image_dir = Path(cfg.csv_image_dir).expanduser() if cfg.csv_image_dir else manifest.parent
-    if not image_dir.is_absolute():
-        image_dir = root / image_dir
-    return manifest, image_dir
 
 
 def _read_rows(manifest: Path) -> tuple[list[str], list[dict]]:
@@ -72,7 +60,7 @@ def read_multilabel_manifest(cfg: DataConfig, root: Path,
                              classes: Optional[Sequence[str]] = None) -> tuple[list[str], list[Sample],
                                                                                list[SkippedImage]]:
     """(classes, samples, skipped) of a multi-label manifest; `classes` fixes the class list (a checkpoint's)."""
-    manifest, image_dir = _manifest_path(cfg, root)
+    manifest, image_dir = manifest_paths(cfg, root)
     columns, rows = _read_rows(manifest)
     if len(columns) < 2:
         raise FinetuneError(f"{manifest} needs at least two columns (path or id, labels); found {columns}")
@@ -120,7 +108,7 @@ def read_multilabel_manifest(cfg: DataConfig, root: Path,
 
 def check_single_label(cfg: DataConfig, root: Path) -> None:
     """Refuse a multi-label manifest read as one label per image (data.task single), saying what to set."""
-    manifest, _ = _manifest_path(cfg, root)
+    manifest, _ = manifest_paths(cfg, root)
     columns, rows = _read_rows(manifest)
     if len(columns) < 2:
         return  # read_manifest says what is wrong

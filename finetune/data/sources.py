@@ -210,9 +210,9 @@ def _resolve_manifest_path(value: str, image_dir: Path, by_stem: dict[str, Path]
     return by_stem.get(value)
 
 
-def read_manifest(cfg: DataConfig, root: Path) -> LabelledSet:
-    """Read a CSV manifest: a path (or Kaggle id) column and a label column."""
-    manifest = Path(cfg.csv).expanduser()
+def manifest_paths(cfg: DataConfig, root: Path) -> tuple[Path, Path]:
+    """The recipe's CSV manifest and the folder its ids are relative to (both under `root` unless absolute)."""
+    manifest = Path(cfg.csv or "").expanduser()
     if not manifest.is_absolute():
         manifest = root / manifest
     if not manifest.is_file():
@@ -220,6 +220,12 @@ def read_manifest(cfg: DataConfig, root: Path) -> LabelledSet:
     image_dir = Path(cfg.csv_image_dir).expanduser() if cfg.csv_image_dir else manifest.parent
     if not image_dir.is_absolute():
         image_dir = root / image_dir
+    return manifest, image_dir
+
+
+def read_manifest(cfg: DataConfig, root: Path) -> LabelledSet:
+    """Read a CSV manifest: a path (or Kaggle id) column and a label column."""
+    manifest, image_dir = manifest_paths(cfg, root)
     with manifest.open(newline="", encoding="utf-8-sig") as handle:  # -sig: a BOM is not part of the header
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
