@@ -140,8 +140,9 @@ def train(
         log(f"warning: skipped {item.path}, which does not decode ({item.reason}); it is listed in {run.skipped}")
 
     features = None
-    if multilabel:  # its loaders read manifests' images checked in full by prepare()
-        *loaders, criterion, mixer, scorer = multilabel_eval.training_parts(recipe, dataset, preprocessing, device)
+    if multilabel:  # its loaders, too, decode each image once and drop and list what fails
+        *loaders, criterion, mixer, scorer = multilabel_eval.training_parts(recipe, dataset, preprocessing, device,
+                                                                            on_skip)
     else:
         # Each image is decoded once per pass, by the loaders: what fails there is dropped from its batch and listed.
         # Under torchrun each rank trains on its strided share and validates an unpadded contiguous one.
@@ -243,7 +244,7 @@ def evaluate(
     else:
         samples, skipped = labelled(Path(data).expanduser(), loaded.classes, data_cfg.layout, data_cfg.label_regex)
     if not samples:
-        raise FinetuneError(f"no readable labelled images in {data}")
+        raise FinetuneError(f"no labelled images that open in {data}")
     run = RunDir.open(checkpoint)
     files = EvalFiles(out) if out else run.eval
     if files.folder.resolve().is_relative_to(Path(data).expanduser().resolve()):
@@ -251,13 +252,15 @@ def evaluate(
         raise FinetuneError(f"the evaluation folder {files.folder} is inside the data folder {data}; give --out a "
                             "folder outside the data")
     files.prepare()
-    write_skipped_list(files.skipped, skipped, log)
-    if multilabel:
-        metrics = multilabel_eval.evaluate_multilabel_samples(loaded, samples, files, batch_size, num_workers, log,
-                                                              views, threshold)
-    else:
-        metrics = evaluate_samples(loaded, samples, files, batch_size, num_workers, log, views,
-                                   precision=precision)
+    try:
+        if multilabel:
+            metrics = multilabel_eval.evaluate_multilabel_samples(loaded, samples, files, batch_size, num_workers,
+                                                                  log, views, threshold, skipped)
+        else:  # decodes each image once, adding the ones that fail to `skipped`
+            metrics = evaluate_samples(loaded, samples, files, batch_size, num_workers, log, views,
+                                       precision=precision, skipped=skipped)
+    finally:
+        write_skipped_list(files.skipped, skipped, log)
     if files.writes:
         log(f"report: {build_report(run, files)}")
     return metrics

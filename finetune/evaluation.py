@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix, top_k_accuracy_score
 
+from finetune.data.images import SkippedImage
 from finetune.data.sources import Sample
+from finetune.errors import FinetuneError
 from finetune.reports.calibration import accuracy_coverage, calibration_bins, plot_coverage, plot_reliability
 from finetune.reports.gallery import Tile, plot_gallery, thumbnail, worst_mistakes
 from finetune.reports.plots import BARS, plot_class_recall, plot_confused_pairs, plot_confusion_matrix
@@ -179,22 +181,33 @@ def summary_lines(metrics: dict, classes: Sequence[str]) -> list[str]:
 
 def evaluate_samples(loaded: "LoadedModel", samples: Sequence[Sample], files: EvalFiles, batch_size: int,
                      num_workers: int, log: Callable[[str], None] = print, tta: Sequence[str] = (),
-                     raw_probs: Optional[np.ndarray] = None, precision: str = "fp32") -> dict:
+                     raw_probs: Optional[np.ndarray] = None, precision: str = "fp32",
+                     skipped: Optional[list[SkippedImage]] = None) -> dict:
     """Predict labelled samples with a loaded model, write the bundle into `files`, log the summary; the metrics.
 
     Probabilities are calibrated with the checkpoint's temperature; `raw_probs` (the uncalibrated ones,
     already computed) saves running the model again. `precision` bf16 runs it under bf16 autocast.
+    Each image is decoded once, here: one that fails is left out of the metrics and appended to `skipped`.
     """
     from finetune.engine.temperature import apply_temperature
     from finetune.inference import predict_probs
 
     temperature = loaded.temperature
+    failed: dict[Path, str] = {}
     raw = raw_probs if raw_probs is not None else predict_probs(loaded, samples, batch_size, num_workers, tta=tta,
-                                                                 calibrated=False, precision=precision)
+                                                                 calibrated=False, precision=precision,
+                                                                 unreadable=failed)
     if tta and temperature != 1.0:  # averaged views: rescaling the average is not the average of the rescaled
         probs = predict_probs(loaded, samples, batch_size, num_workers, tta=tta, precision=precision)
     else:
         probs = apply_temperature(raw, temperature)
+    if failed:
+        keep = np.array([s.path not in failed for s in samples])
+        samples, raw, probs = [s for s in samples if s.path not in failed], raw[keep], probs[keep]
+        if skipped is not None:
+            skipped.extend(SkippedImage(path, reason) for path, reason in failed.items())
+        if not samples:
+            raise FinetuneError("none of the labelled images could be decoded; see the list of skipped images")
     metrics = write_evaluation([s.label for s in samples], probs.argmax(1), loaded.classes, files, probs,
                                [s.path for s in samples], model=loaded,
                                uncalibrated=raw if temperature != 1.0 else None, temperature=temperature)

@@ -104,6 +104,7 @@ class _ViewsDataset(Dataset):
         self.paths = list(paths)
         self.transforms = transforms
         self.blank = blank
+        self.decode_side = max(t.decode_side for t in transforms)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -114,7 +115,7 @@ class _ViewsDataset(Dataset):
         if path in self.blank:
             return (*(t.blank() for t in self.transforms), "")
         try:
-            image = load_rgb(path)
+            image = load_rgb(path, min_side=self.decode_side)
         except FinetuneError as err:
             return (*(t.blank() for t in self.transforms), str(err).split(": ", 1)[-1])
         return (*(t(image) for t in self.transforms), "")
@@ -207,12 +208,16 @@ def predict_probs(
     tta: Sequence[str] = (),
     calibrated: bool = True,
     precision: str = "fp32",
+    unreadable: Optional[dict[Path, str]] = None,
 ) -> np.ndarray:
-    """Class probabilities (N, C) for `samples`, in order (one model or an ensemble); calibrated unless asked."""
+    """Class probabilities (N, C) for `samples`, in order (one model or an ensemble); calibrated unless asked.
+
+    An image that fails to decode gets the mean-colour image's row and is added to `unreadable` (path: reason).
+    """
     models = [loaded] if isinstance(loaded, LoadedModel) else list(loaded)
     if device is not None:
         for m in models:
             m.model.to(device)
     chunks = list(sharded_probs(models, [s.path for s in samples], batch_size, num_workers, tta,
-                                calibrated=calibrated, precision=precision))
+                                calibrated=calibrated, precision=precision, unreadable=unreadable))
     return np.concatenate(chunks) if chunks else np.zeros((0, len(models[0].classes)), dtype=np.float32)

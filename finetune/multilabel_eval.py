@@ -174,12 +174,25 @@ def multilabel_summary_lines(metrics: dict, classes: Sequence[str]) -> list[str]
 
 def evaluate_multilabel_samples(loaded: "LoadedModel", samples: Sequence[Sample], files: EvalFiles,
                                 batch_size: int, num_workers: int, log: Callable[[str], None] = print,
-                                tta: Sequence[str] = (), threshold: Optional[float] = None) -> dict:
-    """Predict multi-label samples, write the bundle into `files`, log the summary; the metrics."""
+                                tta: Sequence[str] = (), threshold: Optional[float] = None,
+                                skipped: Optional[list] = None) -> dict:
+    """Predict multi-label samples, write the bundle into `files`, log the summary; the metrics.
+
+    Each image is decoded once, here: one that fails is left out of the metrics and appended to `skipped`.
+    """
+    from finetune.data.images import SkippedImage
     from finetune.data.multilabel import multi_hot
     from finetune.inference import predict_probs
 
-    probs = predict_probs(loaded, samples, batch_size, num_workers, tta=tta)
+    failed: dict[Path, str] = {}
+    probs = predict_probs(loaded, samples, batch_size, num_workers, tta=tta, unreadable=failed)
+    if failed:
+        probs = probs[np.array([s.path not in failed for s in samples])]
+        samples = [s for s in samples if s.path not in failed]
+        if skipped is not None:
+            skipped.extend(SkippedImage(path, reason) for path, reason in failed.items())
+        if not samples:
+            raise FinetuneError("none of the labelled images could be decoded; see the list of skipped images")
     metrics = write_multilabel_evaluation(multi_hot(samples, len(loaded.classes)), probs,
                                           decision_thresholds(loaded, threshold), loaded.classes, files,
                                           [s.path for s in samples])
@@ -190,25 +203,30 @@ def evaluate_multilabel_samples(loaded: "LoadedModel", samples: Sequence[Sample]
 
 
 def manifest_samples(data: Path, cfg: "DataConfig", classes: Sequence[str]) -> tuple[list[Sample], list]:
-    """The readable labelled samples of a multi-label manifest (CSV file, or folder holding the recipe's one)."""
+    """The labelled samples of a multi-label manifest (CSV file, or folder holding the recipe's one) whose files
+    open as images (headers only: the pixels are decoded once, when the images are scored)."""
     from finetune.data.multilabel import manifest_samples as read
-    from finetune.data.prepare import readable
+    from finetune.data.prepare import openable
 
     samples, skipped = read(data, cfg, classes)
-    kept, unreadable = readable(samples)
+    kept, not_images = openable(samples)
     if not kept:
-        raise FinetuneError(f"no readable labelled images in {data}")
-    return kept, skipped + unreadable
+        raise FinetuneError(f"no labelled images that open in {data}")
+    return kept, skipped + not_images
 
 
-def training_parts(recipe: "Recipe", dataset: "Prepared", preprocessing: "Preprocessing", device: "torch.device") -> tuple:
-    """(train loader, validation loader, criterion, mixer, scorer) of a multi-label run, for `fit`."""
+def training_parts(recipe: "Recipe", dataset: "Prepared", preprocessing: "Preprocessing", device: "torch.device",
+                   on_skip: Optional[Callable] = None) -> tuple:
+    """(train loader, validation loader, criterion, mixer, scorer) of a multi-label run, for `fit`.
+
+    The loaders drop an image that fails to decode from its batch, tell `on_skip` and remember it (`.skipped`).
+    """
     from finetune.data.multilabel import create_multihot_mixer, multilabel_eval_loader, multilabel_train_loader
     from finetune.engine.multilabel import MultiLabelScorer, create_multilabel_criterion
 
     cfg, classes = recipe.data, len(dataset.classes)
-    return (multilabel_train_loader(recipe, dataset.train, preprocessing, classes),
-            multilabel_eval_loader(dataset.val, preprocessing, classes, cfg.batch_size, cfg.num_workers),
+    return (multilabel_train_loader(recipe, dataset.train, preprocessing, classes, on_skip),
+            multilabel_eval_loader(dataset.val, preprocessing, classes, cfg.batch_size, cfg.num_workers, on_skip),
             create_multilabel_criterion(recipe, dataset.train_counts, len(dataset.train), device),
             create_multihot_mixer(recipe.augment), MultiLabelScorer())
 

@@ -15,7 +15,7 @@ import torch
 from albumentations.pytorch import ToTensorV2
 
 from finetune.data.preprocessing import Preprocessing
-from finetune.data.transforms import build_eval_transform, cv2_interpolation
+from finetune.data.transforms import build_eval_transform, cv2_interpolation, eval_decode_side
 from finetune.errors import FinetuneError
 
 __all__ = ["TTA_CHOICES", "parse_tta", "ViewTransform", "average_views", "view_count"]
@@ -61,6 +61,8 @@ class ViewTransform:
         self.size = pre.size
         self.big: Optional[A.Compose] = None
         self.big_size = _big_size(pre)
+        # The shorter side the views resize to: a JPEG decodes at reduced scale down to it, never below.
+        self.decode_side = max(eval_decode_side(pre), self.big_size if "crops" in tta else 0)
         if "crops" in tta:
             self.big = A.Compose([
                 A.SmallestMaxSize(max_size=self.big_size, interpolation=cv2_interpolation(pre)),

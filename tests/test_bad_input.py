@@ -18,7 +18,7 @@ from PIL import Image
 
 from conftest import COLOURS, QUICK_CPU, TINY_OVERRIDES, make_image, write_folder_dataset
 from finetune.cli import main
-from finetune.data.prepare import prepare, readable
+from finetune.data.prepare import prepare
 from finetune.data.sources import discover
 from finetune.engine.checkpoint import read_checkpoint, save_checkpoint
 from finetune.models.backbones import feature_dim

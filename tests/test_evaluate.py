@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections import OrderedDict
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from torch import nn
 from conftest import COLOURS, TINY_OVERRIDES, make_image, write_folder_dataset
 from finetune import FinetuneError, evaluate, load_model, train
 from finetune.cli import main
+from finetune.data.prepare import labelled
 from finetune.data.preprocessing import Preprocessing
 from finetune.evaluation import top_k_accuracies, write_evaluation
 from finetune.run import EvalFiles
@@ -67,6 +69,25 @@ def test_evaluate_with_tta_rebuilds_the_run_report(run, tmp_path):
     assert main(["evaluate", str(result.best_checkpoint), "--data", str(root / "val"), "--out", str(out),
                  "--workers", "0", "--tta", "crops"]) == 0
     assert (out / "report.html").is_file() and (out / "metrics.json").is_file()
+
+
+def test_evaluate_decodes_once_and_lists_images_that_fail_to_decode(run, tmp_path):
+    root, result = run
+    data = tmp_path / "val"
+    shutil.copytree(root / "val", data)
+    make_image(COLOURS["red"], 950, size=256).save(data / "red" / "whole.jpg", quality=95)
+    whole = (data / "red" / "whole.jpg").read_bytes()
+    (data / "red" / "whole.jpg").unlink()
+    (data / "red" / "truncated.jpg").write_bytes(whole[: len(whole) // 2])  # the header reads, the pixels do not
+    (data / "blue" / "notes.png").write_text("not an image")
+    samples, skipped = labelled(data, result.classes, "auto", "")
+    assert "truncated.jpg" in {s.path.name for s in samples}  # only headers are read before scoring
+    assert [s.path.name for s in skipped] == ["notes.png"]
+    out = tmp_path / "eval"
+    metrics = evaluate(result.best_checkpoint, data, out=out, num_workers=0, log=quiet)
+    assert metrics["images"] == 12  # the truncated image is left out of the metrics, not scored as a blank
+    listed = (out / "skipped_images.csv").read_text()
+    assert "truncated.jpg" in listed and "notes.png" in listed
 
 
 def test_top_k_accuracy_counts_the_true_class_among_the_k_likeliest():

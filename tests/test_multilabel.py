@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import COLOURS, QUICK_CPU, TINY_OVERRIDES
+from finetune import evaluate, train
 from finetune.cli import main
 from finetune.data.multilabel import (MultiHotMixer, multi_hot, multilabel_split, read_multilabel_manifest,
                                       split_labels)
@@ -248,3 +249,21 @@ def test_score_is_the_mean_f1_per_image(tmp_path):
     sub.write_text("Id,Tags\n1,a\n")
     with pytest.raises(FinetuneError, match="Id for Id"):
         score_multilabel_csv(sub, truth)
+
+
+def test_an_image_that_does_not_decode_is_dropped_and_listed_not_checked_up_front(tmp_path, one_torch_thread):
+    root = write_multilabel_dataset(tmp_path / "colours", count=27, test=2)
+    colour_mosaic(["red"], 99, size=256).save(tmp_path / "whole.jpg", quality=95)
+    whole = (tmp_path / "whole.jpg").read_bytes()
+    (root / "images" / "0099.jpg").write_bytes(whole[: len(whole) // 2])  # the header reads, the pixels do not
+    with (root / "labels.csv").open("a", newline="") as handle:
+        csv.writer(handle).writerow(["0099", "red"])
+    # one batch holds every training image (no drop_last), so the damaged one is met in the first epoch
+    overrides = [*TINY_OVERRIDES, "train.epochs=1", "data.batch_size=64", f"output={tmp_path / 'runs'}",
+                 "data.task=multilabel", "data.layout=csv", "data.csv=labels.csv", "data.csv_image_dir=images"]
+    result = train(None, data=root, overrides=overrides, log=lambda _: None)
+    assert [s.path.name for s in result.skipped] == ["0099.jpg"]  # found by the loader that decoded it
+    assert "0099.jpg" in (result.run_dir / "skipped_images.csv").read_text()
+    out = tmp_path / "ev"
+    metrics = evaluate(result.best_checkpoint, root / "labels.csv", out=out, num_workers=0, log=lambda _: None)
+    assert metrics["images"] == 27 and "0099.jpg" in (out / "skipped_images.csv").read_text()

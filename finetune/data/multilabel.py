@@ -217,8 +217,11 @@ class MultiHotDataset(ImageDataset):
         super().__init__(samples, transform)
         self.num_classes = num_classes
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, _ = super().__getitem__(index)
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | SkippedImage:
+        item = super().__getitem__(index)
+        if isinstance(item, SkippedImage):  # does not decode: the loader drops it from the batch and lists it
+            return item
+        image, _ = item
         target = torch.zeros(self.num_classes)
         target[list(self.samples[index].labels or ())] = 1.0
         return image, target
@@ -234,20 +237,21 @@ def _sampler(samples: Sequence[Sample], num_classes: int, seed: int) -> torch.ut
 
 
 def multilabel_train_loader(recipe: Recipe, samples: Sequence[Sample], preprocessing: Preprocessing,
-                            num_classes: int) -> DataLoader:
+                            num_classes: int, on_skip: Optional[Callable[[SkippedImage], None]] = None) -> DataLoader:
     """Augmented, shuffled (or rare-label-balanced) multi-hot training batches, seeded from train.seed."""
     cfg, seed = recipe.data, recipe.train.seed
     sampler = _sampler(samples, num_classes, seed) if cfg.balance == "sampler" else None
     dataset = MultiHotDataset(samples, train_transform(recipe, preprocessing), num_classes)
     return make_loader(dataset, cfg.batch_size, cfg.num_workers, shuffle=True, seed=seed, sampler=sampler,
-                       drop_last=len(samples) > cfg.batch_size)
+                       drop_last=len(samples) > cfg.batch_size, on_skip=on_skip)
 
 
 def multilabel_eval_loader(samples: Sequence[Sample], preprocessing: Preprocessing, num_classes: int,
-                           batch_size: int, num_workers: int) -> DataLoader:
+                           batch_size: int, num_workers: int,
+                           on_skip: Optional[Callable[[SkippedImage], None]] = None) -> DataLoader:
     """Multi-hot batches in sample order with the evaluation preprocessing."""
     dataset = MultiHotDataset(samples, build_eval_transform(preprocessing), num_classes)
-    return make_loader(dataset, batch_size, num_workers)
+    return make_loader(dataset, batch_size, num_workers, on_skip=on_skip)
 
 
 class MultiHotMixer:

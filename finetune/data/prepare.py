@@ -1,7 +1,7 @@
 """Prepare data once: discover the samples, drop (and list) the files that are not images, count classes.
 
-Training decodes each image once, in the loader: a file whose header reads but whose pixels do not
-(truncated, damaged) is dropped from its batch there and listed by the run (finetune.api.train).
+Training and evaluation decode each image once, in the loader: a file whose header reads but whose pixels
+do not (truncated, damaged) is dropped from its batch there and listed (finetune.api.train / evaluate).
 """
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from finetune.data.images import SkippedImage, check_headers, check_images
+from finetune.data.images import SkippedImage, check_headers
 from finetune.data.loaders import class_counts
 from finetune.data.multilabel import check_single_label, discover_multilabel
 from finetune.data.sources import VAL_NAMES, Sample, discover, read_labelled_folder
 from finetune.errors import FinetuneError
 from finetune.recipe import Recipe
 
-__all__ = ["Prepared", "prepare", "openable", "readable", "labelled"]
+__all__ = ["Prepared", "prepare", "openable", "labelled"]
 
 Log = Callable[[str], None]
 
@@ -57,13 +57,6 @@ def openable(samples: Sequence[Sample]) -> tuple[list[Sample], list[SkippedImage
     return [s for s in samples if s.path not in bad], skipped
 
 
-def readable(samples: Sequence[Sample]) -> tuple[list[Sample], list[SkippedImage]]:
-    """The samples whose image decodes, and the ones that do not (with the reason)."""
-    skipped = check_images([s.path for s in samples])
-    bad = {s.path for s in skipped}
-    return [s for s in samples if s.path not in bad], skipped
-
-
 def _check_classes(prepared: Prepared, log: Log) -> None:
     counts = prepared.train_counts
     empty = [prepared.classes[i] for i, c in enumerate(counts) if c == 0]
@@ -79,8 +72,7 @@ def prepare(recipe: Recipe, log: Log = print) -> Prepared:
     # Files that are not images are dropped before the validation split, so it holds val_fraction of the usable
     # ones; only the header is read here, the pixels are decoded once, by the training loader.
     if recipe.data.task == "multilabel":
-        # The multi-hot loaders cannot drop an image mid-batch yet: decode-check every image up front.
-        splits = discover_multilabel(recipe.data, recipe.train.seed, keep=readable)
+        splits = discover_multilabel(recipe.data, recipe.train.seed, keep=openable)
     else:
         if recipe.data.layout == "csv" and recipe.data.root:
             check_single_label(recipe.data, Path(recipe.data.root).expanduser())
@@ -99,7 +91,11 @@ def prepare(recipe: Recipe, log: Log = print) -> Prepared:
 
 def labelled(folder: Path, classes: Sequence[str], layout: str, label_regex: str) -> tuple[list[Sample],
                                                                                           list[SkippedImage]]:
-    """Readable samples of a labelled folder (or its val/ sub-folder), labelled by a checkpoint's `classes`."""
+    """Samples of a labelled folder (or its val/ sub-folder), labelled by a checkpoint's `classes`.
+
+    Only headers are read here (files that are not images are left out, with the reason); the pixels
+    are decoded once, when the images are scored.
+    """
     if not folder.is_dir():
         raise FinetuneError(f"data folder not found: {folder}")
     for name in VAL_NAMES:
@@ -114,5 +110,5 @@ def labelled(folder: Path, classes: Sequence[str], layout: str, label_regex: str
             f"{folder} has classes {unknown[:10]} that the checkpoint does not know; it was trained on "
             f"{len(classes)} classes: {', '.join(list(classes)[:20])}. Use the matching checkpoint or data"
         )
-    samples, unreadable = readable([Sample(path, index[name]) for path, name in found.items])
-    return samples, found.skipped + unreadable
+    samples, not_images = openable([Sample(path, index[name]) for path, name in found.items])
+    return samples, found.skipped + not_images
