@@ -1,0 +1,118 @@
+"""What each recipe choice is worth: the fastai benchmark's few-shot task, one setting switched at a time.
+
+    python benchmarks/ablation_benchmark.py [--variants demo no_mix fine_tune ...] [--seeds 0 1 2]
+        [--epochs 20] [--image-size 96] [--json ablation.json]
+
+The task, data and finetune side are those of `fastai_benchmark.py` (Fashion-MNIST, 90 + 10 images per
+class, the first 2 000 test images, Lite0 ImageNet weights, the demo recipe with its crops scaled to
+--image-size, predict without TTA, scored on the test folder). Each variant is a list of recipe overrides
+on top of the demo recipe (`VARIANTS` below; `--set NAME KEY=VALUE ...` adds one of your own). Every
+variant runs once per seed; the table gives the median test accuracy and wall time of each and its
+accuracy change against the first variant. Rows are printed as they finish and, with --json, written
+after every run, so an interrupted ablation keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+from fastai_benchmark import run_finetune
+
+from finetune.datasets import export_fashion_mnist
+
+NO_MIX = ["augment.mixup=0", "augment.cutmix=0"]
+NO_REGULARISATION = [*NO_MIX, "train.label_smoothing=0"]
+# fastai's head: concat pool -> BN -> Dropout -> Linear(512) -> ReLU -> BN -> Dropout -> Linear.
+FASTAI_HEAD = ["model.head.pool=catavgmax", "model.head.hidden=[512]", "model.head.dropout=0.25"]
+WHOLE_NETWORK = ["model.trainable_last=null"]
+# fastai's fit_one_cycle warms up over the first 25-30 % of the steps, then anneals by cosine.
+ONE_CYCLE = ["train.warmup_epochs=6"]
+
+VARIANTS: dict[str, list[str]] = {
+    "demo": [],  # the demo recipe as it is: blocks.3-6 + head train, BN frozen, mixup/cutmix, smoothing 0.1
+    "no_mix": NO_MIX,
+    "no_label_smoothing": ["train.label_smoothing=0"],
+    "no_regularisation": NO_REGULARISATION,
+    "fastai_head": FASTAI_HEAD,
+    "bn_train": ["model.bn=train"],
+    "one_cycle": ONE_CYCLE,
+    "augment_light": ["augment.ops=null", "augment.preset=light"],
+    "whole_network": WHOLE_NETWORK,
+    "fine_tune": [*WHOLE_NETWORK, "train.fine_tune=1"],
+    "fine_tune_no_regularisation": [*WHOLE_NETWORK, "train.fine_tune=1", *NO_REGULARISATION],
+    "fine_tune_fastai_like": [*WHOLE_NETWORK, "train.fine_tune=1", *NO_REGULARISATION, *FASTAI_HEAD,
+                              "model.bn=train", *ONE_CYCLE],
+}
+
+
+def summarise(runs: list[dict], names: list[str]) -> list[dict]:
+    """Median accuracy and seconds per variant, and the accuracy change against the first one."""
+    rows = []
+    for name in names:
+        mine = [r for r in runs if r["variant"] == name]
+        if mine:
+            rows.append({"variant": name, "runs": len(mine),
+                         "accuracy": statistics.median(r["accuracy"] for r in mine),
+                         "seconds": statistics.median(r["seconds"] for r in mine),
+                         "accuracies": [round(r["accuracy"], 4) for r in mine]})
+    for row in rows:
+        row["change"] = row["accuracy"] - rows[0]["accuracy"]
+    return rows
+
+
+def main() -> None:
+    """Run every chosen variant for every seed and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"from: {', '.join(VARIANTS)}")
+    parser.add_argument("--set", nargs="+", action="append", default=[], metavar="NAME KEY=VALUE",
+                        help="a variant of your own: its name, then its overrides (repeatable)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--per-class", type=int, default=90)
+    parser.add_argument("--val-per-class", type=int, default=10)
+    parser.add_argument("--test-images", type=int, default=2000)
+    parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one)")
+    parser.add_argument("--json", type=Path, default=None, help="write the runs and the table here")
+    args = parser.parse_args()
+    variants = dict(VARIANTS)
+    for name, *overrides in args.set:
+        variants[name] = overrides
+    unknown = [v for v in args.variants if v not in variants]
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; known: {', '.join(variants)}")
+    names = args.variants + [name for name, *_ in args.set if name not in args.variants]
+    runs: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.out or Path(tmp)
+        export = export_fashion_mnist(work / "fashion_mnist", args.per_class, args.val_per_class, args.test_images,
+                                      reuse=True)
+        for name in names:
+            for seed in args.seeds:
+                settings = argparse.Namespace(**vars(args), finetune_recipe="demo_fashion_mnist_lite0",
+                                              finetune_set=variants[name])
+                run = run_finetune(export, settings, seed, work / f"{name}-{seed}")
+                runs.append({**run, "variant": name})
+                print(f"  {name:<30} seed {seed}: accuracy {run['accuracy']:.4f}, {run['seconds']:.1f} s", flush=True)
+                if args.json:
+                    args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                     "variants": {n: variants[n] for n in names}, "runs": runs,
+                                                     "table": summarise(runs, names)}, indent=2))
+    print(f"\n{export.counts['train']} training / {export.counts['val']} validation / {export.counts['test']} test "
+          f"images, {args.image_size}px, {args.epochs} epochs, seeds {args.seeds}; medians:\n")
+    print("| variant | overrides on the demo recipe | test accuracy | change | wall time (s) |")
+    print("|---|---|---|---|---|")
+    for row in summarise(runs, names):
+        overrides = " ".join(variants[row["variant"]]) or "(none)"
+        print(f"| {row['variant']} | `{overrides}` | {row['accuracy']:.4f} | {row['change']:+.4f} | "
+              f"{row['seconds']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
