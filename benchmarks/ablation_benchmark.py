@@ -6,7 +6,8 @@
 The task, data and finetune side are those of `fastai_benchmark.py` (Fashion-MNIST, 90 + 10 images per
 class, the first 2 000 test images, Lite0 ImageNet weights, the demo recipe with its crops scaled to
 --image-size, predict without TTA, scored on the test folder). Each variant is a list of recipe overrides
-on top of the demo recipe (`VARIANTS` below; `--set NAME KEY=VALUE ...` adds one of your own). Every
+on top of the demo recipe (`VARIANTS` below, `{size}` standing for --image-size; `--set NAME KEY=VALUE ...`
+adds one of your own). Every
 variant runs once per seed; the table gives the median test accuracy and wall time of each and its
 accuracy change against the first variant. Rows are printed as they finish and, with --json, written
 after every run, so an interrupted ablation keeps what it measured.
@@ -31,6 +32,13 @@ FASTAI_HEAD = ["model.head.pool=catavgmax", "model.head.hidden=[512]", "model.he
 WHOLE_NETWORK = ["model.trainable_last=null"]
 # fastai's fit_one_cycle warms up over the first 25-30 % of the steps, then anneals by cosine.
 ONE_CYCLE = ["train.warmup_epochs=6"]
+# The whole image at evaluation (no centre crop) and in training (a plain resize), as fastai's Resize does.
+WHOLE_IMAGE = ["data.crop_pct=1.0", "augment.ops=[{{name: Resize, height: {size}, width: {size}}}, {{name: HorizontalFlip}}]"]
+# fastai's aug_transforms in albumentations: flip, rotate +-10 degrees, zoom up to 1.1, lighting 0.2 (p 0.75 each).
+FASTAI_AUGMENT = ["data.crop_pct=1.0",
+                  "augment.ops=[{{name: Resize, height: {size}, width: {size}}}, {{name: HorizontalFlip}}, "
+                  "{{name: Affine, rotate: [-10, 10], scale: [1.0, 1.1], p: 0.75}}, "
+                  "{{name: RandomBrightnessContrast, brightness_limit: 0.2, contrast_limit: 0.2, p: 0.75}}]"]
 
 VARIANTS: dict[str, list[str]] = {
     "demo": [],  # the demo recipe as it is: blocks.3-6 + head train, BN frozen, mixup/cutmix, smoothing 0.1
@@ -41,6 +49,9 @@ VARIANTS: dict[str, list[str]] = {
     "bn_train": ["model.bn=train"],
     "one_cycle": ONE_CYCLE,
     "augment_light": ["augment.ops=null", "augment.preset=light"],
+    "whole_image": WHOLE_IMAGE,
+    "fastai_augment": FASTAI_AUGMENT,
+    "compile": ["train.compile=true"],
     "whole_network": WHOLE_NETWORK,
     "fine_tune": [*WHOLE_NETWORK, "train.fine_tune=1"],
     "fine_tune_no_regularisation": [*WHOLE_NETWORK, "train.fine_tune=1", *NO_REGULARISATION],
@@ -95,8 +106,9 @@ def main() -> None:
                                       reuse=True)
         for name in names:
             for seed in args.seeds:
+                overrides = [o.format(size=args.image_size) for o in variants[name]]
                 settings = argparse.Namespace(**vars(args), finetune_recipe="demo_fashion_mnist_lite0",
-                                              finetune_set=variants[name])
+                                              finetune_set=overrides)
                 run = run_finetune(export, settings, seed, work / f"{name}-{seed}")
                 runs.append({**run, "variant": name})
                 print(f"  {name:<30} seed {seed}: accuracy {run['accuracy']:.4f}, {run['seconds']:.1f} s", flush=True)

@@ -104,7 +104,7 @@ def train(
         raise FinetuneError("data.task: multilabel trains in one process for now; run it without torchrun/--devices")
     # A resumed run's weights come from its checkpoint: no download, no weights file.
     model_cfg = replace(recipe.model, pretrained=False, weights=None) if payload else recipe.model
-    model, preprocessing = build_model(model_cfg, len(dataset.classes), recipe.data.image_size)
+    model, preprocessing = build_model(model_cfg, len(dataset.classes), cfg.image_size, cfg.crop_pct)
     recipe.data.image_size = preprocessing.size
     log(f"backbone {recipe.model.backbone}: input {preprocessing.size}px, mean {preprocessing.mean}")
     log(format_summary(stage_summary(model)))

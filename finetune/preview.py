@@ -76,7 +76,7 @@ def augment_preview(
     dataset = _training_data(recipe, log)
     # Only the preprocessing is needed: build the architecture without downloading weights.
     _, preprocessing = build_model(replace(recipe.model, pretrained=False, weights=None), len(dataset.classes),
-                                   recipe.data.image_size)
+                                   recipe.data.image_size, recipe.data.crop_pct)
     transform = train_transform(recipe, preprocessing)
     picked, tensors = [], []
     # Pixels are decoded only here: a damaged file that passed the header check is passed over.
@@ -124,7 +124,8 @@ def lr_find(
     seed_everything(recipe.train.seed)
     dataset = _training_data(recipe, log)
     device = resolve_device(recipe.train.device)
-    model, preprocessing = build_model(recipe.model, len(dataset.classes), recipe.data.image_size)
+    model, preprocessing = build_model(recipe.model, len(dataset.classes), recipe.data.image_size,
+                                       recipe.data.crop_pct)
     memory_format = torch.channels_last if recipe.train.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
     loader = train_loader(recipe, dataset.train, preprocessing, len(dataset.classes))

@@ -80,6 +80,10 @@ class DataConfig:
     csv_label_sep: Optional[str] = None
     val_fraction: float = 0.2  # stratified hold-out when no validation folder exists
     image_size: Optional[int] = None  # training/eval size; None = the backbone's pretrained size
+    # Evaluation framing: resize the shorter side to image_size / crop_pct, then centre-crop image_size.
+    # None = the backbone's pretrained value (e.g. 0.875); 1.0 = the whole image, nothing cut off (objects
+    # that fill the frame: product shots, scans, Fashion-MNIST). Stored in the checkpoint: predict follows it.
+    crop_pct: Optional[float] = None
     batch_size: int = 32
     num_workers: int = 2
     balance: str = "none"  # none | sampler (weighted sampling) | loss (class-weighted loss)
@@ -106,6 +110,9 @@ class DataConfig:
             raise FinetuneError("recipe key 'data.val_fraction' must be between 0 and 1 (e.g. 0.2)")
         if self.batch_size < 1:
             raise FinetuneError("recipe key 'data.batch_size' must be at least 1")
+        if self.crop_pct is not None and not 0.5 <= self.crop_pct <= 1.0:
+            raise FinetuneError(f"recipe key 'data.crop_pct' is {self.crop_pct}; it must be between 0.5 and 1.0 "
+                                "(1.0 keeps the whole image, 0.875 cuts 1/16 off each side)")
         if self.num_workers < 0:
             raise FinetuneError("recipe key 'data.num_workers' must be 0 or more")
         if self.image_size is not None and not 8 <= self.image_size <= MAX_IMAGE_SIZE:

@@ -114,3 +114,22 @@ def test_augment_command_writes_a_grid(folder_dataset, tmp_path, capsys):
     assert "wrote 6 augmented training images" in capsys.readouterr().out
     assert main([*args, "--n", "0"]) == 2
     assert "--n must be at least 1" in capsys.readouterr().err
+
+
+def test_data_crop_pct_frames_the_whole_image_and_travels_in_the_checkpoint(folder_dataset, tmp_path):
+    from finetune import load_model, train
+
+    result = train(None, data=folder_dataset, log=lambda _: None,
+                   overrides=[*TINY_OVERRIDES, "train.epochs=1", "data.crop_pct=1.0", f"output={tmp_path}"])
+    loaded = load_model(result.best_checkpoint)
+    assert loaded.preprocessing.crop_pct == 1.0  # predict and evaluate frame images as training did
+    image = np.zeros((40, 40, 3), dtype=np.uint8)
+    image[:, :2] = 255  # a white border stripe: kept with the whole image, cut off by the default 0.875 crop
+    whole = build_eval_transform(loaded.preprocessing)(image=image)["image"]
+    default = load_model(train(None, data=folder_dataset, log=lambda _: None,
+                               overrides=[*TINY_OVERRIDES, "train.epochs=1", f"output={tmp_path}"]).best_checkpoint)
+    cropped = build_eval_transform(default.preprocessing)(image=image)["image"]
+    assert default.preprocessing.crop_pct < 1.0
+    assert whole[:, :, 0].mean() > cropped[:, :, 0].mean() + 0.5
+    with pytest.raises(FinetuneError, match="data.crop_pct"):
+        load_recipe(QUICK_CPU, ["data.crop_pct=1.5"])
