@@ -32,6 +32,10 @@ FASTAI_HEAD = ["model.head.pool=catavgmax", "model.head.hidden=[512]", "model.he
 WHOLE_NETWORK = ["model.trainable_last=null"]
 # fastai's fit_one_cycle warms up over the first 25-30 % of the steps, then anneals by cosine.
 ONE_CYCLE = ["train.warmup_epochs=6"]
+# The demo recipe's framing before this ablation: the backbone's 0.875 centre crop at evaluation, random
+# crops at that scale in training (`--base centre_crop` puts every variant on top of it).
+CENTRE_CROP = ["data.crop_pct=null", "augment.ops=[{{name: SmallestMaxSize, max_size: {crop_side}}}, "
+               "{{name: RandomCrop, height: {size}, width: {size}}}, {{name: HorizontalFlip}}]"]
 # The whole image at evaluation (no centre crop) and in training (a plain resize), as fastai's Resize does.
 WHOLE_IMAGE = ["data.crop_pct=1.0", "augment.ops=[{{name: Resize, height: {size}, width: {size}}}, {{name: HorizontalFlip}}]"]
 # fastai's aug_transforms in albumentations: flip, rotate +-10 degrees, zoom up to 1.1, lighting 0.2 (p 0.75 each).
@@ -40,8 +44,12 @@ FASTAI_AUGMENT = ["data.crop_pct=1.0",
                   "{{name: Affine, rotate: [-10, 10], scale: [1.0, 1.1], p: 0.75}}, "
                   "{{name: RandomBrightnessContrast, brightness_limit: 0.2, contrast_limit: 0.2, p: 0.75}}]"]
 
+BODY_AT_ONE_HUNDREDTH = ("train.lr_mult={{" + ", ".join(f"{s}: 0.01" for s in ["stem", *(f"blocks.{i}" for i in range(7))])
+                         + "}}")  # doubled braces: variants are str.format-ed with {size}
+
 VARIANTS: dict[str, list[str]] = {
     "demo": [],  # the demo recipe as it is: blocks.3-6 + head train, BN frozen, mixup/cutmix, smoothing 0.1
+    "centre_crop": CENTRE_CROP,
     "no_mix": NO_MIX,
     "no_label_smoothing": ["train.label_smoothing=0"],
     "no_regularisation": NO_REGULARISATION,
@@ -52,12 +60,21 @@ VARIANTS: dict[str, list[str]] = {
     "whole_image": WHOLE_IMAGE,
     "fastai_augment": FASTAI_AUGMENT,
     "compile": ["train.compile=true"],
+    "whole_image_one_cycle": [*WHOLE_IMAGE, *ONE_CYCLE],
+    "fine_tune_whole_image": [*WHOLE_NETWORK, "train.fine_tune=1", *WHOLE_IMAGE],
+    # fastai's split for a timm body: two groups, slice(lr/100, lr) -> the whole body at lr/100
+    "fine_tune_whole_image_body_lr_100": [*WHOLE_NETWORK, "train.fine_tune=1", *WHOLE_IMAGE, BODY_AT_ONE_HUNDREDTH],
     "whole_network": WHOLE_NETWORK,
     "fine_tune": [*WHOLE_NETWORK, "train.fine_tune=1"],
     "fine_tune_no_regularisation": [*WHOLE_NETWORK, "train.fine_tune=1", *NO_REGULARISATION],
     "fine_tune_fastai_like": [*WHOLE_NETWORK, "train.fine_tune=1", *NO_REGULARISATION, *FASTAI_HEAD,
                               "model.bn=train", *ONE_CYCLE],
 }
+
+
+def expand(overrides: list[str], size: int) -> list[str]:
+    """Fill in the image size (and the centre crop's resize side, size / 0.875) of each override."""
+    return [o.format(size=size, crop_side=round(size / 0.875)) for o in overrides]
 
 
 def summarise(runs: list[dict], names: list[str]) -> list[dict]:
@@ -81,6 +98,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"from: {', '.join(VARIANTS)}")
     parser.add_argument("--set", nargs="+", action="append", default=[], metavar="NAME KEY=VALUE",
                         help="a variant of your own: its name, then its overrides (repeatable)")
+    parser.add_argument("--base", default=None, metavar="VARIANT",
+                        help="apply this variant's overrides first, under every variant (e.g. centre_crop)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--image-size", type=int, default=96)
@@ -95,7 +114,7 @@ def main() -> None:
     variants = dict(VARIANTS)
     for name, *overrides in args.set:
         variants[name] = overrides
-    unknown = [v for v in args.variants if v not in variants]
+    unknown = [v for v in [*args.variants, *([args.base] if args.base else [])] if v not in variants]
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; known: {', '.join(variants)}")
     names = args.variants + [name for name, *_ in args.set if name not in args.variants]
@@ -106,7 +125,7 @@ def main() -> None:
                                       reuse=True)
         for name in names:
             for seed in args.seeds:
-                overrides = [o.format(size=args.image_size) for o in variants[name]]
+                overrides = expand([*(variants[args.base] if args.base else []), *variants[name]], args.image_size)
                 settings = argparse.Namespace(**vars(args), finetune_recipe="demo_fashion_mnist_lite0",
                                               finetune_set=overrides)
                 run = run_finetune(export, settings, seed, work / f"{name}-{seed}")
@@ -116,12 +135,13 @@ def main() -> None:
                     args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                      "variants": {n: variants[n] for n in names}, "runs": runs,
                                                      "table": summarise(runs, names)}, indent=2))
+    base = f", every variant on top of {args.base}" if args.base else ""
     print(f"\n{export.counts['train']} training / {export.counts['val']} validation / {export.counts['test']} test "
-          f"images, {args.image_size}px, {args.epochs} epochs, seeds {args.seeds}; medians:\n")
+          f"images, {args.image_size}px, {args.epochs} epochs, seeds {args.seeds}{base}; medians:\n")
     print("| variant | overrides on the demo recipe | test accuracy | change | wall time (s) |")
     print("|---|---|---|---|---|")
     for row in summarise(runs, names):
-        overrides = " ".join(variants[row["variant"]]) or "(none)"
+        overrides = " ".join(expand(variants[row["variant"]], args.image_size)) or "(none)"
         print(f"| {row['variant']} | `{overrides}` | {row['accuracy']:.4f} | {row['change']:+.4f} | "
               f"{row['seconds']:.0f} |")
 
