@@ -1,6 +1,7 @@
 """Pipeline overhead and precision: finetune's prediction and training throughput against the bare model.
 
     python benchmarks/throughput_benchmark.py [--size 128] [--batch-size 64] [--images 512] [--repeats 3]
+        [--workers 2] [--threads N]
         [--checkpoint runs/x/best.pt --images-dir DIR --truth truth.csv]
 
 In one process, on the same images, median of `--repeats` (raw and finetune alternate within each round):
@@ -78,11 +79,16 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for the model (default: torch's, one per core); with fewer threads than "
+                             "cores the loader workers decode on cores the model does not use")
     parser.add_argument("--skip-train", action="store_true", help="prediction only")
     parser.add_argument("--checkpoint", type=Path, help="a trained checkpoint, for the fp32 vs bf16 accuracy")
     parser.add_argument("--images-dir", type=Path, help="its test images")
     parser.add_argument("--truth", type=Path, help="CSV Id,Category of those images")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     recipe = load_recipe(DEMO_RECIPE, [f"data.image_size={args.size}", f"data.batch_size={args.batch_size}",
                                        f"data.num_workers={args.workers}", "augment.ops=null", "augment.preset=light",
                                        "augment.mixup=0", "augment.cutmix=0", "train.epochs=1",
