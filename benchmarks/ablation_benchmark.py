@@ -62,6 +62,8 @@ VARIANTS: dict[str, list[str]] = {
     "compile": ["train.compile=true"],
     "whole_image_one_cycle": [*WHOLE_IMAGE, *ONE_CYCLE],
     "fine_tune_whole_image": [*WHOLE_NETWORK, "train.fine_tune=1", *WHOLE_IMAGE],
+    # fine_tune up to the recipe's own trainable stages (blocks.3-6): one head-only epoch first
+    "fine_tune_frozen_stages": ["train.fine_tune=1"],
     # fastai's split for a timm body: two groups, slice(lr/100, lr) -> the whole body at lr/100
     "fine_tune_whole_image_body_lr_100": [*WHOLE_NETWORK, "train.fine_tune=1", *WHOLE_IMAGE, BODY_AT_ONE_HUNDREDTH],
     "whole_network": WHOLE_NETWORK,
