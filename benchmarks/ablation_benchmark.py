@@ -1,13 +1,13 @@
 """What each recipe choice is worth: the fastai benchmark's few-shot task, one setting switched at a time.
 
     python benchmarks/ablation_benchmark.py [--variants demo no_mix fine_tune ...] [--seeds 0 1 2]
-        [--epochs 20] [--image-size 96] [--json ablation.json]
+        [--epochs 20] [--image-size 96] [--per-class 90] [--recipe NAME] [--json ablation.json]
 
 The task, data and finetune side are those of `fastai_benchmark.py` (Fashion-MNIST, 90 + 10 images per
 class, the first 2 000 test images, Lite0 ImageNet weights, the demo recipe with its crops scaled to
 --image-size, predict without TTA, scored on the test folder). Each variant is a list of recipe overrides
 on top of the demo recipe (`VARIANTS` below, `{size}` standing for --image-size; `--set NAME KEY=VALUE ...`
-adds one of your own). Every
+adds one of your own; `--recipe` starts every variant from another shipped recipe instead). Every
 variant runs once per seed; the table gives the median test accuracy and wall time of each and its
 accuracy change against the first variant. Rows are printed as they finish and, with --json, written
 after every run, so an interrupted ablation keeps what it measured.
@@ -44,6 +44,10 @@ FASTAI_AUGMENT = ["data.crop_pct=1.0",
                   "{{name: Affine, rotate: [-10, 10], scale: [1.0, 1.1], p: 0.75}}, "
                   "{{name: RandomBrightnessContrast, brightness_limit: 0.2, contrast_limit: 0.2, p: 0.75}}]"]
 
+# fine_tune's rates before they went flat: lr at the head falling to lr/100 at the stem over Lite0's 8 body
+# stages (0.01 ** (1/8) per stage); 0.75 per stage falls to lr/10.
+FASTAI_SPREAD = ["train.layer_decay=0.562"]
+TENFOLD_SPREAD = ["train.layer_decay=0.75"]
 BODY_AT_ONE_HUNDREDTH = ("train.lr_mult={{" + ", ".join(f"{s}: 0.01" for s in ["stem", *(f"blocks.{i}" for i in range(7))])
                          + "}}")  # doubled braces: variants are str.format-ed with {size}
 
@@ -64,10 +68,15 @@ VARIANTS: dict[str, list[str]] = {
     "fine_tune_whole_image": [*WHOLE_NETWORK, "train.fine_tune=1", *WHOLE_IMAGE],
     # fine_tune up to the recipe's own trainable stages (blocks.3-6): one head-only epoch first
     "fine_tune_frozen_stages": ["train.fine_tune=1"],
+    "fine_tune_frozen_stages_spread_100": ["train.fine_tune=1", *FASTAI_SPREAD],
     # fastai's split for a timm body: two groups, slice(lr/100, lr) -> the whole body at lr/100
     "fine_tune_whole_image_body_lr_100": [*WHOLE_NETWORK, "train.fine_tune=1", *WHOLE_IMAGE, BODY_AT_ONE_HUNDREDTH],
     "whole_network": WHOLE_NETWORK,
     "fine_tune": [*WHOLE_NETWORK, "train.fine_tune=1"],
+    "fine_tune_spread_10": [*WHOLE_NETWORK, "train.fine_tune=1", *TENFOLD_SPREAD],
+    "fine_tune_spread_100": [*WHOLE_NETWORK, "train.fine_tune=1", *FASTAI_SPREAD],
+    # every backbone BatchNorm keeps its ImageNet statistics (model.bn: fixed)
+    "fine_tune_bn_fixed": [*WHOLE_NETWORK, "train.fine_tune=1", "model.bn=fixed"],
     "fine_tune_no_regularisation": [*WHOLE_NETWORK, "train.fine_tune=1", *NO_REGULARISATION],
     "fine_tune_fastai_like": [*WHOLE_NETWORK, "train.fine_tune=1", *NO_REGULARISATION, *FASTAI_HEAD,
                               "model.bn=train", *ONE_CYCLE],
@@ -97,9 +106,12 @@ def summarise(runs: list[dict], names: list[str]) -> list[dict]:
 def main() -> None:
     """Run every chosen variant for every seed and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"from: {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS),
+                        help=f"from: {', '.join(VARIANTS)} (none given: only the --set ones)")
     parser.add_argument("--set", nargs="+", action="append", default=[], metavar="NAME KEY=VALUE",
                         help="a variant of your own: its name, then its overrides (repeatable)")
+    parser.add_argument("--recipe", default="demo_fashion_mnist_lite0",
+                        help="the recipe every variant starts from (default: the demo's)")
     parser.add_argument("--base", default=None, metavar="VARIANT",
                         help="apply this variant's overrides first, under every variant (e.g. centre_crop)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
@@ -128,8 +140,7 @@ def main() -> None:
         for name in names:
             for seed in args.seeds:
                 overrides = expand([*(variants[args.base] if args.base else []), *variants[name]], args.image_size)
-                settings = argparse.Namespace(**vars(args), finetune_recipe="demo_fashion_mnist_lite0",
-                                              finetune_set=overrides)
+                settings = argparse.Namespace(**vars(args), finetune_recipe=args.recipe, finetune_set=overrides)
                 run = run_finetune(export, settings, seed, work / f"{name}-{seed}")
                 runs.append({**run, "variant": name})
                 print(f"  {name:<30} seed {seed}: accuracy {run['accuracy']:.4f}, {run['seconds']:.1f} s", flush=True)
@@ -140,7 +151,7 @@ def main() -> None:
     base = f", every variant on top of {args.base}" if args.base else ""
     print(f"\n{export.counts['train']} training / {export.counts['val']} validation / {export.counts['test']} test "
           f"images, {args.image_size}px, {args.epochs} epochs, seeds {args.seeds}{base}; medians:\n")
-    print("| variant | overrides on the demo recipe | test accuracy | change | wall time (s) |")
+    print(f"| variant | overrides on recipe {args.recipe} | test accuracy | change | wall time (s) |")
     print("|---|---|---|---|---|")
     for row in summarise(runs, names):
         overrides = " ".join(expand(variants[row["variant"]], args.image_size)) or "(none)"

@@ -199,7 +199,7 @@ def _caches_features(recipe: Recipe, mixes: bool) -> bool:
         return False
     # Features of un-augmented images stand in for random augmentation only when the recipe accepts it.
     deterministic = aug.preset == "none" and not aug.ops and aug.policy == "none"
-    return bool(choice) or (deterministic and recipe.model.bn == "frozen")
+    return bool(choice) or (deterministic and recipe.model.bn != "train")
 
 
 def calibrate(best: LoadedModel, val: Sequence[Sample], run: RunDir, batch_size: int, num_workers: int,

@@ -37,7 +37,7 @@ __all__ = [
 LAYOUTS = ("auto", "folder", "filename", "csv")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
-BN_POLICIES = ("frozen", "train")
+BN_POLICIES = ("frozen", "train", "fixed")
 POOLS = ("avg", "max", "avgmax", "catavgmax")
 BALANCE = ("none", "sampler", "loss")
 POLICIES = ("none", "randaugment", "trivialaugment")
@@ -155,7 +155,9 @@ class ModelConfig:
     trainable: Optional[list[str]] = None  # stages/modules left trainable ([] = head only); None = everything
     trainable_last: Optional[int] = None  # train only the last N backbone stages (0 = head only)
     freeze_to: Optional[str] = None  # freeze every stage up to and including this one (`finetune inspect`)
-    bn: str = "frozen"  # BatchNorm in frozen stages: frozen (eval, stats fixed) | train
+    # BatchNorm statistics: frozen (eval in frozen stages) | train (batch stats everywhere) | fixed (eval in the
+    # whole backbone, the pretrained statistics kept even where the stage trains)
+    bn: str = "frozen"
     head: HeadConfig = field(default_factory=HeadConfig)
 
     def __post_init__(self) -> None:
@@ -234,7 +236,7 @@ class TrainConfig:
     lr_mult: Optional[dict[str, float]] = None  # learning-rate multiplier per stage, e.g. {layer4: 0.1}
     layer_decay: Optional[float] = None  # lr × decay^k for the stage k steps below the head (e.g. 0.7)
     unfreeze: Optional[dict[int, list[str]]] = None  # gradual unfreezing: {epoch: [stages]}, e.g. {3: [layer3]}
-    fine_tune: Optional[int] = None  # fastai-style: N head-only epochs, then the body too at lower rates
+    fine_tune: Optional[int] = None  # fastai-style: N head-only epochs, then the body too (same lr unless layer_decay)
     # Under torchrun (several processes, data.batch_size each): BatchNorm statistics over the global batch
     # instead of each process's share (PyTorch's SyncBatchNorm; CUDA only). Matters with small per-device batches.
     sync_bn: bool = False

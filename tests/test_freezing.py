@@ -91,6 +91,23 @@ def test_frozen_batchnorm_stays_in_eval_mode_under_train() -> None:
     assert model.backbone.layer3[0].bn1.training
 
 
+def test_fixed_batchnorm_keeps_pretrained_statistics_while_its_scale_trains() -> None:
+    model = _model(bn="fixed")  # everything trainable
+    model.train()
+    bn = model.backbone.bn1  # the stem's (a block's first BN gets no gradient: its last BN starts at zero)
+    assert not bn.training and not model.backbone.layer4[0].bn1.training
+    assert model.head[1].training  # the head's own BatchNorm is new: it learns its statistics
+    optimizer = create_optimizer(model, _train_config(epochs=1, lr=0.1))
+    mean, scale = bn.running_mean.clone(), bn.weight.detach().clone()
+    _step(model, optimizer, create_scheduler(optimizer, _train_config(epochs=1, lr=0.1), steps_per_epoch=1))
+    assert torch.equal(bn.running_mean, mean) and not torch.equal(bn.weight, scale)
+    # fine_tune's unfreezing keeps the policy.
+    plan = plan_unfreezing(model, _train_config(epochs=3, fine_tune=1))
+    plan.apply(model, 1)
+    plan.apply(model, 2)
+    assert model.bn_policy == "fixed" and "backbone.layer4.0.bn1" in model.frozen_bn
+
+
 def test_layer_decay_falls_towards_the_stem() -> None:
     model = _model()
     multipliers = stage_lr_multipliers(model, _train_config(layer_decay=0.5))
@@ -197,7 +214,7 @@ def test_unfrozen_stage_joins_training_at_its_epoch() -> None:
     assert not torch.equal(bn.running_mean, mean)
 
 
-def test_fine_tune_trains_the_head_first_then_everything_at_lower_rates() -> None:
+def test_fine_tune_trains_the_head_first_then_everything_at_one_rate() -> None:
     model = _model()
     cfg = _train_config(epochs=3, lr=0.01, fine_tune=1)
     plan = plan_unfreezing(model, cfg)
@@ -208,8 +225,13 @@ def test_fine_tune_trains_the_head_first_then_everything_at_lower_rates() -> Non
     plan.apply(model, 2)
     assert _trainable(model) == {n for n, _ in model.named_parameters()} and model.frozen_bn == []
     lrs = {g["stage"]: g["lr"] for g in create_optimizer(model, cfg, plan.ever_trainable).param_groups}
-    assert lrs["head"] == pytest.approx(0.01) and lrs["stem"] == pytest.approx(0.01 / 100)
-    assert lrs["stem"] < lrs["layer1"] < lrs["layer4"] < lrs["head"]
+    # One rate for every stage: falling rates scored about 3 points lower in the ablation.
+    assert set(lrs) == {"head", "stem", "layer1", "layer2", "layer3", "layer4"}
+    assert all(lr == pytest.approx(0.01) for lr in lrs.values())
+    # Falling rates stay one key away.
+    decayed = _train_config(epochs=3, lr=0.01, fine_tune=1, layer_decay=0.5)
+    lrs = {g["stage"]: g["lr"] for g in create_optimizer(model, decayed, plan.ever_trainable).param_groups}
+    assert lrs["stem"] == pytest.approx(0.01 * 0.5**5) and lrs["stem"] < lrs["layer1"] < lrs["layer4"] < lrs["head"]
     with pytest.raises(FinetuneError, match="fine_tune unfreezes the backbone"):
         plan_unfreezing(_model(trainable=[]), cfg)
 

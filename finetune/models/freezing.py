@@ -154,15 +154,19 @@ def resolve_trainable(
 
 
 def apply_freeze(model: Classifier, trainable: set[str], bn_policy: str = "frozen") -> None:
-    """Set requires_grad from `trainable`; with bn_policy 'frozen', BN layers of frozen parts stay in eval."""
+    """Set requires_grad from `trainable`; the BN layers that stay in eval: frozen parts' ('frozen'), the
+    whole backbone's ('fixed'), none ('train')."""
     for name, param in model.named_parameters():
         param.requires_grad_(name in trainable)
     model.bn_policy = bn_policy
     model.frozen_bn = []
-    if bn_policy == "frozen":
-        for name, module in model.named_modules():
-            if isinstance(module, BN_TYPES) and not _trains(name, module, trainable):
-                model.frozen_bn.append(name)
+    for name, module in model.named_modules():
+        if not isinstance(module, BN_TYPES):
+            continue
+        # fixed: every backbone BN keeps its pretrained statistics (its scale and shift still train).
+        if (bn_policy == "fixed" and name.startswith("backbone.")) or (
+                bn_policy == "frozen" and not _trains(name, module, trainable)):
+            model.frozen_bn.append(name)
     model.train(model.training)
 
 

@@ -1,8 +1,8 @@
 """Gradual unfreezing by backbone stage.
 
 `train.unfreeze: {3: [layer3]}` makes layer3 trainable from epoch 3 on; `train.fine_tune: N`
-trains only the head for N epochs, then what `model.trainable` (default: everything) says (its
-falling learning rates are engine/optim.py's `stage_lr_multipliers`).
+trains only the head for N epochs, then what `model.trainable` (default: everything) says, at the
+stage rates of engine/optim.py's `stage_lr_multipliers` (one rate unless layer_decay/lr_mult).
 """
 
 from __future__ import annotations
