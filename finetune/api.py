@@ -236,7 +236,7 @@ def evaluate(
     """
     views = parse_tta(tta)
     check_precision(precision, resolve_device(device), "--precision")
-    loaded = load_model(checkpoint, distributed.setup(resolve_device(device)))
+    loaded = load_model(checkpoint, distributed.setup(resolve_device(device)), fuse=True)
     data_cfg = loaded.recipe.data
     multilabel = data_cfg.task == "multilabel"
     if multilabel:
@@ -304,7 +304,7 @@ def predict(
     checkpoints = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     views = parse_tta(tta)
     check_precision(precision, resolve_device(device), "--precision")
-    models = load_ensemble(checkpoints, distributed.setup(resolve_device(device)))
+    models = load_ensemble(checkpoints, distributed.setup(resolve_device(device)), fuse=True)
     classes = models[0].classes
     multilabel = models[0].recipe.data.task == "multilabel"
     if multilabel and topk:

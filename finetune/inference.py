@@ -19,6 +19,7 @@ from finetune.engine.checkpoint import read_checkpoint
 from finetune.engine.step import autocast, check_precision
 from finetune.errors import FinetuneError
 from finetune.models import Classifier, build_model
+from finetune.models.fusion import fused_copy
 from finetune.recipe import Recipe
 from finetune.tta import ViewTransform, average_views
 
@@ -58,8 +59,12 @@ def check_finite_weights(path: Union[str, Path], state: dict) -> None:
         )
 
 
-def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> LoadedModel:
-    """Rebuild the architecture a checkpoint describes and load its weights (no download)."""
+def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu", fuse: bool = False) -> LoadedModel:
+    """Rebuild the architecture a checkpoint describes and load its weights (no download).
+
+    `fuse` folds BatchNorm into the convolutions for prediction only (models/fusion.py): faster, same
+    outputs, but the model can no longer train.
+    """
     payload = read_checkpoint(path)
     check_finite_weights(path, payload["model_state"])
     recipe = Recipe.from_dict(payload["recipe"])
@@ -73,14 +78,17 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu")
         raise FinetuneError(f"checkpoint {path} does not match its own recipe: {str(err).splitlines()[0]}") from None
     device = torch.device(device) if isinstance(device, str) else device
     model.to(device).eval()
+    if fuse:
+        model = fused_copy(model, torch.randn(2, 3, preprocessing.size, preprocessing.size, device=device))
     return LoadedModel(model, classes, preprocessing, recipe, payload, float(payload.get("temperature", 1.0)))
 
 
-def load_ensemble(paths: Sequence[Union[str, Path]], device: Union[str, torch.device] = "cpu") -> list[LoadedModel]:
+def load_ensemble(paths: Sequence[Union[str, Path]], device: Union[str, torch.device] = "cpu",
+                  fuse: bool = False) -> list[LoadedModel]:
     """Load one or more checkpoints whose class lists must be identical (same names, same order)."""
     if not paths:
         raise FinetuneError("no checkpoint given; pass one, or several to average them as an ensemble")
-    models = [load_model(p, device) for p in paths]
+    models = [load_model(p, device, fuse) for p in paths]
     first = models[0].classes
     tasks = {loaded.recipe.data.task for loaded in models}
     if len(tasks) > 1:

@@ -12,6 +12,7 @@ from finetune.models import apply_freeze, build_model
 from finetune.models.backbones import check_backbone_name
 from finetune.models.classics import LeNet
 from finetune.models.freezing import BN_TYPES, stage_parameters
+from finetune.models.fusion import fuse_conv_bn, fused_copy
 from finetune.models.torchvision_backbones import GrayscaleInput
 from finetune.recipe import HeadConfig, ModelConfig, TrainConfig
 
@@ -111,6 +112,43 @@ def test_backbone_trains_only_its_last_stage(backbone: str, size: int) -> None:
         assert all(not torch.equal(stats[n][0], after[n][0]) for n in frozen_stage_bn)
         frozen = set(params) - trainable
         assert all(torch.equal(params[n], p.detach()) for n, p in model.named_parameters() if n in frozen)
+
+
+@pytest.mark.parametrize("backbone,size", [(b, s) for b, s in BACKBONES if b in BN_FAMILIES],
+                         ids=[b for b, _ in BACKBONES if b in BN_FAMILIES])
+def test_batchnorm_folds_into_convolutions_without_changing_predictions(backbone: str, size: int) -> None:
+    torch.manual_seed(0)
+    model, _ = build_model(ModelConfig(backbone=backbone, head=HeadConfig(hidden=[16])), NUM_CLASSES, size)
+    _sgd_steps(model, size)  # running statistics away from their 0 / 1 start, so folding has work to do
+    model.eval()
+    images = torch.randn(BATCH, 3, size, size)
+    fused = fused_copy(model, torch.randn(2, 3, size, size))
+    assert fused is not model
+    left = [n for n, m in fused.backbone.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    before = sum(isinstance(m, nn.BatchNorm2d) for m in model.backbone.modules())
+    assert len(left) < before, "some BatchNorm was folded"
+    if backbone in {"test_resnet", "tv/resnet50", "tv/vgg16_bn", "test_efficientnet", "hw03net"}:
+        assert not left, f"every BatchNorm follows a convolution here: {left[:3]}"
+    with torch.no_grad():
+        assert torch.allclose(model(images), fused(images), atol=1e-4, rtol=1e-4)
+
+
+def test_folding_that_would_change_outputs_is_refused() -> None:
+    class NormThenConv(nn.Module):  # registered conv, bn; run bn first: folding would be wrong
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.5, 2)
+
+        def forward(self, x):
+            return self.conv(self.bn(x))
+
+    model = NormThenConv().eval()
+    messages: list[str] = []
+    assert fused_copy(model, torch.randn(2, 4, 8, 8), messages.append) is model
+    assert "unfused" in messages[0]
+    assert fuse_conv_bn(NormThenConv().eval()) == 1  # the folding itself does not know the order
 
 
 @pytest.mark.parametrize("backbone", ["test_resnet", "squeezenet1_1", "hw03net"])
