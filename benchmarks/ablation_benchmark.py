@@ -65,7 +65,6 @@ VARIANTS: dict[str, list[str]] = {
     "fastai_augment": FASTAI_AUGMENT,
     "compile": ["train.compile=true"],
     "whole_image_one_cycle": [*WHOLE_IMAGE, *ONE_CYCLE],
-    "fine_tune_whole_image": [*WHOLE_NETWORK, "train.fine_tune=1", *WHOLE_IMAGE],
     # fine_tune up to the recipe's own trainable stages (blocks.3-6): one head-only epoch first
     "fine_tune_frozen_stages": ["train.fine_tune=1"],
     "fine_tune_frozen_stages_spread_100": ["train.fine_tune=1", *FASTAI_SPREAD],

@@ -79,7 +79,9 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
     device = torch.device(device) if isinstance(device, str) else device
     model.to(device).eval()
     if fuse:
-        model = fused_copy(model, torch.randn(2, 3, preprocessing.size, preprocessing.size, device=device))
+        # A private generator: loading a model must not move the global random state (seeds per rank).
+        example = torch.randn(2, 3, preprocessing.size, preprocessing.size, generator=torch.Generator().manual_seed(0))
+        model = fused_copy(model, example.to(device))
     return LoadedModel(model, classes, preprocessing, recipe, payload, float(payload.get("temperature", 1.0)))
 
 
