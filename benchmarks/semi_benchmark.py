@@ -51,7 +51,7 @@ def score(checkpoint: Path, answers: list[tuple[Path, str]], workers: int) -> di
     samples = [Sample(path, index[name]) for path, name in answers]
     raw = predict_probs(loaded, samples, 128, workers, calibrated=False)
     calibrated = apply_temperature(raw, loaded.temperature)
-    labels = [s.label for s in samples]
+    labels = [s.target for s in samples]
     return {"accuracy": float((raw.argmax(1) == np.array(labels)).mean()), "temperature": loaded.temperature,
             "ece_raw": calibration_bins(raw, labels).ece, "ece_calibrated": calibration_bins(calibrated, labels).ece}
 

@@ -41,6 +41,7 @@ from finetune.engine.step import autocast
 from finetune.inference import LoadedModel, load_model, predict_probs
 from finetune.models import build_model
 from finetune.recipe import load_recipe
+from finetune.tasks.single_label import SingleLabelScorer
 
 
 def median_seconds(*fns, repeats: int) -> list[float]:
@@ -146,7 +147,7 @@ def main() -> None:
 
                 loader = train_loader(recipe, samples, pre, 10)
                 raw, ours = median_seconds(raw_steps, lambda: train_one_epoch(
-                    model, loader, criterion, optimizer, scheduler, None, device, cfg, "bench"), repeats=args.repeats)
+                    model, loader, criterion, optimizer, scheduler, None, device, cfg, "bench", SingleLabelScorer()), repeats=args.repeats)
                 print(f"  train   {precision + ', channels_last':<24} raw step    {n / raw:7.1f} images/s  "
                       f"finetune epoch   {len(loader) * args.batch_size / ours:7.1f} images/s  "
                       f"ratio {raw / ours * len(loader) * args.batch_size / n:.2f}", flush=True)
@@ -157,7 +158,7 @@ def main() -> None:
         files = sorted(p for p in args.images_dir.iterdir() if p.stem in truth)
         index = {c: i for i, c in enumerate(trained.classes)}
         test = [Sample(p, index[truth[p.stem]]) for p in files]
-        y = np.array([s.label for s in test])
+        y = np.array([s.target for s in test])
         scores = {}
         for precision in ("fp32", "bf16"):
             start = time.perf_counter()

@@ -9,36 +9,31 @@ import csv
 from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Optional, Sequence, Union
 
-import numpy as np
 import torch
 
 from finetune.data.images import SkippedImage, check_headers, list_images
 from finetune.data.loaders import eval_loader, image_reader, tensor_train_loader, train_loader
+from finetune.data.preprocessing import Preprocessing
 from finetune.data.transforms import eval_decode_side
-from finetune.data.mixing import create_mixer
-from finetune.data.prepare import Prepared, labelled, prepare
+from finetune.data.prepare import Prepared
 from finetune.data.sources import Sample, single_image_subfolder
 from finetune.engine import distributed
 from finetune.engine.features import FeatureCache
-from finetune.engine.fit import EpochHook, FitState, fit
-from finetune.engine.loss import create_criterion
+from finetune.engine.fit import EpochHook, FitState, TrainingParts, fit
 from finetune.engine.resume import read_resume, seed_everything
 from finetune.engine.step import check_precision, compile_model, train_precision
 from finetune.errors import FinetuneError
-from finetune.evaluation import evaluate_samples
-from finetune.engine.temperature import fit_temperature, nll
-from finetune.inference import LoadedModel, load_ensemble, load_model, predict_probs, resolve_device, sharded_probs
-from finetune.loggers import check_loggers
+from finetune.inference import load_ensemble, load_model, predict_probs, resolve_device, sharded_probs
 from finetune.models import build_model, format_summary, stage_summary
-from finetune.models.backbones import check_backbone_name
-from finetune import multilabel_eval
-from finetune.recipe import Recipe, resolve_recipe
+from finetune.opening import open_training
+from finetune.recipe import DataConfig, Recipe
 from finetune.report_page import build_report
 from finetune.run import EvalFiles, RunDir, check_output, is_main_process, write_skipped_list
-from finetune.submission import plan_submission, write_rows
-from finetune.multilabel_submission import write_multilabel_rows
+from finetune.submission import plan_submission
+from finetune.tasks import Task, task_of_model
 from finetune.tta import parse_tta, view_count
 
 __all__ = ["TrainResult", "train", "evaluate", "predict", "report", "load_model"]
@@ -83,28 +78,59 @@ def train(
             log("note: resuming uses the run's saved recipe; the recipe given is ignored (change settings with --set)")
         checkpoint = RunDir.resume_checkpoint(resume)
         payload, recipe = read_resume(checkpoint, overrides)
-    else:
-        recipe = resolve_recipe(recipe, overrides)
-    if data is not None:
-        recipe.data.root = str(Path(data).expanduser().resolve())
-    check_backbone_name(recipe.model.backbone)  # fail before scanning thousands of images
-    check_loggers(recipe.train.loggers)
-    seed_everything(recipe.train.seed)
-    dataset = prepared or prepare(recipe, log)
+        overrides = None
+    opening = open_training(recipe, data, overrides, log, prepared)
+    recipe, task, dataset, device = opening.recipe, opening.task, opening.dataset, opening.device
     log(dataset.describe())
     if payload is not None and list(payload["classes"]) != dataset.classes:
         raise FinetuneError(f"the data has classes {dataset.classes[:20]} but the run being resumed was trained on "
                             f"{list(payload['classes'])[:20]}; resume with the run's own data")
+    model, preprocessing = _build_for_training(recipe, len(dataset.classes), device, resumed=payload is not None,
+                                               log=log)
+    if distributed.rank() > 0:  # every rank built the same model; from here each draws its own augmentation
+        seed_everything(distributed.rank_seed(recipe.train.seed))
 
-    device = distributed.setup(resolve_device(recipe.train.device))
-    cfg = recipe.data
-    multilabel = cfg.task == "multilabel"
-    if multilabel and distributed.active():
-        # Its loaders and epoch metrics (mAP over every image) are not sharded yet: each rank would see everything.
-        raise FinetuneError("data.task: multilabel trains in one process for now; run it without torchrun/--devices")
+    run = RunDir.open(checkpoint) if payload is not None else RunDir.create(recipe.output, recipe.name)
+    cfg, world = recipe.data, distributed.world_size()
+    scale = (f"{world} process(es) x data.batch_size {cfg.batch_size} x train.accumulate {recipe.train.accumulate} = "
+             f"effective batch {world * cfg.batch_size * recipe.train.accumulate}, train.lr {recipe.train.lr:g}")
+    log(scale)
+    run.write_recipe(recipe, note=f"trained with {scale}")
+    run.write_data_summary(dataset.classes, dataset.train_counts, dataset.val_counts)
+    run.write_skipped(dataset.skipped, log)
+    extras = {"task": task.name, "classes": dataset.classes, "preprocessing": preprocessing.to_dict(),
+              "recipe": recipe.to_dict(), "world_size": world}
+    log(f"training on {device} for {recipe.train.epochs} epoch(s); run folder {run.path}")
+    run.start_loggers(recipe)
+
+    def on_skip(item: SkippedImage) -> None:
+        log(f"warning: skipped {item.path}, which does not decode ({item.reason}); it is listed in {run.skipped}")
+
+    parts = training_parts(recipe, task, dataset, preprocessing, device, on_skip)
+    try:
+        state: FitState = fit(model, parts, recipe.train, run, device, extras, log=log, resume=payload,
+                              on_epoch=on_epoch)
+        distributed.barrier()  # rank 0 has written best.pt
+        skipped, unreadable = _decode_failures(run, dataset, parts, log)
+        val_samples = [s for s in dataset.val if s.path not in unreadable]
+        evaluation = evaluate_after_training(run, task, state.best_path, val_samples, device, cfg, log)
+    except BaseException:
+        run.close_loggers()  # what was logged so far stays readable
+        raise
+    if run.is_main:
+        log(f"report: {build_report(run)}")
+    run.finish_loggers({"best_val_acc": state.best_accuracy, "best_epoch": state.best_epoch, **evaluation})
+    log(f"best validation accuracy {state.best_accuracy:.4f} (epoch {state.best_epoch}); files in {run.path}")
+    return TrainResult(run.path, state.best_path, state.last_path, state.best_accuracy, state.best_epoch,
+                       dataset.classes, skipped, evaluation)
+
+
+def _build_for_training(recipe: Recipe, num_classes: int, device: torch.device, resumed: bool,
+                        log: Log) -> tuple[torch.nn.Module, Preprocessing]:
+    """The model on its device and memory format (SyncBN, compiled as the recipe asks); fills data.image_size."""
     # A resumed run's weights come from its checkpoint: no download, no weights file.
-    model_cfg = replace(recipe.model, pretrained=False, weights=None) if payload else recipe.model
-    model, preprocessing = build_model(model_cfg, len(dataset.classes), cfg.image_size, cfg.crop_pct)
+    model_cfg = replace(recipe.model, pretrained=False, weights=None) if resumed else recipe.model
+    model, preprocessing = build_model(model_cfg, num_classes, recipe.data.image_size, recipe.data.crop_pct)
     recipe.data.image_size = preprocessing.size
     log(f"backbone {recipe.model.backbone}: input {preprocessing.size}px, mean {preprocessing.mean}")
     log(format_summary(stage_summary(model)))
@@ -119,77 +145,47 @@ def train(
         example = torch.zeros(2, 3, preprocessing.size, preprocessing.size, device=device)
         if compile_model(model, example.contiguous(memory_format=memory_format), log):
             log("train.compile: the model runs compiled (torch.compile)")
-    if distributed.rank() > 0:  # every rank built the same model; from here each draws its own augmentation
-        seed_everything(distributed.rank_seed(recipe.train.seed))
+    return model, preprocessing
 
-    run = RunDir.open(checkpoint) if payload is not None else RunDir.create(recipe.output, recipe.name)
-    world = distributed.world_size()
-    scale = (f"{world} process(es) x data.batch_size {cfg.batch_size} x train.accumulate {recipe.train.accumulate} = "
-             f"effective batch {world * cfg.batch_size * recipe.train.accumulate}, train.lr {recipe.train.lr:g}")
-    log(scale)
-    run.write_recipe(recipe, note=f"trained with {scale}")
-    run.write_data_summary(dataset.classes, dataset.train_counts, dataset.val_counts)
-    run.write_skipped(dataset.skipped, log)
 
-    extras = {"classes": dataset.classes, "preprocessing": preprocessing.to_dict(), "recipe": recipe.to_dict(),
-              "world_size": world}
-    log(f"training on {device} for {recipe.train.epochs} epoch(s); run folder {run.path}")
-    run.start_loggers(recipe)
+def training_parts(recipe: Recipe, task: Task, dataset: Prepared, preprocessing: Preprocessing,
+                   device: torch.device, on_skip: Optional[Callable[[SkippedImage], None]] = None) -> TrainingParts:
+    """The loaders (this rank's shares), the task's loss, mixer and scorer, and the feature cache when it applies.
 
-    def on_skip(item: SkippedImage) -> None:
-        log(f"warning: skipped {item.path}, which does not decode ({item.reason}); it is listed in {run.skipped}")
-
+    Each image is decoded once per pass, by the loaders: what fails there is dropped from its batch and listed.
+    Under torchrun each rank trains on its strided share and validates an unpadded contiguous one.
+    """
+    cfg, world, rank = recipe.data, distributed.world_size(), distributed.rank()
+    targets = task.targets(len(dataset.classes))
+    val_share = distributed.shard(dataset.val)
+    val_read = image_reader(cfg, eval_decode_side(preprocessing), [s.path for s in val_share])
+    train = train_loader(recipe, dataset.train, preprocessing, targets, rank, world,
+                         distributed.rank_seed(recipe.train.seed), on_skip=on_skip)
+    val = eval_loader(val_share, preprocessing, cfg.batch_size, cfg.num_workers, val_read, on_skip, targets.encode)
+    mixer = task.mixer(recipe.augment, len(dataset.classes))
     features = None
-    if multilabel:  # its loaders, too, decode each image once and drop and list what fails
-        *loaders, criterion, mixer, scorer = multilabel_eval.training_parts(recipe, dataset, preprocessing, device,
-                                                                            on_skip)
-    else:
-        # Each image is decoded once per pass, by the loaders: what fails there is dropped from its batch and listed.
-        # Under torchrun each rank trains on its strided share and validates an unpadded contiguous one.
-        val_share = distributed.shard(dataset.val)
-        val_read = image_reader(cfg, eval_decode_side(preprocessing), [s.path for s in val_share])
-        loaders = [train_loader(recipe, dataset.train, preprocessing, len(dataset.classes), distributed.rank(), world,
-                                distributed.rank_seed(recipe.train.seed), on_skip=on_skip),
-                   eval_loader(val_share, preprocessing, cfg.batch_size, cfg.num_workers, val_read, on_skip)]
-        criterion, scorer = create_criterion(recipe, dataset.train_counts, device), None
-        mixer = create_mixer(recipe.augment, len(dataset.classes))
-        if _caches_features(recipe, mixer is not None) and not distributed.active():
-            # One pass over the training images (the validation loader serves both): no image cache needed.
-            features = FeatureCache(eval_loader(dataset.train, preprocessing, cfg.batch_size, cfg.num_workers),
-                                    loaders[1], lambda d: tensor_train_loader(recipe, d, len(dataset.classes)))
-    try:
-        state: FitState = fit(
-            model, *loaders, criterion, recipe.train, run, device, extras, log=log, mixer=mixer, resume=payload,
-            on_epoch=on_epoch, scorer=scorer, feature_cache=features,
-        )
-        distributed.barrier()  # rank 0 has written best.pt
-        unreadable: dict = {}
-        for part in distributed.gather_objects(
-                {path: item for loader in loaders for path, item in getattr(loader, "skipped", {}).items()}):
-            unreadable.update(part)  # every rank's decode failures
-        skipped = [*dataset.skipped, *unreadable.values()]  # a shared Prepared (k-fold, tune) stays as it was
-        if unreadable:
-            run.write_skipped(skipped, log=lambda _: None)
-            log(f"{len(unreadable)} image(s) failed to decode during training and were left out; "
-                f"{len(skipped)} skipped file(s) in all are listed in {run.skipped}")
-        val_samples = [s for s in dataset.val if s.path not in unreadable]
-        if multilabel:  # per-class thresholds are chosen on validation and stored in best.pt first
-            evaluation = multilabel_eval.evaluate_after_training(run, state.best_path, val_samples, device,
-                                                                 cfg.batch_size, cfg.num_workers, log)
-        else:
-            best = load_model(state.best_path, device)
-            raw = calibrate(best, val_samples, run, cfg.batch_size, cfg.num_workers, log)
-            evaluation = evaluate_samples(best, val_samples, run.eval, cfg.batch_size, cfg.num_workers, log,
-                                          raw_probs=raw)
-    except BaseException:
-        run.close_loggers()  # what was logged so far stays readable
-        raise
-    if run.is_main:
-        log(f"report: {build_report(run)}")
-    run.finish_loggers({"best_val_acc": state.best_accuracy, "best_epoch": state.best_epoch, **evaluation})
-    log(f"best validation accuracy {state.best_accuracy:.4f} (epoch {state.best_epoch}); files in {run.path}")
-    return TrainResult(run.path, state.best_path, state.last_path, state.best_accuracy, state.best_epoch,
-                       dataset.classes, skipped, evaluation)
+    if _caches_features(recipe, mixer is not None) and not distributed.active():
+        # One pass over the training images (the validation loader serves both): no image cache needed.
+        features = FeatureCache(eval_loader(dataset.train, preprocessing, cfg.batch_size, cfg.num_workers,
+                                            encode=targets.encode),
+                                val, lambda d: tensor_train_loader(recipe, d, targets))
+    return TrainingParts(train, val, task.criterion(recipe, dataset.train, len(dataset.classes), device),
+                         task.scorer(), mixer, features)
+
+
+def _decode_failures(run: RunDir, dataset: Prepared, parts: TrainingParts,
+                     log: Log) -> tuple[list[SkippedImage], dict[Path, SkippedImage]]:
+    """Every rank's decode failures met while training, listed with the run's skipped files; (all, the new ones)."""
+    unreadable: dict = {}
+    for part in distributed.gather_objects({path: item for loader in (parts.train_loader, parts.val_loader)
+                                            for path, item in getattr(loader, "skipped", {}).items()}):
+        unreadable.update(part)
+    skipped = [*dataset.skipped, *unreadable.values()]  # a shared Prepared (k-fold, tune) stays as it was
+    if unreadable:
+        run.write_skipped(skipped, log=lambda _: None)
+        log(f"{len(unreadable)} image(s) failed to decode during training and were left out; "
+            f"{len(skipped)} skipped file(s) in all are listed in {run.skipped}")
+    return skipped, unreadable
 
 
 def _caches_features(recipe: Recipe, mixes: bool) -> bool:
@@ -202,18 +198,15 @@ def _caches_features(recipe: Recipe, mixes: bool) -> bool:
     return bool(choice) or (deterministic and recipe.model.bn != "train")
 
 
-def calibrate(best: LoadedModel, val: Sequence[Sample], run: RunDir, batch_size: int, num_workers: int,
-              log: Log = print) -> np.ndarray:
-    """Fit the temperature on the validation images, store it in best.pt and in `best`; the raw probabilities."""
-    raw = predict_probs(best, val, batch_size, num_workers, calibrated=False)
-    labels = [s.label for s in val]
-    logits = np.log(np.clip(raw.astype(np.float64), 1e-45, 1.0))  # log-probabilities: logits up to a row shift
-    temperature = fit_temperature(logits, labels)
-    run.store_temperature(temperature)
-    best.temperature = temperature
-    log(f"temperature scaling: T = {temperature:.3f} fitted on {len(labels)} validation images (NLL "
-        f"{nll(logits, labels):.4f} → {nll(logits, labels, temperature):.4f}); every probability written is calibrated")
-    return raw
+def evaluate_after_training(run: RunDir, task: Task, checkpoint: Path, val: Sequence[Sample], device: torch.device,
+                            cfg: DataConfig, log: Log = print) -> dict:
+    """Fit the task's decision state (temperature / thresholds) on validation, store it in best.pt, write eval/."""
+    best = load_model(checkpoint, device)
+    raw = predict_probs(best, val, cfg.batch_size, cfg.num_workers, calibrated=False)
+    decision = task.fit_decision(raw, val, len(best.classes), log)
+    run.store_decision(decision)
+    best.apply_decision(decision)
+    return task.evaluate(best, val, run.eval, cfg.batch_size, cfg.num_workers, log, raw_probs=raw)
 
 
 def evaluate(
@@ -237,12 +230,8 @@ def evaluate(
     views = parse_tta(tta)
     check_precision(precision, resolve_device(device), "--precision")
     loaded = load_model(checkpoint, distributed.setup(resolve_device(device)), fuse=True)
-    data_cfg = loaded.recipe.data
-    multilabel = data_cfg.task == "multilabel"
-    if multilabel:
-        samples, skipped = multilabel_eval.manifest_samples(Path(data).expanduser(), data_cfg, loaded.classes)
-    else:
-        samples, skipped = labelled(Path(data).expanduser(), loaded.classes, data_cfg.layout, data_cfg.label_regex)
+    task = task_of_model(loaded)
+    samples, skipped = task.labelled_samples(Path(data).expanduser(), loaded.recipe.data, loaded.classes)
     if not samples:
         raise FinetuneError(f"no labelled images that open in {data}")
     run = RunDir.open(checkpoint)
@@ -252,13 +241,9 @@ def evaluate(
         raise FinetuneError(f"the evaluation folder {files.folder} is inside the data folder {data}; give --out a "
                             "folder outside the data")
     files.prepare()
-    try:
-        if multilabel:
-            metrics = multilabel_eval.evaluate_multilabel_samples(loaded, samples, files, batch_size, num_workers,
-                                                                  log, views, threshold, skipped)
-        else:  # decodes each image once, adding the ones that fail to `skipped`
-            metrics = evaluate_samples(loaded, samples, files, batch_size, num_workers, log, views,
-                                       precision=precision, skipped=skipped)
+    try:  # decodes each image once, adding the ones that fail to `skipped`
+        metrics = task.evaluate(loaded, samples, files, batch_size, num_workers, log, views, threshold, precision,
+                                skipped)
     finally:
         write_skipped_list(files.skipped, skipped, log)
     if files.writes:
@@ -305,15 +290,10 @@ def predict(
     views = parse_tta(tta)
     check_precision(precision, resolve_device(device), "--precision")
     models = load_ensemble(checkpoints, distributed.setup(resolve_device(device)), fuse=True)
-    classes = models[0].classes
-    multilabel = models[0].recipe.data.task == "multilabel"
-    if multilabel and topk:
-        raise FinetuneError("--topk is for one label per image; a multi-label model writes every label above its "
-                            "threshold (add --probs for each class's probability)")
-    if multilabel and reject_below is not None:
-        raise FinetuneError("--reject-below is for one label per image; a multi-label model leaves out every label "
-                            "below its threshold (raise it with --threshold)")
-    label_column = label_column or ("Tags" if multilabel else "Category")
+    classes, task = models[0].classes, task_of_model(models[0])  # load_ensemble: one task, one class list
+    task.check_submission(topk, reject_below, threshold)
+    decision = task.ensemble_decision(models, threshold)
+    label_column = label_column or task.label_column
     folder = Path(images).expanduser()
     paths = list_images(folder)
     inner = single_image_subfolder(folder) if not paths else None
@@ -342,24 +322,9 @@ def predict(
     if not is_main_process():  # under torchrun: this rank scored its share; rank 0 writes every row
         deque(batches, maxlen=0)
         return out
-    if multilabel:
-        # An ensemble decides with its first checkpoint's thresholds (or --threshold).
-        thresholds = multilabel_eval.decision_thresholds(models[0], threshold)
-        rows_written = write_multilabel_rows(plan, batches, classes, thresholds, out, value, label_sep, probs_out)
-    else:
-        rejected = [0]
-
-        def counted(stream):
-            for probs in stream:
-                if reject_below is not None:
-                    rejected[0] += int((probs.max(axis=1) < reject_below).sum())
-                yield probs
-
-        rows_written = write_rows(plan, counted(batches), classes, out, value, probs_out, topk, topk_out,
-                                  reject_below, reject_label)
-        if reject_below is not None:
-            log(f"{rejected[0]} of {rows_written} image(s) have a top probability below {reject_below:g}: "
-                f"labelled '{reject_label}'")
+    rows = SimpleNamespace(value=value, label_sep=label_sep, probs_out=probs_out, topk=topk, topk_out=topk_out,
+                           reject_below=reject_below, reject_label=reject_label)
+    rows_written = task.write_submission(plan, batches, classes, decision, out, rows, log)
     skipped = sorted([*skipped, *(SkippedImage(path, reason) for path, reason in failed.items())],
                      key=lambda item: str(item.path))
     if skipped:

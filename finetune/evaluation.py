@@ -208,7 +208,7 @@ def evaluate_samples(loaded: "LoadedModel", samples: Sequence[Sample], files: Ev
             skipped.extend(SkippedImage(path, reason) for path, reason in failed.items())
         if not samples:
             raise FinetuneError("none of the labelled images could be decoded; see the list of skipped images")
-    metrics = write_evaluation([s.label for s in samples], probs.argmax(1), loaded.classes, files, probs,
+    metrics = write_evaluation([s.target for s in samples], probs.argmax(1), loaded.classes, files, probs,
                                [s.path for s in samples], model=loaded,
                                uncalibrated=raw if temperature != 1.0 else None, temperature=temperature)
     for line in summary_lines(metrics, loaded.classes):

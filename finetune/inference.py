@@ -20,7 +20,7 @@ from finetune.engine.step import autocast, check_precision
 from finetune.errors import FinetuneError
 from finetune.models import Classifier, build_model
 from finetune.models.fusion import fused_copy
-from finetune.recipe import Recipe
+from finetune.recipe import TASK_ACTIVATIONS, Recipe
 from finetune.tta import ViewTransform, average_views
 
 __all__ = ["LoadedModel", "check_finite_weights", "load_model", "load_ensemble", "predict_probs", "stream_probs",
@@ -37,6 +37,16 @@ class LoadedModel:
     recipe: Recipe
     checkpoint: dict
     temperature: float = 1.0  # fitted on validation after training; checkpoints made before it hold none (1.0)
+
+    @property
+    def task_name(self) -> str:
+        """The task the checkpoint names (older checkpoints: their recipe's data.task); finetune.tasks maps it."""
+        return str(self.checkpoint.get("task", self.recipe.data.task))
+
+    def apply_decision(self, decision: dict) -> None:
+        """Take a freshly fitted decision state (temperature / thresholds), as best.pt now holds it."""
+        self.checkpoint.update(decision)
+        self.temperature = float(decision.get("temperature", self.temperature))
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -92,7 +102,7 @@ def load_ensemble(paths: Sequence[Union[str, Path]], device: Union[str, torch.de
         raise FinetuneError("no checkpoint given; pass one, or several to average them as an ensemble")
     models = [load_model(p, device, fuse) for p in paths]
     first = models[0].classes
-    tasks = {loaded.recipe.data.task for loaded in models}
+    tasks = {loaded.task_name for loaded in models}
     if len(tasks) > 1:
         raise FinetuneError("cannot ensemble single-label and multi-label checkpoints (data.task differs); "
                             "average checkpoints of one kind")
@@ -167,7 +177,7 @@ def stream_probs(
             for loaded in members:
                 loaded.model.eval()
                 device = next(loaded.model.parameters()).device
-                activation = "sigmoid" if loaded.recipe.data.task == "multilabel" else "softmax"
+                activation = TASK_ACTIVATIONS[loaded.task_name]
                 temperature = loaded.temperature if calibrated else 1.0
                 with autocast(device, check_precision(precision, device, "--precision")):
                     probs = average_views(loaded.model, [v.to(device) for v in views], tta, activation,

@@ -10,16 +10,14 @@ from typing import Callable, Optional, Union
 import numpy as np
 
 from finetune.api import TrainResult, train
-from finetune.data.loaders import class_counts
-from finetune.data.prepare import Prepared, prepare
+from finetune.data.prepare import Prepared
 from finetune.data.sources import Sample
 from finetune.engine import distributed
-from finetune.errors import FinetuneError
-from finetune.inference import resolve_device
-from finetune.models.backbones import check_backbone_name
-from finetune.recipe import Recipe, resolve_recipe
+from finetune.opening import open_training
+from finetune.recipe import Recipe
 from finetune.report_page import build_report
 from finetune.run import RunDir
+from finetune.tasks.single_label import stratified_folds
 
 __all__ = ["KFoldResult", "fold_splits", "train_kfold"]
 
@@ -28,13 +26,13 @@ Log = Callable[[str], None]
 
 @dataclass
 class KFoldResult:
-    """The parent run folder, each fold's result, and the cross-validated accuracy."""
+    """The parent run folder, each fold's result, and the cross-validated score (the task's headline metric)."""
 
     run_dir: Path
     folds: list[TrainResult]
     mean: float
     std: float
-    oof_accuracy: float
+    oof_score: float  # the task's headline metric over every out-of-fold prediction
     predict_command: str
 
     @property
@@ -43,25 +41,10 @@ class KFoldResult:
         return [f.best_checkpoint for f in self.folds]
 
 
-def fold_splits(
-    samples: list[Sample], classes: list[str], folds: int, seed: int
-) -> list[tuple[list[Sample], list[Sample]]]:
-    """(train, val) sample lists for each of `folds` stratified folds; every image is validated exactly once."""
-    from sklearn.model_selection import StratifiedKFold
-
-    if folds < 2:
-        raise FinetuneError(f"--folds must be at least 2 (5 is usual), got {folds}")
-    counts = class_counts(samples, len(classes))
-    small = [f"{c} ({n})" for c, n in zip(classes, counts) if n < folds]
-    if small:
-        raise FinetuneError(
-            f"{folds}-fold cross-validation needs at least {folds} images per class; too few in: "
-            f"{', '.join(small[:10])}. Use fewer folds or add images"
-        )
-    labels = [s.label for s in samples]
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    pairs = splitter.split(np.zeros(len(labels)), labels)
-    return [([samples[i] for i in tr], [samples[i] for i in va]) for tr, va in pairs]
+def fold_splits(samples: list[Sample], classes: list[str], folds: int,
+                seed: int) -> list[tuple[list[Sample], list[Sample]]]:
+    """(train, val) per stratified fold of one-label-per-image samples (`Task.folds` for any task)."""
+    return stratified_folds(samples, classes, folds, seed)
 
 
 def _command(checkpoints: list[Path], test_dir: Optional[Path], out: Path) -> str:
@@ -84,19 +67,15 @@ def train_kfold(
     Under torchrun (`train --folds K --devices N`) the N processes train different folds side by side,
     each on its own device without DDP; rank 0 writes the summary once every fold is done.
     """
-    recipe = resolve_recipe(recipe, overrides, data)
-    if recipe.data.task == "multilabel":
-        raise FinetuneError("k-fold cross-validation is for one label per image; with data.task: multilabel train "
-                            "once (the validation split is iteratively stratified) and compare runs with `finetune runs`")
-    check_backbone_name(recipe.model.backbone)
-    distributed.setup(resolve_device(recipe.train.device))  # under torchrun: join the group before naming folders
-    dataset = prepared or prepare(recipe, log)
+    opening = open_training(recipe, data, overrides, log, prepared)
+    recipe, task, dataset = opening.recipe, opening.task, opening.dataset
     # The strongest HW03 solutions validated on folds of train+val together: every labelled image trains k-1 models.
     samples = dataset.train + dataset.val
-    plan = fold_splits(samples, dataset.classes, folds, recipe.train.seed)
+    plan = task.folds(samples, dataset.classes, folds, recipe.train.seed)
     parent = RunDir.create(recipe.output, recipe.name)
     parent.write_recipe(recipe)
-    log(f"{folds}-fold cross-validation on {len(samples)} images (train+val merged); folds in {parent.path}")
+    log(f"{folds}-fold {task.split_kind} cross-validation on {len(samples)} images (train+val merged); folds in "
+        f"{parent.path}")
 
     world, rank = distributed.world_size(), distributed.rank()
     if world > 1:
@@ -114,23 +93,25 @@ def train_kfold(
             result = train(fold_recipe, log=lambda line, i=i: log(f"[fold {i}/{folds}] {line}"), prepared=fold_data)
         done.append((i, result, {"fold": i, "run_dir": str(result.run_dir), "report": str(RunDir(result.run_dir).report),
                      "best_checkpoint": str(result.best_checkpoint),
-                     "accuracy": float(result.evaluation["accuracy"]), "best_epoch": result.best_epoch,
+                     "score": float(result.evaluation[task.headline]), "best_epoch": result.best_epoch,
                      "train_images": len(train_samples), "val_images": len(val_samples)}))
     gathered = sorted((item for part in distributed.gather_objects(done) for item in part), key=lambda item: item[0])
     results = [result for _, result, _ in gathered]
     rows = [row for _, _, row in gathered]
 
-    scores = np.array([r["accuracy"] for r in rows])
-    oof = float(sum(r["accuracy"] * r["val_images"] for r in rows) / sum(r["val_images"] for r in rows))
+    scores = np.array([r["score"] for r in rows])
+    # Every image is validated once, so the image-weighted mean of per-image metrics is the out-of-fold score.
+    oof = float(sum(r["score"] * r["val_images"] for r in rows) / sum(r["val_images"] for r in rows))
     command = _command([r.best_checkpoint for r in results], dataset.test_dir, parent.submission)
-    summary = {"folds": rows, "mean": float(scores.mean()), "std": float(scores.std()), "std_ddof": 0,
-               "oof_accuracy": oof, "images": len(samples), "classes": dataset.classes,
+    summary = {"folds": rows, "metric": task.headline, "mean": float(scores.mean()), "std": float(scores.std()),
+               "std_ddof": 0,
+               "oof_score": oof, "images": len(samples), "classes": dataset.classes,
                "skipped_images": len(dataset.skipped), "predict_command": command}
     parent.write_cv_summary(summary)
     parent.write_oof_predictions([RunDir(r.run_dir).eval.predictions for r in results])
     if parent.is_main:
         build_report(parent)
-    log(f"CV accuracy {summary['mean']:.4f} ± {summary['std']:.4f} over {folds} folds "
+    log(f"CV {task.headline} {summary['mean']:.4f} ± {summary['std']:.4f} over {folds} folds "
         f"(out-of-fold {oof:.4f}); summary in {parent.cv_summary}")
     log(f"predict with the {folds}-model ensemble:\n  {command}")
     return KFoldResult(parent.path, results, summary["mean"], summary["std"], oof, command)

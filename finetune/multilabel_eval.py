@@ -15,24 +15,18 @@ import numpy as np
 from sklearn.metrics import classification_report, f1_score, multilabel_confusion_matrix
 
 from finetune.data.sources import Sample
-from finetune.engine.checkpoint import read_checkpoint
-from finetune.engine.multilabel import best_thresholds, mean_average_precision, sample_f1
+from finetune.engine.multilabel import mean_average_precision, sample_f1
 from finetune.errors import FinetuneError
 from finetune.reports.gallery import Tile, plot_gallery, thumbnail
 from finetune.reports.multilabel_plots import plot_label_confusion_grid, plot_pr_curves
-from finetune.run import EvalFiles, RunDir
+from finetune.run import EvalFiles
 
 if TYPE_CHECKING:  # scoring a CSV needs no model
-    import torch
-
-    from finetune.data.prepare import Prepared
-    from finetune.data.preprocessing import Preprocessing
     from finetune.inference import LoadedModel
-    from finetune.recipe import DataConfig, Recipe
+    from finetune.recipe import DataConfig
 
-__all__ = ["SEPARATOR", "decision_thresholds", "store_thresholds", "write_multilabel_evaluation",
-           "multilabel_summary_lines", "evaluate_multilabel_samples", "label_names", "training_parts",
-           "evaluate_after_training", "manifest_samples"]
+__all__ = ["SEPARATOR", "write_multilabel_evaluation", "multilabel_summary_lines", "evaluate_multilabel_samples",
+           "label_names", "manifest_samples"]
 
 SEPARATOR = " "  # between labels in predictions.csv and submissions (Kaggle's Planet format)
 GALLERY_LIMIT = 36
@@ -41,34 +35,6 @@ GALLERY_LIMIT = 36
 def label_names(row: np.ndarray, classes: Sequence[str], sep: str = SEPARATOR) -> str:
     """The class names of one 0/1 row, joined by `sep` (empty when none)."""
     return sep.join(classes[k] for k in np.flatnonzero(np.asarray(row) > 0.5))
-
-
-def decision_thresholds(loaded: "LoadedModel", threshold: Optional[float] = None) -> np.ndarray:
-    """Per-class thresholds: `threshold` for every class if given, else the checkpoint's own (0.5 without)."""
-    classes = len(loaded.classes)
-    if threshold is not None:
-        if not 0.0 < threshold < 1.0:
-            raise FinetuneError(f"--threshold must be between 0 and 1 (e.g. 0.5), got {threshold}")
-        return np.full(classes, float(threshold))
-    stored = loaded.checkpoint.get("thresholds")
-    return np.asarray(stored, dtype=np.float64) if stored is not None else np.full(classes, 0.5)
-
-
-def store_thresholds(run: RunDir, checkpoint: Path, loaded: "LoadedModel", samples: Sequence[Sample],
-                     batch_size: int, num_workers: int, log: Callable[[str], None] = print) -> np.ndarray:
-    """Choose each class's F1-best threshold on `samples` (validation) and save them into `checkpoint` (best.pt)."""
-    from finetune.data.multilabel import multi_hot
-    from finetune.inference import predict_probs
-
-    probs = predict_probs(loaded, samples, batch_size, num_workers)
-    thresholds = best_thresholds(multi_hot(samples, len(loaded.classes)), probs)
-    payload = read_checkpoint(checkpoint)
-    payload["thresholds"] = [float(t) for t in thresholds]
-    run.save_checkpoint(checkpoint, payload)
-    loaded.checkpoint["thresholds"] = payload["thresholds"]
-    log(f"per-class thresholds chosen on {len(samples)} validation images (F1-best, range "
-        f"{thresholds.min():.2f}-{thresholds.max():.2f}), stored in {checkpoint.name}")
-    return thresholds
 
 
 def _label_errors(truth: np.ndarray, predicted: np.ndarray, classes: Sequence[str]) -> list[list]:
@@ -173,19 +139,22 @@ def multilabel_summary_lines(metrics: dict, classes: Sequence[str]) -> list[str]
 
 
 def evaluate_multilabel_samples(loaded: "LoadedModel", samples: Sequence[Sample], files: EvalFiles,
-                                batch_size: int, num_workers: int, log: Callable[[str], None] = print,
-                                tta: Sequence[str] = (), threshold: Optional[float] = None,
-                                skipped: Optional[list] = None) -> dict:
-    """Predict multi-label samples, write the bundle into `files`, log the summary; the metrics.
+                                batch_size: int, num_workers: int, log: Callable[[str], None],
+                                tta: Sequence[str], thresholds: np.ndarray, skipped: Optional[list] = None,
+                                precision: str = "fp32", raw_probs: Optional[np.ndarray] = None) -> dict:
+    """Predict multi-label samples (or take `raw_probs`, already computed), cut them at `thresholds`, write the
+    bundle into `files`, log the summary; the metrics.
 
     Each image is decoded once, here: one that fails is left out of the metrics and appended to `skipped`.
+    `precision` bf16 runs the model under bf16 autocast.
     """
     from finetune.data.images import SkippedImage
     from finetune.data.multilabel import multi_hot
     from finetune.inference import predict_probs
 
     failed: dict[Path, str] = {}
-    probs = predict_probs(loaded, samples, batch_size, num_workers, tta=tta, unreadable=failed)
+    probs = raw_probs if raw_probs is not None else predict_probs(loaded, samples, batch_size, num_workers, tta=tta,
+                                                                  precision=precision, unreadable=failed)
     if failed:
         probs = probs[np.array([s.path not in failed for s in samples])]
         samples = [s for s in samples if s.path not in failed]
@@ -193,8 +162,8 @@ def evaluate_multilabel_samples(loaded: "LoadedModel", samples: Sequence[Sample]
             skipped.extend(SkippedImage(path, reason) for path, reason in failed.items())
         if not samples:
             raise FinetuneError("none of the labelled images could be decoded; see the list of skipped images")
-    metrics = write_multilabel_evaluation(multi_hot(samples, len(loaded.classes)), probs,
-                                          decision_thresholds(loaded, threshold), loaded.classes, files,
+    metrics = write_multilabel_evaluation(multi_hot(samples, len(loaded.classes)), probs, thresholds,
+                                          loaded.classes, files,
                                           [s.path for s in samples])
     for line in multilabel_summary_lines(metrics, loaded.classes):
         log(line)
@@ -213,30 +182,3 @@ def manifest_samples(data: Path, cfg: "DataConfig", classes: Sequence[str]) -> t
     if not kept:
         raise FinetuneError(f"no labelled images that open in {data}")
     return kept, skipped + not_images
-
-
-def training_parts(recipe: "Recipe", dataset: "Prepared", preprocessing: "Preprocessing", device: "torch.device",
-                   on_skip: Optional[Callable] = None) -> tuple:
-    """(train loader, validation loader, criterion, mixer, scorer) of a multi-label run, for `fit`.
-
-    The loaders drop an image that fails to decode from its batch, tell `on_skip` and remember it (`.skipped`).
-    """
-    from finetune.data.multilabel import create_multihot_mixer, multilabel_eval_loader, multilabel_train_loader
-    from finetune.engine.multilabel import MultiLabelScorer, create_multilabel_criterion
-
-    cfg, classes = recipe.data, len(dataset.classes)
-    return (multilabel_train_loader(recipe, dataset.train, preprocessing, classes, on_skip),
-            multilabel_eval_loader(dataset.val, preprocessing, classes, cfg.batch_size, cfg.num_workers, on_skip),
-            create_multilabel_criterion(recipe, dataset.train_counts, len(dataset.train), device),
-            create_multihot_mixer(recipe.augment), MultiLabelScorer())
-
-
-def evaluate_after_training(run: RunDir, checkpoint: Path, samples: Sequence[Sample], device: "torch.device",
-                            batch_size: int,
-                            num_workers: int, log: Callable[[str], None] = print) -> dict:
-    """Choose and store best.pt's thresholds on the validation samples, then write the run's eval/ bundle."""
-    from finetune.inference import load_model
-
-    loaded = load_model(checkpoint, device)
-    store_thresholds(run, checkpoint, loaded, samples, batch_size, num_workers, log)
-    return evaluate_multilabel_samples(loaded, samples, run.eval, batch_size, num_workers, log)

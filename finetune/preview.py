@@ -11,18 +11,18 @@ import torch
 
 from finetune.data.images import load_rgb
 from finetune.data.loaders import train_loader, train_transform
-from finetune.data.mixing import create_mixer
-from finetune.data.prepare import Prepared, prepare
-from finetune.engine.loss import create_criterion
+from finetune.data.prepare import Prepared
 from finetune.engine.lr_find import LrFindResult, lr_range_test
 from finetune.engine.resume import seed_everything
 from finetune.errors import FinetuneError
 from finetune.inference import resolve_device
 from finetune.models import build_model
 from finetune.models.backbones import check_backbone_name
+from finetune.opening import prepare_data
 from finetune.recipe import Recipe, resolve_recipe
 from finetune.reports.augment_grid import save_augment_grid
 from finetune.reports.lr_plot import plot_lr_find
+from finetune.tasks import task_of
 
 __all__ = ["augment_preview", "lr_find"]
 
@@ -30,20 +30,20 @@ Log = Callable[[str], None]
 
 
 def _training_data(recipe: Recipe, log: Log) -> Prepared:
-    dataset = prepare(recipe, log)
+    dataset = prepare_data(recipe, log)
     if dataset.skipped:
         first = dataset.skipped[0]
         log(f"skipping {len(dataset.skipped)} unusable image(s), e.g. {first.path}: {first.reason}")
     return dataset
 
 
-def _caption(label: int, target: Optional[torch.Tensor], classes: list[str]) -> str:
-    """The class name, or both classes and their shares when the batch mixer blended two images."""
-    if target is not None:
-        (first, second), (a, b) = target.topk(2)
-        if float(second) > 0.005:
-            return f"{classes[int(a)]} {float(first):.2f} / {classes[int(b)]} {float(second):.2f}"
-    return classes[label]
+def _caption(target: torch.Tensor, classes: list[str]) -> str:
+    """The classes an image's target vector holds (one-hot, multi-hot or mixed), with their shares when mixed."""
+    present = [(float(target[k]), classes[k]) for k in torch.argsort(-target, stable=True).tolist()
+               if float(target[k]) > 0.005]
+    if all(share == 1.0 for share, _ in present):
+        return ", ".join(name for _, name in present) or "(no label)"
+    return " / ".join(f"{name} {share:.2f}" for share, name in present)
 
 
 def _check_figure_out(out: Union[str, Path], recipe: Recipe, source: Union[Recipe, str, Path, None]) -> Path:
@@ -92,13 +92,15 @@ def augment_preview(
     if not picked:
         raise FinetuneError("no training image could be decoded; see the messages above")
     images = torch.stack(tensors)
-    labels = torch.tensor([s.label for s in picked])
-    mixer = create_mixer(recipe.augment, len(dataset.classes))
-    targets = None
+    task, num_classes = task_of(recipe), len(dataset.classes)
+    encode = task.encode(num_classes)
+    targets = torch.stack([torch.as_tensor(encode(s)) for s in picked])
+    mixer = task.mixer(recipe.augment, num_classes)
     if mixer is not None:
-        images, targets = mixer(images, labels)
-    captions = [_caption(s.label, None if targets is None else targets[i], dataset.classes)
-                for i, s in enumerate(picked)]
+        images, targets = mixer(images, targets)
+    if targets.ndim == 1:  # class indices: one-hot, as a mixer would have made them
+        targets = torch.nn.functional.one_hot(targets, num_classes)
+    captions = [_caption(targets[i].float(), dataset.classes) for i in range(len(picked))]
     aug = recipe.augment
     title = (f"preset {aug.preset if not aug.ops else 'ops'}, policy {aug.policy}, mixup {aug.mixup}, "
              f"cutmix {aug.cutmix} at {preprocessing.size}px")
@@ -128,9 +130,10 @@ def lr_find(
                                        recipe.data.crop_pct)
     memory_format = torch.channels_last if recipe.train.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
-    loader = train_loader(recipe, dataset.train, preprocessing, len(dataset.classes))
+    task = task_of(recipe)
+    loader = train_loader(recipe, dataset.train, preprocessing, task.targets(len(dataset.classes)))
     log(f"lr range test: up to {steps} batches of {recipe.data.batch_size} on {device}")
-    criterion = create_criterion(recipe, dataset.train_counts, device)
+    criterion = task.criterion(recipe, dataset.train, len(dataset.classes), device)
     result = lr_range_test(model, loader, criterion, recipe.train, device, steps=steps)
     path = plot_lr_find(result, Path(out).expanduser())
     steepest = f"; steepest descent at {result.steepest:.1e}" if result.steepest is not None else ""

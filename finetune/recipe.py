@@ -44,6 +44,8 @@ POLICIES = ("none", "randaugment", "trivialaugment")
 PRESETS = ("none", "light", "medium", "heavy", "hw03")  # built in finetune/data/transforms.py
 MONITORS = ("val_acc", "val_loss", "val_map", "val_f1")  # val_map, val_f1: data.task multilabel only
 TASKS = ("single", "multilabel")
+# logits → probabilities per task: the one task fact inference needs (finetune.tasks holds the rest)
+TASK_ACTIVATIONS = {"single": "softmax", "multilabel": "sigmoid"}
 # Above this a single 32-image float batch is over 1.6 GB before the network sees it, and no pretrained
 # backbone was trained near it (224-600 px); larger images are downscaled to data.image_size anyway.
 MAX_IMAGE_SIZE = 2048

@@ -18,7 +18,7 @@ import yaml
 from finetune.errors import FinetuneError
 from finetune.run import EvalFiles, RunDir
 
-__all__ = ["build_report", "render_report", "render_runs_page"]
+__all__ = ["build_report", "render_report", "render_runs_page", "single_label_sections", "multilabel_sections"]
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f6f7f9;color:#1d232b}
@@ -98,10 +98,14 @@ def _per_class(report: dict) -> str:
 
 
 def _evaluation_sections(files: EvalFiles) -> tuple[list[str], list[str]]:
-    """(summary cards, body sections) from an evaluation folder."""
+    """(summary cards, body sections) from an evaluation folder, as the task that wrote it lays them out."""
     metrics = _read_json(files.metrics) or {}
-    if metrics.get("task") == "multilabel":
-        return _multilabel_sections(files, metrics)
+    # The bundle says which task wrote it (metrics.json "task"); bundles from before that are single-label.
+    return _SECTIONS.get(metrics.get("task"), single_label_sections)(files, metrics)
+
+
+def single_label_sections(files: EvalFiles, metrics: dict) -> tuple[list[str], list[str]]:
+    """(cards, sections) of a one-label-per-image evaluation."""
     report = _read_json(files.report_json)
     cards, parts = [], []
     if metrics or report:
@@ -149,7 +153,7 @@ def _evaluation_sections(files: EvalFiles) -> tuple[list[str], list[str]]:
     return cards, parts
 
 
-def _multilabel_sections(files: EvalFiles, metrics: dict) -> tuple[list[str], list[str]]:
+def multilabel_sections(files: EvalFiles, metrics: dict) -> tuple[list[str], list[str]]:
     """(cards, sections) of a multi-label evaluation (data.task: multilabel)."""
     cards = [_card(f"{metrics['map']:.3f}", f"mAP on {metrics.get('images', '?')} images")] if "map" in metrics else []
     cards += [_card(f"{metrics[key]:.3f}", label) for key, label in (
@@ -192,7 +196,7 @@ def _run_sections(run: RunDir) -> tuple[list[str], list[str]]:
             k = header.index("val_acc")
             best = max(rows, key=lambda r: float(r[k]))
             cards.append(_card(_pct(float(best[k])), f"best val accuracy (epoch {best[0]} of {len(rows)})"))
-        if "val_map" in header:  # data.task multilabel
+        if "val_map" in header:  # a task with mAP per epoch
             k = header.index("val_map")
             best = max(rows, key=lambda r: float(r[k]))
             cards.append(_card(f"{float(best[k]):.3f}", f"best val mAP (epoch {best[0]} of {len(rows)})"))
@@ -213,17 +217,18 @@ def _run_sections(run: RunDir) -> tuple[list[str], list[str]]:
 
 
 def _cv_sections(run: RunDir, summary: dict) -> tuple[list[str], list[str]]:
+    metric = summary.get("metric", "accuracy")  # the task's headline metric
     cards = [_card(f"{100 * summary['mean']:.2f} ± {100 * summary['std']:.2f}%",
-                   f"{len(summary['folds'])}-fold CV accuracy (mean ± std)")]
-    if summary.get("oof_accuracy") is not None:
-        cards.append(_card(_pct(summary["oof_accuracy"]), "out-of-fold accuracy (all images)"))
+                   f"{len(summary['folds'])}-fold CV {metric} (mean ± std)")]
+    if summary.get("oof_score") is not None:
+        cards.append(_card(_pct(summary["oof_score"]), f"out-of-fold {metric} (all images)"))
     rows = []
     for fold in summary["folds"]:
         name = Path(fold["run_dir"]).name
         link = Path(fold["report"]).relative_to(run.path) if "report" in fold else Path(name)
-        rows.append([f'<a href="{_esc(link.as_posix())}">{_esc(name)}</a>', _pct(fold["accuracy"]),
+        rows.append([f'<a href="{_esc(link.as_posix())}">{_esc(name)}</a>', _pct(fold["score"]),
                      fold.get("best_epoch", ""), fold.get("train_images", ""), fold.get("val_images", "")])
-    parts = ["<h2>Folds</h2>" + _table(rows, ["fold", "val accuracy", "best epoch", "train images", "val images"]),
+    parts = ["<h2>Folds</h2>" + _table(rows, ["fold", f"val {metric}", "best epoch", "train images", "val images"]),
              f"<p>Predict with the ensemble of all folds (out-of-fold predictions: {_esc(run.oof_predictions.name)}):</p>"
              f"<pre class=\"cmd\">{_esc(summary.get('predict_command', ''))}</pre>"]
     return cards, parts
@@ -286,3 +291,6 @@ def render_runs_page(root: Path, header: list[str], rows: list[list[str]], curve
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>runs · finetune</title>'
             f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style>'
             f"</head><body><main>{body}</main></body></html>\n")
+
+
+_SECTIONS = {"multilabel": multilabel_sections}  # a bundle's layout by the "task" its metrics.json names

@@ -267,10 +267,10 @@ class RunDir:
         if self.is_main:
             save_checkpoint(path, payload)
 
-    def store_temperature(self, temperature: float) -> None:
-        """Add the fitted temperature to best.pt (atomically), so every later prediction is calibrated."""
+    def store_decision(self, decision: dict) -> None:
+        """Add the task's fitted decision state (temperature / thresholds) to best.pt, atomically."""
         if self.is_main:
-            save_checkpoint(self.best, {**read_checkpoint(self.best), "temperature": float(temperature)})
+            save_checkpoint(self.best, {**read_checkpoint(self.best), **decision})
 
     def start_loggers(self, recipe: Recipe) -> None:
         """Open the loggers train.loggers names; from now on every history row goes to them too."""

@@ -20,13 +20,16 @@ import numpy as np
 
 from finetune.api import TrainResult, train
 from finetune.data.images import SkippedImage, check_images, list_images
-from finetune.data.prepare import Prepared, prepare
+from finetune.data.loaders import class_counts
+from finetune.data.prepare import Prepared
 from finetune.data.sources import Sample
 from finetune.errors import FinetuneError
 from finetune.inference import LoadedModel, load_model, resolve_device, stream_probs
-from finetune.models.backbones import check_backbone_name
-from finetune.recipe import Recipe, load_recipe, resolve_recipe
+from finetune.opening import open_training
+from finetune.recipe import Recipe, load_recipe
 from finetune.run import RunDir, check_output
+from finetune.tasks import Task, task_named, task_of_model
+from finetune.tasks.single_label import check_selection, select_confident
 
 __all__ = ["FORMATS", "PseudoLabels", "SemiResult", "select_confident", "pseudo_label", "read_truth",
            "semi_requested", "train_semi"]
@@ -37,42 +40,39 @@ FORMATS = ("folder", "csv")
 
 @dataclass
 class PseudoLabels:
-    """The confident predictions kept from a pool of unlabeled images."""
+    """The confident predictions kept from a pool of unlabeled images, with the target the task gives each."""
 
     classes: list[str]
     pool: list[Path]  # every readable image of the pool, in order
     probs: np.ndarray  # (len(pool), C) calibrated probabilities
     kept: list[int]  # indices into `pool` of the images kept, most confident first within a class
-    truth: dict[int, int] = field(default_factory=dict)  # pool index → true class, where known
+    targets: list  # the pseudo-label of each kept image (a class index, or a tuple of them)
+    task: Task
+    truth: dict[int, object] = field(default_factory=dict)  # pool index → true target, where known
     skipped: list[SkippedImage] = field(default_factory=list)
 
-    @property
-    def labels(self) -> list[int]:
-        """The pseudo-label of each kept image."""
-        return [int(self.probs[i].argmax()) for i in self.kept]
-
     def per_class(self) -> dict[str, int]:
-        """Images kept per class."""
-        counts = np.bincount(self.labels, minlength=len(self.classes)) if self.kept else np.zeros(len(self.classes))
-        return {name: int(n) for name, n in zip(self.classes, counts)}
+        """Images kept per class (an image with several labels counts once for each)."""
+        return dict(zip(self.classes, class_counts(self.samples(), len(self.classes))))
 
     def accuracy(self) -> Optional[float]:
-        """Share of the kept images whose pseudo-label is their true class (None when no truth covers them)."""
-        known = [(self.truth[i], label) for i, label in zip(self.kept, self.labels) if i in self.truth]
+        """Share of the kept images whose pseudo-label is their true one (None when no truth covers them)."""
+        known = [(self.truth[i], target) for i, target in zip(self.kept, self.targets) if i in self.truth]
         return float(np.mean([t == p for t, p in known])) if known else None
 
     def samples(self) -> list[Sample]:
         """The kept images as labelled training samples."""
-        return [Sample(self.pool[i], label) for i, label in zip(self.kept, self.labels)]
+        return [Sample(self.pool[i], target) for i, target in zip(self.kept, self.targets)]
 
     def rows(self) -> list[list]:
-        """CSV rows: path, label, probability (and the true label when known)."""
+        """CSV rows: path, label, probability (the task's confidence; and the true label when known)."""
         header = ["path", "label", "probability"] + (["true_label"] if self.truth else [])
+        confidence = self.task.confidence(self.probs)
         rows: list[list] = [header]
-        for i, label in zip(self.kept, self.labels):
-            row = [str(self.pool[i].absolute()), self.classes[label], f"{self.probs[i, label]:.6f}"]
+        for i, target in zip(self.kept, self.targets):
+            row = [str(self.pool[i].absolute()), self.task.target_text(target, self.classes), f"{confidence[i]:.6f}"]
             if self.truth:
-                row.append(self.classes[self.truth[i]] if i in self.truth else "")
+                row.append(self.task.target_text(self.truth[i], self.classes) if i in self.truth else "")
             rows.append(row)
         return rows
 
@@ -85,38 +85,24 @@ class PseudoLabels:
                        else "")
 
 
-def select_confident(probs: np.ndarray, threshold: float, max_per_class: Optional[int] = None) -> list[int]:
-    """Indices whose top probability is at least `threshold`, at most `max_per_class` (the most confident) per class."""
-    if not 0.0 < threshold <= 1.0:
-        raise FinetuneError(f"--threshold is a probability in (0, 1], e.g. 0.9; got {threshold}")
-    if max_per_class is not None and max_per_class < 1:
-        raise FinetuneError(f"--max-per-class must be at least 1, got {max_per_class}")
-    confidence, predicted = probs.max(axis=1), probs.argmax(axis=1)
-    kept: list[int] = []
-    for label in range(probs.shape[1]):
-        members = np.flatnonzero((predicted == label) & (confidence >= threshold))
-        members = members[np.argsort(-confidence[members], kind="stable")]
-        kept.extend(int(i) for i in members[:max_per_class])
-    return kept
-
-
-def read_truth(path: Union[str, Path], pool: Sequence[Path], classes: Sequence[str]) -> dict[int, int]:
-    """Pool index → true class from a CSV whose first column is a file stem or name and second a class name."""
+def read_truth(path: Union[str, Path], pool: Sequence[Path], classes: Sequence[str],
+               task: Optional[Task] = None) -> dict[int, object]:
+    """Pool index → true target from a CSV whose first column is a file stem or name and second its label(s)."""
+    task = task or task_named("single")
     path = Path(path).expanduser()
     if not path.is_file():
         raise FinetuneError(f"truth CSV not found: {path}")
     with path.open(newline="", encoding="utf-8-sig") as handle:
         rows = [row for row in csv.reader(handle) if len(row) >= 2][1:]
-    labels = {row[0].strip(): row[1].strip() for row in rows}
-    index = {c: i for i, c in enumerate(classes)}
-    unknown = sorted({v for v in labels.values() if v not in index})
-    if unknown:
-        raise FinetuneError(f"{path} has labels {unknown[:5]} that are not classes of the model ({list(classes)[:20]})")
+    try:
+        labels = {row[0].strip(): task.parse_target(row[1].strip(), classes) for row in rows}
+    except FinetuneError as err:
+        raise FinetuneError(f"{path}: {err}") from None
     truth = {}
     for i, image in enumerate(pool):
-        name = labels.get(image.stem, labels.get(image.name))
-        if name is not None:
-            truth[i] = index[name]
+        target = labels.get(image.stem, labels.get(image.name))
+        if target is not None:
+            truth[i] = target
     if not truth:
         raise FinetuneError(f"no row of {path} names an image of the unlabeled folder (first column: file stem "
                             "or name, e.g. 00001 or 00001.png)")
@@ -141,9 +127,10 @@ def _label_pool(loaded: LoadedModel, pool: list[Path], skipped: list[SkippedImag
                 num_workers: int) -> PseudoLabels:
     chunks = list(stream_probs([loaded], pool, batch_size, num_workers))
     probs = np.concatenate(chunks) if chunks else np.zeros((0, len(loaded.classes)), dtype=np.float32)
-    truth = read_truth(truth_csv, pool, loaded.classes) if truth_csv else {}
-    return PseudoLabels(loaded.classes, pool, probs, select_confident(probs, threshold, max_per_class), truth,
-                        skipped)
+    task = task_of_model(loaded)
+    truth = read_truth(truth_csv, pool, loaded.classes, task) if truth_csv else {}
+    kept, targets = task.select_confident(probs, task.ensemble_decision([loaded]), threshold, max_per_class)
+    return PseudoLabels(loaded.classes, pool, probs, kept, targets, task, truth, skipped)
 
 
 def _unique_names(paths: Sequence[Path], root: Path) -> list[str]:
@@ -157,7 +144,7 @@ def _write_folder(labels: PseudoLabels, images: Path, out: Path, link: bool) -> 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FinetuneError(f"{out} exists and is not an empty folder; choose another --out")
     chosen = [labels.pool[i] for i in labels.kept]
-    for path, name, label in zip(chosen, _unique_names(chosen, images), labels.labels):
+    for path, name, label in zip(chosen, _unique_names(chosen, images), labels.targets):
         target = out / labels.classes[label] / name
         target.parent.mkdir(parents=True, exist_ok=True)
         if link:
@@ -203,15 +190,15 @@ def pseudo_label(
     """
     if format not in FORMATS:
         raise FinetuneError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
-    select_confident(np.zeros((0, 1)), threshold, max_per_class)  # bad settings fail before the model loads
+    check_selection(threshold, max_per_class)  # bad settings fail before the model loads
     folder, out = Path(images).expanduser(), Path(out).expanduser()
     if format == "folder" and out.resolve().is_relative_to(folder.resolve()):
         raise FinetuneError(f"--out {out} is inside --images {folder}: the copies would join the unlabeled pool; "
                             "choose a folder outside it")
     loaded = load_model(checkpoint, resolve_device(device))
-    if loaded.recipe.data.task == "multilabel":
-        raise FinetuneError("pseudo-labelling takes one label per image; this checkpoint is multi-label "
-                            "(data.task: multilabel)")
+    if format == "folder" and not task_of_model(loaded).fits_class_folders:
+        raise FinetuneError("a class folder holds one label per image and this checkpoint gives several; write its "
+                            "pseudo-labels as a manifest with --format csv (data.layout: csv reads it)")
     pool, skipped = _pool(folder, log)
     labels = _label_pool(loaded, pool, skipped, threshold, max_per_class, truth, batch_size, num_workers)
     if loaded.temperature == 1.0:
@@ -277,19 +264,17 @@ def train_semi(
     Every round uses the same recipe and budget (the students' augmentation may be `semi.student_augment`)
     and the same labelled validation images; each model labels the whole pool afresh for the next one.
     """
-    recipe = resolve_recipe(recipe, overrides, data)
-    semi = recipe.semi
+    opening = open_training(recipe, data, overrides, log)
+    recipe, dataset, semi = opening.recipe, opening.dataset, opening.recipe.semi
     if semi.rounds < 1:
         raise FinetuneError("semi.rounds is 0: set it to the number of pseudo-label rounds, e.g. --set semi.rounds=2")
-    check_backbone_name(recipe.model.backbone)
-    dataset = prepare(recipe, log)
     folder = _pool_folder(recipe, dataset)
     pool, skipped = _pool(folder, log)
     parent = RunDir.create(recipe.output, recipe.name)
     parent.write_recipe(recipe)
     log(f"self-training: a labels-only teacher, then {semi.rounds} pseudo-label round(s) on {len(pool)} unlabeled "
         f"images in {folder}; runs in {parent.path}")
-    device = resolve_device(recipe.train.device)
+    device = opening.device
 
     def tagged(r: int) -> Log:
         return lambda line: log(f"[round {r}] {line}")

@@ -17,9 +17,9 @@ from typing import Any, Callable, Optional, Union
 import yaml
 
 from finetune.api import train
-from finetune.data.prepare import prepare
 from finetune.errors import FinetuneError
 from finetune.kfold import train_kfold
+from finetune.opening import prepare_data
 from finetune.loggers import check_loggers
 from finetune.models.backbones import check_backbone_name
 from finetune.recipe import Recipe, load_recipe, resolve_recipe
@@ -288,7 +288,7 @@ def tune(
         folder = None
     check_backbone_name(base.model.backbone)
     check_loggers(base.train.loggers)
-    dataset = prepare(base, log)  # scanned once; every trial trains on the same split
+    dataset = prepare_data(base, log)  # scanned once; every trial trains on the same split
     log(dataset.describe())
     if folder is None:
         folder = StudyDir.create(base.output, f"{base.name}-tune")

@@ -18,7 +18,7 @@ from PIL import Image
 
 from conftest import COLOURS, QUICK_CPU, TINY_OVERRIDES, make_image, write_folder_dataset
 from finetune.cli import main
-from finetune.data.prepare import prepare
+from finetune.opening import prepare_data
 from finetune.data.sources import discover
 from finetune.engine.checkpoint import read_checkpoint, save_checkpoint
 from finetune.models.backbones import feature_dim
@@ -152,7 +152,7 @@ def test_unreadable_images_are_dropped_before_the_split(tmp_path):
         (tmp_path / "green" / f"broken{i}.png").write_bytes(b"not an image")
     for seed in range(4):  # splitting first would give 12 minus the broken ones that landed in validation
         recipe = load_recipe(None, [f"data.root={tmp_path}", "data.val_fraction=0.5", f"train.seed={seed}"])
-        prepared = prepare(recipe, log=lambda line: None)
+        prepared = prepare_data(recipe, log=lambda line: None)
         assert len(prepared.skipped) == 4
         assert len(prepared.val) == 10 and len(prepared.train) == 10  # half of the 20 usable images
 

@@ -27,7 +27,7 @@ def test_hw03_filename_layout_numeric_classes(tmp_path):
     root = write_hw03_dataset(tmp_path / "food")
     splits = discover(DataConfig(root=str(root)))
     assert splits.classes == ["0", "1", "2"]
-    labels = {s.path.name.split("_")[0]: s.label for s in splits.train}
+    labels = {s.path.name.split("_")[0]: s.target for s in splits.train}
     assert labels == {"0": 0, "1": 1, "2": 2}
 
 
@@ -57,7 +57,7 @@ def test_stratified_split_is_seeded_and_stratified(tmp_path):
     a, b = discover(cfg, seed=3), discover(cfg, seed=3)
     assert [s.path for s in a.val] == [s.path for s in b.val]
     assert a.val_source == "split"
-    per_class = [sum(1 for s in a.val if s.label == k) for k in range(3)]
+    per_class = [sum(1 for s in a.val if s.target == k) for k in range(3)]
     assert per_class == [3, 3, 3]
 
 

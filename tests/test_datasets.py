@@ -102,7 +102,7 @@ def test_cli_datasets_command(tmp_path: Path, fake_source: Path, capsys):
 
 
 def test_export_in_the_hw03_2021_layout_with_an_unlabeled_pool(tmp_path: Path, fake_source: Path):
-    from finetune.data.prepare import prepare
+    from finetune.opening import prepare_data as prepare
     from finetune.recipe import DataConfig, Recipe
 
     assert main(["datasets", "fashion-mnist", "--out", str(tmp_path / "fm"), "--per-class", "2",

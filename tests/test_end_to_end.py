@@ -18,6 +18,7 @@ from finetune.data.transforms import build_train_transform
 from finetune.engine.fit import train_one_epoch
 from finetune.models import build_model
 from finetune.recipe import load_recipe
+from finetune.tasks.single_label import SingleLabelScorer
 
 
 def cli_overrides(tmp_path: Path, extra: tuple[str, ...] = ()) -> list[str]:
@@ -150,7 +151,7 @@ def test_freezing_keeps_frozen_weights_and_bn_statistics(tmp_path):
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     train_one_epoch(model, loader, torch.nn.CrossEntropyLoss(), optimizer, scheduler, None, torch.device("cpu"),
-                    recipe.train, "test")
+                    recipe.train, "test", SingleLabelScorer())
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     frozen = {k for k in before if not k.startswith(("backbone.layer4.", "head."))}

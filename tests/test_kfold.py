@@ -26,7 +26,7 @@ def test_folds_are_stratified_and_validate_every_image_once():
     assert sorted(validated, key=str) == sorted(samples, key=str)
     for train, val in folds:
         assert not set(train) & set(val) and len(train) + len(val) == 21
-        assert {s.label for s in val} == {0, 1, 2}  # stratified: every class in every fold
+        assert {s.target for s in val} == {0, 1, 2}  # stratified: every class in every fold
     with pytest.raises(FinetuneError, match=r"at least 8 images per class; too few in: a \(7\), b \(7\)"):
         fold_splits(samples, ["a", "b", "c"], 8, seed=0)
     with pytest.raises(FinetuneError, match="at least 2"):
@@ -46,9 +46,9 @@ def test_kfold_trains_each_fold_and_its_ensemble_predicts(tmp_path, capsys):
     with (parent / "oof_predictions.csv").open() as handle:
         oof = list(csv.DictReader(handle))
     assert len(oof) == 24 and {r["fold"] for r in oof} == {"1", "2"}
-    assert sum(int(r["correct"]) for r in oof) / 24 == pytest.approx(summary["oof_accuracy"])
+    assert sum(int(r["correct"]) for r in oof) / 24 == pytest.approx(summary["oof_score"])
     assert sum(f["val_images"] for f in summary["folds"]) == 24
-    accuracies = [f["accuracy"] for f in summary["folds"]]
+    accuracies = [f["score"] for f in summary["folds"]]
     assert summary["mean"] == pytest.approx(sum(accuracies) / 2)
     assert summary["std"] == pytest.approx(abs(accuracies[0] - accuracies[1]) / 2)
     for fold in ("fold1", "fold2"):

@@ -22,9 +22,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "finetune"
 
 LAYERS: list[tuple[str, ...]] = [
     ("cli", "__main__"),
-    ("finetune", "api", "kfold", "demo", "preview", "tune", "runs_table", "semi"),
+    ("finetune", "api", "kfold", "demo", "preview", "tune", "runs_table", "semi", "opening"),
     ("evaluation", "inference", "submission", "scoring", "tta", "gradcam", "export", "datasets", "report_page",
-     "multilabel_eval", "multilabel_submission"),
+     "multilabel_eval", "multilabel_submission", "tasks"),
     ("run", "loggers"),
     ("reports",),
     ("engine",),

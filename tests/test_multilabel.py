@@ -82,8 +82,8 @@ def test_manifest_tags_with_any_separator_and_rows_without_labels(tmp_path, sep)
     assert classes == sorted(NAMES) and not skipped and len(samples) == 12
     truth = label_sets(12, 0)
     for sample, labels in zip(sorted(samples, key=lambda s: s.path.name), truth):
-        assert [classes[k] for k in sample.labels] == sorted(labels)
-    assert any(s.labels == () for s in samples)  # an image with no label is kept: all negatives
+        assert [classes[k] for k in sample.target] == sorted(labels)
+    assert any(s.target == () for s in samples)  # an image with no label is kept: all negatives
     assert split_labels("clear  primary,road|water") == ["clear", "primary", "road", "water"]
     assert split_labels("sea lion;dog", ";") == ["sea lion", "dog"]
 
@@ -94,7 +94,7 @@ def test_manifest_with_one_binary_column_per_class(tmp_path):
                            ["0003", "0", "1", "0"], ["0004", "1", "1", "1"]])
     classes, samples, _ = read_multilabel_manifest(_cfg(root), root)
     assert classes == ["blue", "red", "green"]  # the columns' order
-    assert [s.labels for s in sorted(samples, key=lambda s: s.path.name)] == [(0, 2), (), (1,), (0, 1, 2)]
+    assert [s.target for s in sorted(samples, key=lambda s: s.path.name)] == [(0, 2), (), (1,), (0, 1, 2)]
 
 
 def test_manifest_errors_and_the_single_label_task_names_data_task(tmp_path):
@@ -102,7 +102,7 @@ def test_manifest_errors_and_the_single_label_task_names_data_task(tmp_path):
     with pytest.raises(FinetuneError, match="data.task: multilabel"):
         main_recipe = load_recipe(None, ["data.layout=csv", "data.csv=labels.csv", "data.csv_image_dir=images",
                                          f"data.root={root}"])
-        from finetune.data.prepare import prepare
+        from finetune.opening import prepare_data as prepare
 
         prepare(main_recipe, log=lambda _: None)
     _write_manifest(root, [["image_name", "tags"], ["0001", "red"], ["0001", "blue"]])
@@ -122,9 +122,9 @@ def test_split_keeps_every_label_with_two_images_on_both_sides():
     samples = []
     for i in range(60):
         labels = {int(k) for k in np.flatnonzero(rng.random(8) < [0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.0, 0.0])}
-        samples.append(Sample(Path(f"{i}.png"), None, tuple(sorted(labels))))
-    samples += [Sample(Path("rare1.png"), None, (6,)), Sample(Path("rare2.png"), None, (6, 0)),
-                Sample(Path("single.png"), None, (7,))]
+        samples.append(Sample(Path(f"{i}.png"), tuple(sorted(labels))))
+    samples += [Sample(Path("rare1.png"), (6,)), Sample(Path("rare2.png"), (6, 0)),
+                Sample(Path("single.png"), (7,))]
     train, val = multilabel_split(samples, 0.2, seed=0, num_classes=8)
     assert len(train) + len(val) == len(samples) and not {s.path for s in train} & {s.path for s in val}
     assert 9 <= len(val) <= 17

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import COLOURS, make_image
-from finetune.data.prepare import prepare
+from finetune.opening import prepare_data
 from finetune.errors import FinetuneError
 from finetune.recipe import DataConfig, Recipe
 
@@ -45,7 +45,7 @@ def food_2021(tmp_path: Path) -> Path:
 
 def test_auto_layout_reads_labeled_unlabeled_and_testing(food_2021: Path) -> None:
     lines: list[str] = []
-    prepared = prepare(Recipe(data=DataConfig(root=str(food_2021))), lines.append)
+    prepared = prepare_data(Recipe(data=DataConfig(root=str(food_2021))), lines.append)
     assert prepared.classes == ["00", "01", "02"]
     assert len(prepared.train) == 24 and len(prepared.val) == 9
     assert prepared.unlabeled_dir == food_2021 / "training" / "unlabeled"
@@ -56,9 +56,9 @@ def test_auto_layout_reads_labeled_unlabeled_and_testing(food_2021: Path) -> Non
 
 def test_labeled_unlabeled_folders_are_never_classes_unless_asked(food_2021: Path) -> None:
     with pytest.raises(FinetuneError, match="labeled/unlabeled split, not classes"):
-        prepare(Recipe(data=DataConfig(root=str(food_2021), train="training", val=None)), print)
+        prepare_data(Recipe(data=DataConfig(root=str(food_2021), train="training", val=None)), print)
     # Saying so (layout: folder) takes them as two classes.
-    prepared = prepare(Recipe(data=DataConfig(root=str(food_2021), train="training", val=None, layout="folder",
+    prepared = prepare_data(Recipe(data=DataConfig(root=str(food_2021), train="training", val=None, layout="folder",
                                               unlabeled=None)), print)
     assert prepared.classes == ["labeled", "unlabeled"] and prepared.unlabeled_dir is None
 
@@ -67,11 +67,11 @@ def test_recipe_names_the_folders(food_2021: Path, tmp_path: Path) -> None:
     other = food_2021 / "extra_pool"
     other.mkdir()
     make_image((1, 2, 3), 1).save(other / "a.jpg")
-    prepared = prepare(Recipe(data=DataConfig(root=str(food_2021), train="training/labeled",
+    prepared = prepare_data(Recipe(data=DataConfig(root=str(food_2021), train="training/labeled",
                                               unlabeled="extra_pool", test="testing/00")), print)
     assert prepared.unlabeled_dir == other and prepared.classes == ["00", "01", "02"]
     with pytest.raises(FinetuneError, match="data.unlabeled"):
-        prepare(Recipe(data=DataConfig(root=str(food_2021), unlabeled="nowhere")), print)
+        prepare_data(Recipe(data=DataConfig(root=str(food_2021), unlabeled="nowhere")), print)
 
 
 def test_a_class_called_unlabeled_stays_a_class(tmp_path: Path) -> None:
@@ -80,7 +80,7 @@ def test_a_class_called_unlabeled_stays_a_class(tmp_path: Path) -> None:
         folder.mkdir(parents=True)
         for i in range(4):
             make_image((200, 10, 10) if name == "cat" else (10, 10, 200), i).save(folder / f"{i}.jpg")
-    prepared = prepare(Recipe(data=DataConfig(root=str(tmp_path / "d"))), print)
+    prepared = prepare_data(Recipe(data=DataConfig(root=str(tmp_path / "d"))), print)
     assert prepared.classes == ["cat", "unlabeled"] and prepared.unlabeled_dir is None
 
 
@@ -232,7 +232,7 @@ def test_pseudo_label_writes_confident_images_as_a_folder_or_a_csv(trained_2021,
     assert {r["true_label"] for r in rows} == {"00", "01", "02"}
     # The CSV is a manifest that data.layout: csv trains on.
     recipe = Recipe(data=DataConfig(root=str(tmp_path), layout="csv", csv=str(table), val=None))
-    assert len(prepare(recipe, print).train) + len(prepare(recipe, print).val) == 12
+    assert len(prepare_data(recipe, print).train) + len(prepare_data(recipe, print).val) == 12
 
     # A stricter threshold and at most 1 per class, as class folders.
     cut = sorted(float(r["probability"]) for r in rows)[4]

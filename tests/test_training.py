@@ -21,6 +21,7 @@ from finetune.engine.lr_find import lr_range_test
 from finetune.errors import FinetuneError
 from finetune.inference import predict_probs
 from finetune.recipe import TrainConfig, load_recipe
+from finetune.tasks.single_label import SingleLabelScorer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -55,7 +56,7 @@ def _linear_run(batch_size: int, accumulate: int, ema: bool = False):
     loader = DataLoader(TensorDataset(images, labels), batch_size=batch_size)
     cfg = TrainConfig(accumulate=accumulate, amp=False, channels_last=False)
     train_one_epoch(model, loader, nn.CrossEntropyLoss(), optimizer, scheduler, None, torch.device("cpu"), cfg, "t",
-                    ema=average)
+                    SingleLabelScorer(), ema=average)
     return model, scheduler.last_epoch, average
 
 
@@ -93,7 +94,7 @@ def test_ema_weights_are_evaluated_and_saved_and_early_stopping_ends_the_run(fol
     assert any(not torch.equal(live[k], v) for k, v in last["model_state"].items() if v.is_floating_point())
     recipe = load_recipe(result.run_dir / "recipe.yaml")
     val = discover(recipe.data).val
-    labels = torch.tensor([s.label for s in val])
+    labels = torch.tensor([s.target for s in val])
     for checkpoint, row in ((result.last_checkpoint, rows[-1]), (result.best_checkpoint, rows[result.best_epoch - 1])):
         # The saved weights are the ones that were validated: same loss and accuracy as history.csv.
         probs = torch.from_numpy(predict_probs(load_model(checkpoint), val, batch_size=16, num_workers=0))

@@ -6,7 +6,8 @@ import sys
 from collections import Counter
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -21,24 +22,54 @@ from finetune.data.transforms import (build_eval_transform, build_train_transfor
 from finetune.errors import FinetuneError
 from finetune.recipe import DataConfig, Recipe
 
-__all__ = ["ImageDataset", "SkippingLoader", "collate_readable", "class_counts", "make_loader", "BalancedSampler",
-           "balanced_sampler", "train_sampler", "train_transform", "image_reader", "train_reader", "train_loader",
+__all__ = ["Targets", "class_index", "as_targets", "ImageDataset", "SkippingLoader", "collate_readable", "class_counts",
+           "make_loader", "BalancedSampler", "balanced_sampler", "train_sampler", "train_transform", "image_reader", "train_reader", "train_loader",
            "tensor_train_loader", "eval_loader"]
 
 Reader = Callable[[Path], np.ndarray]
 
 
+def class_index(sample: Sample) -> int:
+    """One label per image: the class index (-1 when unlabeled)."""
+    return -1 if sample.target is None else int(sample.target)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Targets:
+    """How the task turns samples into loss targets (`encode`, picklable for workers) and weighs them for
+    `data.balance: sampler` (`balance_weights`: one weight per sample; default inverse class frequency)."""
+
+    num_classes: int
+    encode: Callable[[Sample], object] = class_index
+    balance_weights: Optional[Callable[[Sequence[Sample]], np.ndarray]] = None
+
+    def weights(self, samples: Sequence[Sample]) -> np.ndarray:
+        """Per-sample drawing weights: each class (or, as the task says, each label) drawn equally often."""
+        if self.balance_weights is not None:
+            return self.balance_weights(samples)
+        counts = np.asarray(class_counts(samples, self.num_classes), dtype=np.float64)
+        return (1.0 / np.maximum(counts, 1.0))[[class_index(s) for s in samples]]
+
+
+def as_targets(targets: Union[int, Targets]) -> Targets:
+    """A class count means one class index per image."""
+    return targets if isinstance(targets, Targets) else Targets(targets)
+
+
 class ImageDataset(Dataset):
     """Decodes samples with `read` (default `load_rgb`) and applies an albumentations transform.
 
-    Items are (image tensor, label); unlabeled samples get label -1. An image that fails to decode
-    becomes a SkippedImage marker, which `collate_readable` drops from the batch and reports.
+    Items are (image tensor, target) with the target as `encode` makes it (default: the class index,
+    -1 when unlabeled). An image that fails to decode becomes a SkippedImage marker, which
+    `collate_readable` drops from the batch and reports.
     """
 
-    def __init__(self, samples: Sequence[Sample], transform: Callable, read: Optional[Reader] = None) -> None:
+    def __init__(self, samples: Sequence[Sample], transform: Callable, read: Optional[Reader] = None,
+                 encode: Callable[[Sample], object] = class_index) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.read = read or load_rgb
+        self.encode = encode
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -50,7 +81,7 @@ class ImageDataset(Dataset):
         except FinetuneError as err:
             return SkippedImage(sample.path, str(err).split(": ", 1)[-1])
         tensor = self.transform(image=image)["image"]
-        return tensor, -1 if sample.label is None else sample.label
+        return tensor, self.encode(sample)
 
 
 def collate_readable(items: list) -> tuple[torch.Tensor, torch.Tensor, list[SkippedImage]]:
@@ -88,7 +119,7 @@ class SkippingLoader(DataLoader):
 
 def class_counts(samples: Sequence[Sample], num_classes: int) -> list[int]:
     """Number of samples per class index (a multi-label sample counts once for each of its classes)."""
-    counts = Counter(i for s in samples for i in (s.labels if s.labels is not None else (s.label,)))
+    counts = Counter(i for s in samples for i in (s.target if isinstance(s.target, tuple) else (s.target,)))
     return [counts.get(i, 0) for i in range(num_classes)]
 
 
@@ -110,16 +141,14 @@ class BalancedSampler(DistributedSampler):
         return iter(indices[self.rank:self.total_size:self.num_replicas])
 
 
-def balanced_sampler(samples: Sequence[Sample], num_classes: int, seed: int, rank: int = 0,
+def balanced_sampler(samples: Sequence[Sample], targets: Union[int, Targets], seed: int, rank: int = 0,
                      world: int = 1) -> BalancedSampler:
-    """Draw each class equally often (inverse-frequency weights, with replacement); this rank's share."""
-    counts = np.asarray(class_counts(samples, num_classes), dtype=np.float64)
-    weights = 1.0 / np.maximum(counts, 1.0)
-    sample_weights = torch.as_tensor([weights[s.label] for s in samples], dtype=torch.double)
+    """Draw each class equally often (the task's weights, with replacement); this rank's share."""
+    sample_weights = torch.as_tensor(as_targets(targets).weights(samples), dtype=torch.double)
     return BalancedSampler(samples, sample_weights, seed, rank, world)  # type: ignore[arg-type]
 
 
-def train_sampler(recipe: Recipe, samples: Sequence[Sample], num_classes: int, rank: int = 0,
+def train_sampler(recipe: Recipe, samples: Sequence[Sample], targets: Union[int, Targets], rank: int = 0,
                   world: int = 1) -> DistributedSampler:
     """The training order: a permutation (or balanced draw) seeded by (train.seed, epoch), strided over ranks.
 
@@ -128,7 +157,7 @@ def train_sampler(recipe: Recipe, samples: Sequence[Sample], num_classes: int, r
     """
     seed = recipe.train.seed
     if recipe.data.balance == "sampler":
-        return balanced_sampler(samples, num_classes, seed, rank, world)
+        return balanced_sampler(samples, targets, seed, rank, world)
     return DistributedSampler(samples, num_replicas=world, rank=rank, shuffle=True, seed=seed)  # type: ignore[arg-type]
 
 
@@ -193,12 +222,16 @@ def train_transform(recipe: Recipe, preprocessing: Preprocessing, seed: Optional
     return build_train_transform(preprocessing, aug.preset, aug.ops, aug.policy, seed=seed)
 
 
-def tensor_train_loader(recipe: Recipe, dataset: torch.utils.data.TensorDataset, num_classes: int) -> DataLoader:
-    """Training batches of precomputed (features, label) pairs, drawn as train_loader draws images (one process)."""
+def tensor_train_loader(recipe: Recipe, dataset: torch.utils.data.TensorDataset, targets: Union[int, Targets],
+                        rank: int = 0, world: int = 1) -> DataLoader:
+    """Training batches of precomputed (features, target) pairs, drawn as train_loader draws images."""
     cfg, seed = recipe.data, recipe.train.seed
-    labels = dataset.tensors[1].tolist()
+    encoded = dataset.tensors[1]
+    # Back to samples, for the balanced sampler's weights: class indices, or the classes of multi-hot rows.
+    samples = [Sample(Path(), int(t) if encoded.ndim == 1 else tuple(int(k) for k in torch.flatnonzero(t > 0.5)))
+               for t in encoded]
     # The same sampler as the image loader's, so a cached epoch visits the samples in the same order.
-    sampler = train_sampler(recipe, [Sample(Path(), label) for label in labels], num_classes)
+    sampler = train_sampler(recipe, samples, targets, rank, world)
     return make_loader(dataset, cfg.batch_size, 0, seed=seed, sampler=sampler,
                        drop_last=len(sampler) > cfg.batch_size)
 
@@ -222,28 +255,30 @@ def train_reader(recipe: Recipe, preprocessing: Preprocessing, paths: Sequence[P
 
 
 def train_loader(recipe: Recipe, samples: Sequence[Sample], preprocessing: Preprocessing,
-                 num_classes: int, rank: int = 0, world: int = 1, seed: Optional[int] = None,
+                 targets: Union[int, Targets], rank: int = 0, world: int = 1, seed: Optional[int] = None,
                  read: Optional[Reader] = None,
                  on_skip: Optional[Callable[[SkippedImage], None]] = None) -> DataLoader:
     """Augmented training batches for one rank (of `world`): shuffled, or class-balanced with `data.balance: sampler`.
 
     `data.batch_size` is per process. `seed` (default train.seed) seeds this rank's augmentation and workers;
     the sample order comes from train.seed alone (`train_sampler`). `read` decodes (default: `train_reader`);
-    `on_skip` hears of each image that fails to decode.
+    `on_skip` hears of each image that fails to decode. `targets` (a class count, or the task's Targets)
+    says how samples become loss targets.
     """
-    cfg = recipe.data
+    cfg, targets = recipe.data, as_targets(targets)
     seed = recipe.train.seed if seed is None else seed
-    sampler = train_sampler(recipe, samples, num_classes, rank, world)
+    sampler = train_sampler(recipe, samples, targets, rank, world)
     read = read or train_reader(recipe, preprocessing, [s.path for s in samples])
-    dataset = ImageDataset(samples, train_transform(recipe, preprocessing, seed), read)
+    dataset = ImageDataset(samples, train_transform(recipe, preprocessing, seed), read, targets.encode)
     return make_loader(dataset, cfg.batch_size, cfg.num_workers, seed=seed, sampler=sampler,
                        drop_last=len(sampler) > cfg.batch_size, on_skip=on_skip)
 
 
 def eval_loader(samples: Sequence[Sample], preprocessing: Preprocessing, batch_size: int, num_workers: int,
                 read: Optional[Reader] = None,
-                on_skip: Optional[Callable[[SkippedImage], None]] = None) -> DataLoader:
+                on_skip: Optional[Callable[[SkippedImage], None]] = None,
+                encode: Callable[[Sample], object] = class_index) -> DataLoader:
     """Batches in sample order with the evaluation preprocessing (JPEGs decoded no larger than it needs)."""
     read = read or partial(load_rgb, min_side=eval_decode_side(preprocessing))
-    return make_loader(ImageDataset(samples, build_eval_transform(preprocessing), read), batch_size, num_workers,
-                       on_skip=on_skip)
+    return make_loader(ImageDataset(samples, build_eval_transform(preprocessing), read, encode), batch_size,
+                       num_workers, on_skip=on_skip)

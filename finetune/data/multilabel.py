@@ -2,7 +2,7 @@
 
 A manifest holds either one label column whose cell lists the labels (``clear primary road``,
 ``a,b`` or ``a|b``; empty = no label) or one 0/1 column per class. Samples carry their class
-indices in `Sample.labels`; datasets turn them into multi-hot float targets.
+indices in `Sample.target`; datasets turn them into multi-hot float targets.
 """
 
 from __future__ import annotations
@@ -11,24 +11,19 @@ import csv
 import re
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from finetune.data.images import SkippedImage, list_images
-from finetune.data.loaders import ImageDataset, make_loader, train_transform
-from finetune.data.preprocessing import Preprocessing
 from finetune.data.sources import (DatasetSplits, Keep, Sample, _find_child, _resolve_manifest_path,
                                    manifest_paths, sort_class_names, TEST_NAMES)
-from finetune.data.transforms import build_eval_transform
 from finetune.errors import FinetuneError
-from finetune.recipe import AugmentConfig, DataConfig, Recipe
+from finetune.recipe import AugmentConfig, DataConfig
 
 __all__ = ["split_labels", "read_multilabel_manifest", "check_single_label", "multilabel_split", "multi_hot",
-           "discover_multilabel", "manifest_samples", "MultiHotDataset", "multilabel_train_loader",
-           "multilabel_eval_loader", "MultiHotMixer", "create_multihot_mixer"]
+           "discover_multilabel", "manifest_samples", "MultiHot", "MultiHotMixer", "create_multihot_mixer"]
 
 _ANY_SEPARATOR = re.compile(r"[\s,|]+")
 _BINARY = {"0", "1", "0.0", "1.0", ""}
@@ -102,7 +97,7 @@ def read_multilabel_manifest(cfg: DataConfig, root: Path,
     if unknown:
         raise FinetuneError(f"{manifest} has labels {unknown[:10]} that are not among the classes "
                             f"{list(classes)[:20]}; use the matching checkpoint or manifest")
-    samples = [Sample(path, None, tuple(sorted(index[n] for n in names))) for path, names in found]
+    samples = [Sample(path, tuple(sorted(index[n] for n in names))) for path, names in found]
     return list(classes), samples, skipped
 
 
@@ -132,7 +127,7 @@ def multi_hot(samples: Sequence[Sample], num_classes: int) -> np.ndarray:
     """The (N, C) 0/1 target matrix of multi-label samples."""
     matrix = np.zeros((len(samples), num_classes), dtype=np.float32)
     for row, sample in enumerate(samples):
-        matrix[row, list(sample.labels or ())] = 1.0
+        matrix[row, list(sample.target or ())] = 1.0
     return matrix
 
 
@@ -210,48 +205,16 @@ def manifest_samples(data: Path, cfg: DataConfig, classes: Sequence[str]) -> tup
     return samples, skipped
 
 
-class MultiHotDataset(ImageDataset):
-    """Images with multi-hot float targets (C,) instead of a class index."""
+class MultiHot:
+    """A sample's multi-hot float target (C,): the loss target of several labels per image (picklable for workers)."""
 
-    def __init__(self, samples: Sequence[Sample], transform: Callable, num_classes: int) -> None:
-        super().__init__(samples, transform)
+    def __init__(self, num_classes: int) -> None:
         self.num_classes = num_classes
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | SkippedImage:
-        item = super().__getitem__(index)
-        if isinstance(item, SkippedImage):  # does not decode: the loader drops it from the batch and lists it
-            return item
-        image, _ = item
+    def __call__(self, sample: Sample) -> torch.Tensor:
         target = torch.zeros(self.num_classes)
-        target[list(self.samples[index].labels or ())] = 1.0
-        return image, target
-
-
-def _sampler(samples: Sequence[Sample], num_classes: int, seed: int) -> torch.utils.data.WeightedRandomSampler:
-    """data.balance: sampler for several labels: an image is drawn as often as its rarest label asks."""
-    counts = np.maximum(multi_hot(samples, num_classes).sum(0), 1.0)
-    weights = [max((1.0 / counts[i] for i in (s.labels or ())), default=1.0 / counts.max()) for s in samples]
-    generator = torch.Generator().manual_seed(seed)
-    return torch.utils.data.WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(samples),
-                                                  replacement=True, generator=generator)
-
-
-def multilabel_train_loader(recipe: Recipe, samples: Sequence[Sample], preprocessing: Preprocessing,
-                            num_classes: int, on_skip: Optional[Callable[[SkippedImage], None]] = None) -> DataLoader:
-    """Augmented, shuffled (or rare-label-balanced) multi-hot training batches, seeded from train.seed."""
-    cfg, seed = recipe.data, recipe.train.seed
-    sampler = _sampler(samples, num_classes, seed) if cfg.balance == "sampler" else None
-    dataset = MultiHotDataset(samples, train_transform(recipe, preprocessing), num_classes)
-    return make_loader(dataset, cfg.batch_size, cfg.num_workers, shuffle=True, seed=seed, sampler=sampler,
-                       drop_last=len(samples) > cfg.batch_size, on_skip=on_skip)
-
-
-def multilabel_eval_loader(samples: Sequence[Sample], preprocessing: Preprocessing, num_classes: int,
-                           batch_size: int, num_workers: int,
-                           on_skip: Optional[Callable[[SkippedImage], None]] = None) -> DataLoader:
-    """Multi-hot batches in sample order with the evaluation preprocessing."""
-    dataset = MultiHotDataset(samples, build_eval_transform(preprocessing), num_classes)
-    return make_loader(dataset, batch_size, num_workers, on_skip=on_skip)
+        target[list(sample.target or ())] = 1.0  # type: ignore[arg-type]
+        return target
 
 
 class MultiHotMixer:

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 from finetune.data.images import SkippedImage, check_headers
 from finetune.data.loaders import class_counts
-from finetune.data.multilabel import check_single_label, discover_multilabel
-from finetune.data.sources import VAL_NAMES, Sample, discover, read_labelled_folder
+from finetune.data.sources import VAL_NAMES, DatasetSplits, Keep, Sample, read_labelled_folder
 from finetune.errors import FinetuneError
-from finetune.recipe import Recipe
+from finetune.recipe import DataConfig, Recipe
 
-__all__ = ["Prepared", "prepare", "openable", "labelled"]
+__all__ = ["Prepared", "Discovery", "prepare", "openable", "labelled"]
 
 Log = Callable[[str], None]
 
@@ -67,20 +66,23 @@ def _check_classes(prepared: Prepared, log: Log) -> None:
             "consider data.balance: sampler or loss")
 
 
-def prepare(recipe: Recipe, log: Log = print) -> Prepared:
-    """The recipe's data: discovered, header-checked (non-images dropped and kept in `skipped`), counted."""
+class Discovery(Protocol):
+    """What `prepare` needs of the task (finetune.tasks.Task): how it finds samples and stratifies the split."""
+
+    split_kind: str
+
+    def discover(self, cfg: DataConfig, seed: int, keep: Keep) -> DatasetSplits: ...
+
+
+def prepare(recipe: Recipe, task: Discovery, log: Log = print) -> Prepared:
+    """The recipe's data as `task` reads it: discovered, header-checked (non-images dropped and kept in `skipped`),
+    counted."""
     # Files that are not images are dropped before the validation split, so it holds val_fraction of the usable
     # ones; only the header is read here, the pixels are decoded once, by the training loader.
-    if recipe.data.task == "multilabel":
-        splits = discover_multilabel(recipe.data, recipe.train.seed, keep=openable)
-    else:
-        if recipe.data.layout == "csv" and recipe.data.root:
-            check_single_label(recipe.data, Path(recipe.data.root).expanduser())
-        splits = discover(recipe.data, recipe.train.seed, keep=openable)
+    splits = task.discover(recipe.data, recipe.train.seed, openable)
     val_source = splits.val_source
     if val_source == "split":
-        kind = "iterative-stratified" if recipe.data.task == "multilabel" else "stratified"
-        val_source = f"{recipe.data.val_fraction:.0%} {kind} split"
+        val_source = f"{recipe.data.val_fraction:.0%} {task.split_kind} split"
     for note in splits.notes:
         log(note)
     prepared = Prepared(splits.classes, splits.train, splits.val, splits.skipped, val_source, splits.test_dir,

@@ -6,7 +6,7 @@ import csv
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 from finetune.data.images import SkippedImage, list_images
 from finetune.errors import FinetuneError
@@ -35,11 +35,11 @@ UNLABELED_NAMES = ("unlabeled", "unlabelled")
 
 @dataclass(frozen=True)
 class Sample:
-    """One image and its class index (None when unlabeled); a multi-label sample holds its indices in `labels`."""
+    """One image and its target, as the task encodes it: a class index (one label per image), a tuple of the
+    class indices present (several per image; empty: none), or None when unlabeled."""
 
     path: Path
-    label: Optional[int] = None
-    labels: Optional[tuple[int, ...]] = None  # data.task multilabel: every class present (empty: none)
+    target: Union[int, tuple[int, ...], None] = None
 
 
 # A filter on samples: (kept, skipped with reasons), e.g. finetune.data.prepare.readable.
@@ -266,7 +266,7 @@ def _to_samples(labelled: LabelledSet, classes: list[str]) -> list[Sample]:
 def _stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
     from sklearn.model_selection import train_test_split
 
-    labels = [s.label for s in samples]
+    labels = [s.target for s in samples]
     counts: dict[int, int] = {}
     for label in labels:
         counts[label] = counts.get(label, 0) + 1

@@ -8,18 +8,16 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Optional, Protocol, Sequence, Union
+from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from finetune.data.mixing import BatchMixer, dominant_label
 from finetune.engine import distributed
 from finetune.engine.ema import WeightEma
 from finetune.engine.features import FeatureCache, features_in, head_only
-from finetune.engine.multilabel import MultiLabelScorer
 from finetune.engine.optim import base_lr, create_optimizer, create_scheduler, stage_lrs
 from finetune.engine.resume import capture_all_ranks, check_resumable, restore_this_rank
 from finetune.engine.step import autocast, grad_scaler, optimizer_step, to_device, train_precision
@@ -27,14 +25,36 @@ from finetune.errors import FinetuneError
 from finetune.models.unfreezing import plan_unfreezing
 from finetune.recipe import TrainConfig
 
-__all__ = ["EpochStats", "FitState", "Monitor", "RunFolder", "EpochHook", "train_one_epoch", "validate", "fit",
-           "HISTORY_COLUMNS"]
+__all__ = ["EpochStats", "FitState", "Monitor", "RunFolder", "EpochHook", "EpochScorer", "Mixer", "TrainingParts",
+           "train_one_epoch", "validate", "fit", "HISTORY_COLUMNS"]
 
 # With discriminative rates (layer_decay, lr_mult, fine_tune) each stage's rate follows as lr_<stage>.
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
 
-# Mixes batches and their targets: class-index mixing (BatchMixer) or multi-hot (data.multilabel.MultiHotMixer).
+# Mixes batches and their targets as the task says (class indices to soft one-hot, or multi-hot).
 Mixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class EpochScorer(Protocol):
+    """The task's view of a pass: correct predictions per batch, and metrics over the whole pass."""
+
+    metrics: tuple[str, ...]  # the names `score` returns (history columns beside val_loss / val_acc)
+
+    def correct(self, logits: torch.Tensor, targets: torch.Tensor) -> int: ...
+
+    def score(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]: ...
+
+
+@dataclass
+class TrainingParts:
+    """What `fit` trains with: the loaders, the task's loss, mixer and scorer, and an optional feature cache."""
+
+    train_loader: DataLoader
+    val_loader: DataLoader
+    criterion: nn.Module
+    scorer: EpochScorer
+    mixer: Optional[Mixer] = None
+    feature_cache: Optional[FeatureCache] = None
 
 # Called with each epoch's history row once it is saved; returning True stops training there (tune's pruner).
 EpochHook = Callable[[dict], bool]
@@ -122,10 +142,10 @@ def train_one_epoch(
     device: torch.device,
     cfg: TrainConfig,
     description: str,
-    mixer: Optional[Union[BatchMixer, Mixer]] = None,
+    scorer: EpochScorer,
+    mixer: Optional[Mixer] = None,
     ema: Optional[WeightEma] = None,
     on_step: Optional[Callable[[float], None]] = None,
-    scorer: Optional[MultiLabelScorer] = None,
 ) -> EpochStats:
     """One pass over the training data; optimiser, schedule and EMA step every cfg.accumulate batches.
 
@@ -177,8 +197,7 @@ def train_one_epoch(
         batch = labels.shape[0]
         total_loss += value * batch
         # With mixed targets, a prediction counts as right when it names the label with the larger share.
-        correct += (scorer.correct(logits, targets) if scorer is not None
-                    else (logits.argmax(1) == dominant_label(targets)).sum().item())
+        correct += scorer.correct(logits, targets)
         seen += batch
         progress.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
     total_loss, correct, seen = distributed.reduce_sums([total_loss, correct, seen])
@@ -187,9 +206,10 @@ def train_one_epoch(
 
 @torch.no_grad()
 def validate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device: torch.device, cfg: TrainConfig,
-             scorer: Optional[MultiLabelScorer] = None) -> EpochStats:
+             scorer: EpochScorer) -> EpochStats:
     """Loss and accuracy on the validation data (under DDP: each rank's share, summed over ranks), and the
-    scorer's metrics over the whole pass (multi-label runs, which train in one process)."""
+    scorer's metrics over the whole pass (under DDP: every rank's outputs gathered in rank order, as one process
+    would see them)."""
     model.eval()
     precision = train_precision(cfg, device)
     total_loss, correct, seen = 0.0, 0, 0
@@ -200,14 +220,17 @@ def validate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device:
             logits = model(images)
             loss = criterion(logits.float(), labels)
         total_loss += loss.item() * labels.shape[0]
-        if scorer is not None:
-            correct += scorer.correct(logits, labels)
+        correct += scorer.correct(logits, labels)
+        if scorer.metrics:
             outputs.append((logits.float().cpu(), labels.cpu()))
-        else:
-            correct += (logits.argmax(1) == labels).sum().item()
         seen += labels.shape[0]
     total_loss, correct, seen = distributed.reduce_sums([total_loss, correct, seen])
-    extra = scorer.score(*(torch.cat(parts) for parts in zip(*outputs))) if scorer is not None and outputs else {}
+    extra: dict[str, float] = {}
+    if scorer.metrics:
+        # Metrics over the whole pass (mAP) do not add up over shares: score every rank's outputs together.
+        parts = [part for rank_parts in distributed.gather_objects(outputs) for part in rank_parts]
+        if parts:
+            extra = scorer.score(*(torch.cat(column) for column in zip(*parts)))
     return EpochStats(total_loss / max(seen, 1), correct / max(seen, 1), extra)
 
 
@@ -243,19 +266,14 @@ def _restore(
 
 def fit(
     model: nn.Module,
-    train_loader: DataLoader,
-    val_loader: DataLoader,
-    criterion: nn.Module,
+    parts: TrainingParts,
     cfg: TrainConfig,
     run: RunFolder,
     device: torch.device,
     checkpoint_extras: dict,
     log: Callable[[str], None] = print,
-    mixer: Optional[Union[BatchMixer, Mixer]] = None,
     resume: Optional[dict] = None,
     on_epoch: Optional[EpochHook] = None,
-    scorer: Optional[MultiLabelScorer] = None,
-    feature_cache: Optional[FeatureCache] = None,
 ) -> FitState:
     """Train up to cfg.epochs (fewer with early stopping), continuing from a last.pt payload if given.
 
@@ -265,9 +283,10 @@ def fit(
     `on_epoch` sees each saved row and may stop training early, like patience does.
     Under torchrun every rank runs this with its own loaders' shares; `model` stays the plain model
     (what is saved) and trains through a DDP wrapper, rebuilt when the trainable set changes.
-    With a `feature_cache` (one process only), epochs that train the head only run it on backbone features
-    computed once.
+    With `parts.feature_cache`, epochs that train the head only run it on backbone features computed once.
     """
+    train_loader, val_loader, criterion = parts.train_loader, parts.val_loader, parts.criterion
+    scorer, mixer, feature_cache = parts.scorer, parts.mixer, parts.feature_cache
     steps_per_epoch = math.ceil(len(train_loader) / cfg.accumulate)
     # Parameters that a later epoch unfreezes join the optimizer now; frozen, they get no gradient.
     unfreezing = plan_unfreezing(model, cfg)
@@ -315,7 +334,7 @@ def fit(
             with features_in(*{id(m): m for m in (model, eval_model)}.values()) if cached else nullcontext():
                 train = train_one_epoch(
                     train_model, epoch_loaders[0], criterion, optimizer, scheduler, scaler, device, epoch_cfg,
-                    f"epoch {epoch}/{cfg.epochs}", mixer, ema, on_step, scorer,
+                    f"epoch {epoch}/{cfg.epochs}", scorer, mixer, ema, on_step,
                 )
                 distributed.sync_buffers(model, eval_model)  # BN statistics as rank 0 has them, before validating
                 val = validate(eval_model, epoch_loaders[1], criterion, device, epoch_cfg, scorer)

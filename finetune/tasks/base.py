@@ -1,0 +1,139 @@
+"""The Task contract: everything that differs between one label per image and several.
+
+A task is chosen once, from `data.task`, and named in every checkpoint (`"task"`). The workflows,
+the training loop, inference, the report and the CLI hold a `Task` and call it; none of them asks
+which task it is. The line follows fastai's `CategoryBlock` / `MultiCategoryBlock` (how targets are
+read and encoded, the loss, the decoding of outputs) and Hugging Face's `problem_type` (the loss and
+the activation follow from it), extended to what this toolkit does after training: the decision
+state fitted on validation (a temperature, or per-class thresholds), the evaluation bundle, the
+submission cell and scoring a submission.
+"""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:  # hints only: a task's methods import what they use
+    import torch
+    from torch import nn
+
+    from finetune.data.images import SkippedImage
+    from finetune.data.loaders import Targets
+    from finetune.data.sources import DatasetSplits, Keep, Sample
+    from finetune.engine.fit import EpochScorer, Mixer
+    from finetune.inference import LoadedModel
+    from finetune.recipe import AugmentConfig, DataConfig, Recipe
+    from finetune.run import EvalFiles
+    from finetune.submission import SubmissionPlan
+
+__all__ = ["Task", "Log"]
+
+Log = Callable[[str], None]
+
+
+class Task(abc.ABC):
+    """What a classification task decides: targets, split, loss, metrics, probabilities, decisions, outputs."""
+
+    name: str  # the data.task value
+    activation: str  # "softmax" or "sigmoid": logits → probabilities
+    headline: str  # the evaluation metric a run, a fold or a trial is summarised by
+    label_column: str  # the submission's default label column
+    split_kind: str  # how the validation split is stratified, for the log
+
+    # ---- data -------------------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def discover(self, cfg: "DataConfig", seed: int, keep: "Keep") -> "DatasetSplits":
+        """The recipe's training and validation samples (the validation part held out if there is no folder)."""
+
+    @abc.abstractmethod
+    def labelled_samples(self, data: Path, cfg: "DataConfig",
+                         classes: Sequence[str]) -> tuple[list["Sample"], list["SkippedImage"]]:
+        """Labelled samples to evaluate a checkpoint on (labels mapped to its `classes`), and what was left out."""
+
+    @abc.abstractmethod
+    def encode(self, num_classes: int) -> Callable[["Sample"], object]:
+        """A sample's target as the loss takes it (a class index, or a multi-hot vector)."""
+
+    @abc.abstractmethod
+    def balance_weights(self, samples: Sequence["Sample"], num_classes: int) -> np.ndarray:
+        """Per-sample drawing weights for `data.balance: sampler`."""
+
+    @abc.abstractmethod
+    def folds(self, samples: list["Sample"], classes: list[str], folds: int,
+              seed: int) -> list[tuple[list["Sample"], list["Sample"]]]:
+        """(train, val) per fold; every sample is validated exactly once."""
+
+    def targets(self, num_classes: int) -> "Targets":
+        """What the loaders need of the task: the target encoding and the balanced-drawing weights."""
+        from finetune.data.loaders import Targets
+
+        return Targets(num_classes, self.encode(num_classes), lambda samples: self.balance_weights(samples, num_classes))
+
+    # ---- training ---------------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def criterion(self, recipe: "Recipe", train: Sequence["Sample"], num_classes: int,
+                  device: "torch.device") -> "nn.Module":
+        """The training loss, class-weighted as `data.balance: loss` asks."""
+
+    @abc.abstractmethod
+    def mixer(self, cfg: "AugmentConfig", num_classes: int) -> Optional["Mixer"]:
+        """Batch mixing (mixup / cutmix) on images and targets, or None when off."""
+
+    @abc.abstractmethod
+    def scorer(self) -> "EpochScorer":
+        """Per-batch correct count and per-pass metrics (`metrics` names) for the training loop."""
+
+    # ---- after training: probabilities and decisions ----------------------------------------------------------
+    @abc.abstractmethod
+    def fit_decision(self, raw_probs: np.ndarray, samples: Sequence["Sample"], num_classes: int,
+                     log: Log) -> dict:
+        """The decision state fitted on validation probabilities (stored in best.pt): temperature or thresholds."""
+
+    @abc.abstractmethod
+    def ensemble_decision(self, models: Sequence["LoadedModel"], threshold: Optional[float] = None) -> dict:
+        """The decision state an ensemble (or one model) predicts with, `threshold` overriding a stored one."""
+
+    # ---- outputs ----------------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def evaluate(self, loaded: "LoadedModel", samples: Sequence["Sample"], files: "EvalFiles", batch_size: int,
+                 num_workers: int, log: Log, tta: Sequence[str] = (), threshold: Optional[float] = None,
+                 precision: str = "fp32", skipped: Optional[list] = None,
+                 raw_probs: Optional[np.ndarray] = None) -> dict:
+        """Score labelled samples, write the evaluation bundle into `files`, log its summary; the metrics."""
+
+    @abc.abstractmethod
+    def check_submission(self, topk: int, reject_below: Optional[float], threshold: Optional[float]) -> None:
+        """Refuse submission options that mean nothing for this task, saying why."""
+
+    @abc.abstractmethod
+    def write_submission(self, plan: "SubmissionPlan", batches, classes: Sequence[str], decision: dict, out: Path,
+                         options, log: Log) -> int:
+        """Stream the submission (and its side files) row by row; the number of rows."""
+
+    @abc.abstractmethod
+    def score_csv(self, submission: Path, truth: Path, out_dir: Optional[Path], id_column: Optional[str],
+                  label_column: Optional[str], sep: Optional[str]) -> tuple[dict, list[str]]:
+        """Score a submission CSV against the true labels: the metrics and the console lines."""
+
+    @abc.abstractmethod
+    def confidence(self, probs: np.ndarray) -> np.ndarray:
+        """How sure the model is of each image's decision (N,), the figure pseudo-label thresholds apply to."""
+
+    @abc.abstractmethod
+    def target_text(self, target: object, classes: Sequence[str]) -> str:
+        """A target as a CSV cell (a class name, or the names joined by a space)."""
+
+    @abc.abstractmethod
+    def parse_target(self, text: str, classes: Sequence[str]) -> object:
+        """A CSV cell back to a target, refusing names that are not among `classes`."""
+
+    fits_class_folders: bool  # whether its samples can be written as one folder per class
+
+    @abc.abstractmethod
+    def select_confident(self, probs: np.ndarray, decision: dict, threshold: float,
+                         max_per_class: Optional[int]) -> tuple[list[int], list[object]]:
+        """Pseudo-labels: indices of the confidently predicted images and the target each gets."""
