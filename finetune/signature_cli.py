@@ -43,11 +43,11 @@ class Command:
 
     def function(self) -> Callable[..., Any]:
         """The API function, imported now."""
-        module, name = self.target.split(":")
-        return getattr(importlib.import_module(module), name)
+        return _constant(self.target)
 
 
 def _constant(path: str) -> Any:
+    """What "module:name" names, imported now."""
     module, name = path.split(":")
     return getattr(importlib.import_module(module), name)
 
@@ -60,12 +60,12 @@ def doc_entries(obj: Any) -> tuple[str, dict[str, str]]:
     section, current = False, None
     for line in doc.splitlines():
         if line.strip() in ("Args:", "Attributes:"):
-            section = True
-        elif not section or not line.strip() or not line.startswith("    "):
-            section = section and line.startswith("    ")
-        elif line.startswith("        ") and current:
+            section, current = True, None
+        elif not line.startswith("    "):  # a blank line or the next paragraph ends the section
+            section = False
+        elif section and line.startswith("        ") and current:
             entries[current] += " " + line.strip()
-        else:
+        elif section:
             current, _, text = line.strip().partition(":")
             entries[current] = text.strip()
     return summary, entries
@@ -132,7 +132,7 @@ def _add(parser: argparse.ArgumentParser, command: Command, name: str, dest: str
         return
     flag = command.flags.get(name, "--" + name.replace("_", "-"))
     spec.update(dest=dest, required=default is _EMPTY, default=None if default is _EMPTY else default)
-    if kind is not bool:
+    if kind is not bool and choices is None:  # argparse shows the choices in place of a metavar
         spec["metavar"] = name.upper()
     if kind is bool:
         spec["action"] = "store_true" if default is False else argparse.BooleanOptionalAction
@@ -141,8 +141,6 @@ def _add(parser: argparse.ArgumentParser, command: Command, name: str, dest: str
             spec["nargs"] = command.nargs[name]
         else:
             spec["action"] = "append"
-    if "type" in spec and spec.get("action") in ("store_true", argparse.BooleanOptionalAction):
-        del spec["type"]
     parser.add_argument(flag, **spec)
 
 

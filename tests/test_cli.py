@@ -1,4 +1,4 @@
-"""The CLI is generated from the API: its defaults, choices and help are the functions' own, and README commands parse."""
+"""The CLI is generated from the API: defaults, choices and help are the functions' own; README commands parse."""
 
 from __future__ import annotations
 
@@ -82,10 +82,12 @@ def test_predict_help_shows_each_parameters_docstring(capsys) -> None:
     assert "(default 64)" in shown and "(default submission.csv)" in shown and "--workers" in shown
 
 
-def test_help_text_never_copies_a_default_by_hand() -> None:
+def test_every_option_is_documented_and_no_default_is_copied_by_hand() -> None:
     for name in COMMANDS:
         for action in subparser(name)._actions:
-            assert (action.help or "").count("(default") <= 1, (name, action.dest, action.help)
+            text = action.help or ""
+            assert text and not text.startswith(" ("), f"{name}: {action.dest} has no Args:/Attributes: entry"
+            assert text.count("(default") <= 1, (name, action.dest, text)
 
 
 @pytest.mark.parametrize("argv", [cli_args(a) for a in README_COMMANDS if cli_args(a) and "--version" not in a],
@@ -98,8 +100,8 @@ def test_every_readme_command_parses(argv: list[str]) -> None:
 
 
 def test_readme_spellings_reach_the_api_parameters() -> None:
-    args = build_parser("predict").parse_args(["predict", "a.pt", "b.pt", "--images", "test", "--workers", "0", "--probs",
-                                                "--id-format", "index", "--precision", "bf16", "--tta", "flip"])
+    args = build_parser("predict").parse_args(["predict", "a.pt", "b.pt", "--images", "test", "--workers", "0",
+                                                "--probs", "--id-format", "index", "--precision", "bf16", "--tta", "flip"])
     assert args.checkpoint == ["a.pt", "b.pt"] and args.images == "test"
     assert getattr(args, "inference.num_workers") == 0 and getattr(args, "inference.tta") == "flip"
     assert getattr(args, "submission.probs") is True and getattr(args, "submission.id_format") == "index"

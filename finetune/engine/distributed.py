@@ -20,8 +20,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from finetune.errors import FinetuneError
 
-__all__ = ["launched_by_torchrun", "relaunch", "setup", "cleanup", "active", "independent", "rank", "world_size", "is_main", "barrier",
-           "broadcast_object", "gather_objects", "reduce_sums", "shard_bounds", "shard", "unshard", "rank_seed",
+__all__ = ["launched_by_torchrun", "relaunch", "setup", "cleanup", "active", "independent", "rank", "world_size",
+           "is_main", "barrier", "broadcast_object", "gather_objects", "reduce_sums", "shard_bounds", "shard", "unshard", "rank_seed",
            "wrap", "unwrap", "sync_context", "sync_buffers", "convert_sync_bn"]
 
 T = TypeVar("T")
