@@ -48,6 +48,7 @@ def train_command(
         raise FinetuneError("give a recipe to train (a YAML path or a shipped recipe's name: `finetune recipes` "
                             "lists them), or --resume RUN_DIR to continue a run")
     if devices != 1 and not distributed.launched_by_torchrun():
+        # This process's own command line, once per device: each worker parses it as this process did.
         return distributed.relaunch(sys.argv[1:], devices)
     from finetune.semi import semi_requested
 
