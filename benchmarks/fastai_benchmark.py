@@ -37,6 +37,7 @@ import torch
 from finetune.api import predict, train
 from finetune.datasets import FashionMNISTExport, export_fashion_mnist
 from finetune.models.backbones import imagenet_classifier
+from finetune.options import InferenceOptions
 from finetune.recipe import ModelConfig
 from finetune.scoring import score_csv
 
@@ -62,7 +63,8 @@ def run_finetune(export: FashionMNISTExport, args: argparse.Namespace, seed: int
     result = train(args.finetune_recipe, data=export.root, overrides=finetune_settings(args, seed, out),
                    log=lambda _: None)
     submission = predict(result.best_checkpoint, export.test_dir, out / "submission.csv",
-                         batch_size=4 * args.batch_size, num_workers=args.workers, log=lambda _: None)
+                         inference=InferenceOptions(batch_size=4 * args.batch_size, num_workers=args.workers),
+                         log=lambda _: None)
     seconds = time.perf_counter() - start
     accuracy = score_csv(submission, export.truth_csv, classes=result.classes)["accuracy"]
     return {"side": "finetune", "seed": seed, "accuracy": accuracy, "seconds": seconds}

@@ -37,7 +37,7 @@ def test_accuracy(recipe, data: Path, out: Path, truth: Path, log) -> tuple[floa
     start = time.perf_counter()
     result = finetune.train(recipe, data=data, overrides=[f"output={out}"], log=log)
     submission = finetune.predict(result.best_checkpoint, data / "test", out / f"{result.run_dir.name}.csv",
-                                  tta="flip", log=log)
+                                  inference=finetune.InferenceOptions(tta="flip"), log=log)
     metrics = score_csv(submission, truth, out_dir=out / f"{result.run_dir.name}_score", classes=result.classes)
     return metrics["accuracy"], time.perf_counter() - start
 

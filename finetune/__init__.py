@@ -15,14 +15,17 @@ import importlib
 from typing import Any
 
 from finetune.errors import FinetuneError
+from finetune.options import InferenceOptions, SubmissionOptions
 from finetune.recipe import Recipe, load_recipe
 from finetune.version import __version__
 
 __all__ = [
     "__version__",
     "FinetuneError",
+    "InferenceOptions",
     "LoadedModel",
     "Recipe",
+    "SubmissionOptions",
     "TrainResult",
     "evaluate",
     "load_model",

@@ -29,6 +29,7 @@ from finetune.errors import FinetuneError
 from finetune.inference import load_ensemble, load_model, predict_probs, resolve_device, sharded_probs
 from finetune.models import build_model, format_summary, stage_summary
 from finetune.opening import open_training
+from finetune.options import InferenceOptions, SubmissionOptions
 from finetune.recipe import DataConfig, Recipe
 from finetune.report_page import build_report
 from finetune.run import EvalFiles, RunDir, check_output, is_main_process, write_skipped_list
@@ -213,20 +214,26 @@ def evaluate(
     checkpoint: Union[str, Path],
     data: Union[str, Path],
     out: Optional[Union[str, Path]] = None,
-    batch_size: int = 64,
-    num_workers: int = 2,
-    device: str = "auto",
-    log: Log = print,
-    tta: Union[str, Sequence[str], None] = None,
     threshold: Optional[float] = None,
-    precision: str = "fp32",
+    inference: Optional[InferenceOptions] = None,
+    log: Log = print,
 ) -> dict:
     """Score a checkpoint on a labelled folder; writes the evaluation bundle and report.html, returns metrics.
 
     A multi-label checkpoint reads a manifest CSV (or a folder holding one named as in its recipe) and
-    decides with its stored per-class thresholds, or `threshold` for every class. `precision` bf16 runs
-    the model under bf16 autocast (faster on recent CPUs and GPUs; see benchmarks/).
+    decides with its stored per-class thresholds, or `threshold` for every class.
+
+    Args:
+        checkpoint: a run folder's best (or last) checkpoint.
+        data: labelled folder (class sub-folders or 3_120.jpg names); multi-label: a manifest CSV.
+        out: output folder (None: eval/ next to the checkpoint).
+        threshold: multi-label: one threshold for every class (None: the checkpoint's per-class ones).
+        inference: batching, workers, device, precision and test-time augmentation.
+        log: where progress lines go.
     """
+    inference = inference or InferenceOptions()
+    batch_size, num_workers, device = inference.batch_size, inference.num_workers, inference.device
+    tta, precision = inference.tta, inference.precision
     views = parse_tta(tta)
     check_precision(precision, resolve_device(device), "--precision")
     loaded = load_model(checkpoint, distributed.setup(resolve_device(device)), fuse=True)
@@ -255,37 +262,32 @@ def predict(
     checkpoint: Union[str, Path, Sequence[Union[str, Path]]],
     images: Union[str, Path],
     out: Union[str, Path] = "submission.csv",
-    id_column: str = "Id",
-    label_column: Optional[str] = None,
-    value: str = "name",
-    batch_size: int = 64,
-    num_workers: int = 2,
-    device: str = "auto",
+    submission: Optional[SubmissionOptions] = None,
+    inference: Optional[InferenceOptions] = None,
     log: Log = print,
-    tta: Union[str, Sequence[str], None] = None,
-    probs: bool = False,
-    topk: int = 0,
-    sample_submission: Optional[Union[str, Path]] = None,
-    id_format: str = "stem",
-    id_width: int = 4,
-    index_start: int = 1,
-    force: bool = False,
-    threshold: Optional[float] = None,
-    label_sep: str = " ",
-    reject_below: Optional[float] = None,
-    reject_label: str = "unknown",
-    precision: str = "fp32",
 ) -> Path:
     """Predict every image in a folder and write a Kaggle-style CSV with one row per image.
 
-    Several checkpoints are an ensemble (probabilities averaged); `tta` adds flips/crops; `probs`
-    and `topk` also write `<out>_probs.csv` and `<out>_top<K>.csv`; `sample_submission` fixes the
-    Ids, their order and the columns. Outputs never replace a file the command reads; an existing
-    file that is not an earlier CSV of the same kind is replaced only with `force`. Probabilities are
-    calibrated (each checkpoint's temperature); `reject_below` writes `reject_label` for an image whose top
-    probability is below it. A multi-label model writes `Id,Tags` (labels joined by `label_sep`) using its
-    stored per-class thresholds or `threshold`. `precision` bf16 runs the models under bf16 autocast.
+    Several checkpoints are an ensemble (probabilities averaged). Outputs never replace a file the command
+    reads. Probabilities are calibrated (each checkpoint's temperature). A multi-label model writes `Id,Tags`
+    using its stored per-class thresholds or `submission.threshold`.
+
+    Args:
+        checkpoint: a run's best checkpoint; several are averaged as an ensemble.
+        images: folder of unlabeled test images.
+        out: CSV to write.
+        submission: the CSV's layout: Ids, label cells, extra files, rejection, overwriting.
+        inference: batching, workers, device, precision and test-time augmentation.
+        log: where progress lines go.
     """
+    submission, inference = submission or SubmissionOptions(), inference or InferenceOptions()
+    batch_size, num_workers, device = inference.batch_size, inference.num_workers, inference.device
+    tta, precision = inference.tta, inference.precision
+    id_column, label_column, value, id_format = (submission.id_column, submission.label_column, submission.value,
+                                                 submission.id_format)
+    id_width, index_start, probs, topk = submission.id_width, submission.index_start, submission.probs, submission.topk
+    sample_submission, threshold, label_sep = submission.sample_submission, submission.threshold, submission.label_sep
+    reject_below, reject_label, force = submission.reject_below, submission.reject_label, submission.force
     checkpoints = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     views = parse_tta(tta)
     check_precision(precision, resolve_device(device), "--precision")

@@ -15,6 +15,7 @@ from finetune.api import TrainResult, predict, train
 from finetune.datasets import (DEFAULT_PER_CLASS, DEFAULT_VAL_PER_CLASS, FashionMNISTExport, describe,
                                export_fashion_mnist)
 from finetune.evaluation import format_report
+from finetune.options import InferenceOptions
 from finetune.recipe import load_recipe
 from finetune.recipe_library import find_recipe, shipped_recipe
 from finetune.run import RunDir
@@ -51,7 +52,19 @@ def run_demo(
     tta: Optional[str] = "flip",
     log: Log = print,
 ) -> DemoResult:
-    """Export Fashion-MNIST, fine-tune Lite0 from ImageNet weights, predict the test folder and score it."""
+    """Export Fashion-MNIST, fine-tune Lite0 from ImageNet weights, predict the test folder and score it.
+
+    Args:
+        out: folder for the data set and runs.
+        per_class: training images per class.
+        val_per_class: validation images per class.
+        test_limit: first K test images (None: all 10 000).
+        epochs: override the recipe's train.epochs.
+        recipe: another recipe: a YAML path or a shipped recipe's name (None: demo_fashion_mnist_lite0).
+        overrides: override a recipe value, e.g. data.image_size=64 (repeatable).
+        tta: test-time augmentation for the submission: flip or none.
+        log: where progress lines go.
+    """
     start = time.perf_counter()
     out = Path(out).expanduser().resolve()
     recipe_path = find_recipe(recipe) if recipe else DEMO_RECIPE
@@ -65,8 +78,8 @@ def run_demo(
     trained = train(demo_recipe, data=export.root, log=log)
     run = RunDir(trained.run_dir)
     submission = predict(trained.best_checkpoint, export.test_dir, run.test_submission,
-                         batch_size=4 * demo_recipe.data.batch_size, num_workers=demo_recipe.data.num_workers,
-                         tta=tta, log=log)
+                         inference=InferenceOptions(batch_size=4 * demo_recipe.data.batch_size,
+                                                    num_workers=demo_recipe.data.num_workers, tta=tta), log=log)
     eval_dir = run.test_eval.folder
     metrics = score_csv(submission, export.truth_csv, out_dir=eval_dir, classes=trained.classes)
     log(format_report(metrics["report"], trained.classes))

@@ -124,6 +124,14 @@ def export_model(
 
     `out` is never the checkpoint itself; an existing file that is not an earlier export of the same
     format is replaced only with `force`.
+
+    Args:
+        checkpoint: a run's checkpoint.
+        fmt: the format to write.
+        out: output file (None: next to the checkpoint).
+        tolerance: largest allowed difference between exported and PyTorch logits.
+        log: where progress lines go.
+        force: replace an existing out file that is not an earlier export of this format (never the checkpoint).
     """
     if fmt not in EXPORT_FORMATS:
         raise FinetuneError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")

@@ -67,7 +67,16 @@ def augment_preview(
     n: int = 16,
     log: Log = print,
 ) -> Path:
-    """Write a PNG grid of `n` training images as the model sees them: augmented, mixed, denormalised."""
+    """Write a PNG grid of `n` training images as the model sees them: augmented, mixed, denormalised.
+
+    Args:
+        recipe: a YAML path, or the name of a shipped recipe (its augment section is shown).
+        data: dataset folder (overrides data.root).
+        overrides: override a recipe value, e.g. augment.preset=heavy (repeatable).
+        out: PNG to write.
+        n: number of images.
+        log: where progress lines go.
+    """
     if n < 1:
         raise FinetuneError("--n must be at least 1")
     source, recipe = recipe, resolve_recipe(recipe, overrides, data)
@@ -117,7 +126,16 @@ def lr_find(
     steps: int = 100,
     log: Log = print,
 ) -> LrFindResult:
-    """Learning-rate range test on the recipe's model and data; plots it and suggests train.lr."""
+    """Learning-rate range test on the recipe's model and data; plots it and suggests train.lr.
+
+    Args:
+        recipe: a YAML path, or the name of a shipped recipe (`finetune recipes` lists them).
+        data: dataset folder (overrides data.root).
+        overrides: override a recipe value, e.g. data.batch_size=32 (repeatable).
+        out: PNG to write.
+        steps: batches in the sweep (it stops early on divergence).
+        log: where progress lines go.
+    """
     if steps < 5:
         raise FinetuneError("--steps must be at least 5 (100 is usual)")
     source, recipe = recipe, resolve_recipe(recipe, overrides, data)

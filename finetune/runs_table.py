@@ -152,7 +152,15 @@ def runs_table(
     html_out: Optional[Union[str, Path]] = None,
     log: Log = print,
 ) -> tuple[list[str], list[list[Any]]]:
-    """Print the table of every run under `root`; optionally write it as CSV, or as an HTML page with all curves."""
+    """Print the table of every run under `root`; optionally write it as CSV, or as an HTML page with all curves.
+
+    Args:
+        root: folder to look in, sub-folders included.
+        sort: sort by a column: best, run, a recipe key such as train.lr... (numbers high to low).
+        csv_out: also write the table as CSV.
+        html_out: also write one HTML page: the table and all validation curves.
+        log: where the table goes.
+    """
     root = Path(root).expanduser()
     runs = [read_run(run, root) for run in find_runs(root)]
     if not runs:

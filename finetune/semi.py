@@ -26,6 +26,7 @@ from finetune.data.sources import Sample
 from finetune.errors import FinetuneError
 from finetune.inference import LoadedModel, load_model, resolve_device, stream_probs
 from finetune.opening import open_training
+from finetune.options import InferenceOptions
 from finetune.recipe import Recipe, load_recipe
 from finetune.run import RunDir, check_output
 from finetune.tasks import Task, task_named, task_of_model
@@ -176,18 +177,29 @@ def pseudo_label(
     format: str = "folder",
     link: bool = False,
     truth: Optional[Union[str, Path]] = None,
-    batch_size: int = 64,
-    num_workers: int = 2,
-    device: str = "auto",
+    inference: Optional[InferenceOptions] = None,
     force: bool = False,
     log: Log = print,
 ) -> PseudoLabels:
     """Label the images under `images` (any depth) whose calibrated top probability reaches `threshold`.
 
-    `format` folder: copies (or, with `link`, symlinks) into `out/<class>/`, ready for `finetune train`;
-    csv: `out` is a manifest (path, label, probability[, true_label]) that `data.layout: csv` reads.
-    `truth` (a CSV: file stem or name, class) adds the pseudo-labels' accuracy.
+    Args:
+        checkpoint: a run's best checkpoint (its fitted temperature calibrates the threshold).
+        images: folder of unlabeled images (sub-folders included).
+        out: folder to create (format folder: OUT/<class>/) or CSV file (format csv), which `data.layout: csv`
+            reads.
+        threshold: keep images whose calibrated top probability is at least this.
+        max_per_class: keep at most this many per class, the most confident (keeps classes balanced).
+        format: folder: copies in OUT/<class>/, ready for `finetune train`; csv: a path,label,probability
+            manifest.
+        link: format folder: symlink instead of copying.
+        truth: CSV of the true labels (file stem or name, class): adds the pseudo-labels' accuracy.
+        inference: batching, workers and device (precision and tta are not used here).
+        force: format csv: replace an existing OUT file.
+        log: where progress lines go.
     """
+    inference = inference or InferenceOptions()
+    batch_size, num_workers, device = inference.batch_size, inference.num_workers, inference.device
     if format not in FORMATS:
         raise FinetuneError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
     check_selection(threshold, max_per_class)  # bad settings fail before the model loads

@@ -19,6 +19,7 @@ import numpy as np
 
 from finetune.engine.checkpoint import replace_atomically
 from finetune.errors import FinetuneError
+from finetune.options import ID_FORMATS, VALUE_KINDS
 
 __all__ = [
     "VALUE_KINDS",
@@ -30,9 +31,6 @@ __all__ = [
     "read_sample_submission",
     "write_rows",
 ]
-
-VALUE_KINDS = ("name", "index")
-ID_FORMATS = ("stem", "name", "index")
 
 
 def image_ids(paths: Sequence[Path], id_format: str = "stem", width: int = 4, start: int = 1) -> list[str]:

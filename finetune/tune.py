@@ -264,7 +264,22 @@ def tune(
     `trials` finished trials, never repeating those done. `folds` scores each trial by k-fold
     cross-validation accuracy instead of the validation split (no pruning then). The median pruner
     starts pruning once `startup_trials` trials have finished.
+
+    Args:
+        recipe: a YAML path, or the name of a shipped recipe (`finetune recipes` lists them); not needed with
+            resume.
+        space: a YAML file of recipe keys and their ranges, e.g. train.lr: {log_uniform: [1e-4, 1e-2]},
+            augment.preset: {choice: [light, medium]}, model.trainable_last: {int: [1, 4]}.
+        trials: finished trials the study should have.
+        data: dataset folder (overrides data.root).
+        overrides: override a recipe value, e.g. train.epochs=5 (repeatable).
+        folds: score each trial by K-fold cross-validation accuracy instead of the validation split.
+        resume: continue an interrupted study folder (its saved recipe, space and finished trials).
+        startup_trials: trials run in full before the median pruner may stop one.
+        log: where progress lines go.
     """
+    if recipe is None and resume is None:
+        raise FinetuneError("give a recipe to tune and --space SPACE.yaml, or --resume STUDY_DIR to continue a study")
     optuna = _import_optuna()
     if trials < 1:
         raise FinetuneError(f"--trials must be at least 1, got {trials}")

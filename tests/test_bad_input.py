@@ -409,3 +409,28 @@ def test_many_classes_give_bounded_readable_figures(capsys, tmp_path, n_classes)
                          ("class_recall.png", 1_500_000)):
         with Image.open(tmp_path / "score" / name) as image:
             assert image.width * image.height <= pixels, (name, image.size)
+
+
+# --- numbers checked where the API receives them (options objects), so the CLI needs no checks of its own ---
+
+
+@pytest.mark.parametrize("option, value, fragment", [
+    ("--batch-size", "0", "--batch-size must be a whole number of at least 1, got 0"),
+    ("--workers", "-1", "--workers must be a whole number of at least 0, got -1"),
+    ("--topk", "-2", "--topk must be a whole number of at least 0, got -2"),
+    ("--reject-below", "1.5", "--reject-below is a probability between 0 and 1"),
+])
+def test_predict_refuses_bad_numbers_before_loading(capsys, kit, tmp_path, option, value, fragment):
+    out = tmp_path / "sub.csv"
+    argv = [a for a in predict_argv(kit, out) if a not in ("--workers", "0")] + [option, value]
+    refused(capsys, argv, fragment)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("option, value", [("--batch-size", "0"), ("--workers", "-1")])
+def test_evaluate_and_pseudo_label_refuse_bad_numbers(capsys, kit, tmp_path, option, value):
+    root, checkpoint, _ = kit
+    refused(capsys, ["evaluate", str(checkpoint), "--data", str(root / "val"), option, value], option, value)
+    refused(capsys, ["pseudo-label", str(checkpoint), "--images", str(root / "test"), "--out",
+                     str(tmp_path / "pseudo"), option, value], option, value)
+    assert not (tmp_path / "pseudo").exists()

@@ -22,6 +22,7 @@ import torch
 from conftest import QUICK_CPU, write_folder_dataset
 from finetune import api
 from finetune.engine.distributed import shard_bounds
+from finetune.options import InferenceOptions, SubmissionOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 2
@@ -131,14 +132,19 @@ def test_unfreezing_under_ddp_changes_exactly_the_newly_trainable_parameters(run
 def test_evaluate_and_predict_on_two_processes_equal_one_on_odd_counts(runs):
     tmp, data, best = runs["tmp"], runs["data"], str(runs["one"] / "best.pt")
     torch.set_num_threads(1)
-    api.evaluate(best, data / "val", out=tmp / "eval_one", num_workers=0, log=lambda line: None)
-    api.predict(best, data / "test", out=tmp / "sub_one.csv", num_workers=0, probs=True, log=lambda line: None)
+    api.evaluate(best, data / "val", out=tmp / "eval_one", inference=InferenceOptions(num_workers=0),
+                 log=lambda line: None)
+    api.predict(best, data / "test", out=tmp / "sub_one.csv", submission=SubmissionOptions(probs=True),
+                inference=InferenceOptions(num_workers=0), log=lambda line: None)
     # One torchrun start for both (each start costs seconds): the API calls that the CLI commands make.
     script = tmp / "eval_and_predict.py"
     script.write_text(
         "from finetune import api\nfrom finetune.engine.distributed import cleanup\n"
-        f"api.evaluate({best!r}, {str(data / 'val')!r}, out={str(tmp / 'eval_two')!r}, num_workers=0)\n"
-        f"api.predict({best!r}, {str(data / 'test')!r}, out={str(tmp / 'sub_two.csv')!r}, num_workers=0, probs=True)\n"
+        "from finetune.options import InferenceOptions, SubmissionOptions\n"
+        f"api.evaluate({best!r}, {str(data / 'val')!r}, out={str(tmp / 'eval_two')!r}, "
+        "inference=InferenceOptions(num_workers=0))\n"
+        f"api.predict({best!r}, {str(data / 'test')!r}, out={str(tmp / 'sub_two.csv')!r}, "
+        "submission=SubmissionOptions(probs=True), inference=InferenceOptions(num_workers=0))\n"
         "cleanup()\n"
     )
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",

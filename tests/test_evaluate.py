@@ -16,6 +16,7 @@ from torch import nn
 from conftest import COLOURS, TINY_OVERRIDES, make_image, write_folder_dataset
 from finetune import FinetuneError, evaluate, load_model, train
 from finetune.cli import main
+from finetune.options import InferenceOptions
 from finetune.data.prepare import labelled
 from finetune.data.preprocessing import Preprocessing
 from finetune.evaluation import top_k_accuracies, write_evaluation
@@ -62,7 +63,8 @@ def test_training_writes_the_full_bundle_with_gallery_and_gradcam(run):
 def test_evaluate_with_tta_rebuilds_the_run_report(run, tmp_path):
     root, result = run
     (result.run_dir / "report.html").unlink()
-    metrics = evaluate(result.best_checkpoint, root / "val", num_workers=0, tta="flip", log=quiet)
+    metrics = evaluate(result.best_checkpoint, root / "val", inference=InferenceOptions(num_workers=0, tta="flip"),
+                       log=quiet)
     assert (result.run_dir / "report.html").is_file()
     assert metrics["images"] == 12
     out = tmp_path / "elsewhere"
@@ -84,7 +86,7 @@ def test_evaluate_decodes_once_and_lists_images_that_fail_to_decode(run, tmp_pat
     assert "truncated.jpg" in {s.path.name for s in samples}  # only headers are read before scoring
     assert [s.path.name for s in skipped] == ["notes.png"]
     out = tmp_path / "eval"
-    metrics = evaluate(result.best_checkpoint, data, out=out, num_workers=0, log=quiet)
+    metrics = evaluate(result.best_checkpoint, data, out=out, inference=InferenceOptions(num_workers=0), log=quiet)
     assert metrics["images"] == 12  # the truncated image is left out of the metrics, not scored as a blank
     listed = (out / "skipped_images.csv").read_text()
     assert "truncated.jpg" in listed and "notes.png" in listed

@@ -2,8 +2,9 @@
 
 Layers, top to bottom (a module may import its own layer or any layer below, never one above):
 
-    cli → api, kfold, demo, preview, tune, runs_table → evaluation, inference, submission, scoring, tta, gradcam, export, datasets,
-    report_page → run, loggers → reports (figures) → engine → models → data → recipe, recipe_library, errors, version
+    cli, signature_cli → api, launch, kfold, demo, preview, tune, runs_table → evaluation, inference, submission, scoring,
+    score_report, tta, gradcam, export, datasets, report_page → run, loggers → reports (figures) → engine → models → data → options,
+    recipe, recipe_library, errors, version
 
 Imports inside `if TYPE_CHECKING:` are type hints only and do not count; imports inside functions do.
 """
@@ -21,16 +22,16 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "finetune"
 
 LAYERS: list[tuple[str, ...]] = [
-    ("cli", "__main__"),
-    ("finetune", "api", "kfold", "demo", "preview", "tune", "runs_table", "semi", "opening"),
+    ("cli", "__main__", "signature_cli"),
+    ("finetune", "api", "kfold", "demo", "preview", "tune", "runs_table", "semi", "launch", "opening"),
     ("evaluation", "inference", "submission", "scoring", "tta", "gradcam", "export", "datasets", "report_page",
-     "multilabel_eval", "multilabel_submission", "tasks"),
+     "multilabel_eval", "multilabel_submission", "score_report", "tasks"),
     ("run", "loggers"),
     ("reports",),
     ("engine",),
     ("models",),
     ("data",),
-    ("recipe", "recipe_library", "errors", "version"),
+    ("options", "recipe", "recipe_library", "errors", "version"),
 ]
 
 # Every file a run folder holds; only finetune/run.py may spell them out.

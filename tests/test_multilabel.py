@@ -13,6 +13,7 @@ import torch
 from conftest import COLOURS, QUICK_CPU, TINY_OVERRIDES
 from finetune import evaluate, train
 from finetune.cli import main
+from finetune.options import InferenceOptions
 from finetune.data.multilabel import (MultiHotMixer, multi_hot, multilabel_split, read_multilabel_manifest,
                                       split_labels)
 from finetune.data.sources import Sample
@@ -265,5 +266,6 @@ def test_an_image_that_does_not_decode_is_dropped_and_listed_not_checked_up_fron
     assert [s.path.name for s in result.skipped] == ["0099.jpg"]  # found by the loader that decoded it
     assert "0099.jpg" in (result.run_dir / "skipped_images.csv").read_text()
     out = tmp_path / "ev"
-    metrics = evaluate(result.best_checkpoint, root / "labels.csv", out=out, num_workers=0, log=lambda _: None)
+    metrics = evaluate(result.best_checkpoint, root / "labels.csv", out=out, inference=InferenceOptions(num_workers=0),
+                       log=lambda _: None)
     assert metrics["images"] == 27 and "0099.jpg" in (out / "skipped_images.csv").read_text()

@@ -15,6 +15,7 @@ from PIL import Image
 from conftest import TINY_OVERRIDES, write_folder_dataset
 from finetune import FinetuneError, load_model, predict, train
 from finetune.cli import main
+from finetune.options import InferenceOptions, SubmissionOptions
 from finetune.data.images import load_rgb
 from finetune.data.transforms import build_eval_transform
 from finetune.engine.checkpoint import read_checkpoint, save_checkpoint
@@ -64,7 +65,8 @@ def manual_probs(checkpoint: Path, paths: list[Path], flip: bool = False) -> np.
 
 def test_submission_has_one_row_per_image_with_zero_padded_sorted_ids(trained, tmp_path):
     root, ckpt, _, _ = trained
-    out = predict(ckpt, root / "test", out=tmp_path / "sub.csv", num_workers=0, probs=True, topk=2, log=quiet)
+    out = predict(ckpt, root / "test", out=tmp_path / "sub.csv", submission=SubmissionOptions(probs=True, topk=2),
+                  inference=InferenceOptions(num_workers=0), log=quiet)
     table = rows(out)
     assert table[0] == ["Id", "Category"]
     assert [r[0] for r in table[1:]] == ["0001", "0002", "0003", "0004", "0005", "0006"]
@@ -100,7 +102,8 @@ def test_sample_submission_sets_order_columns_and_must_match(trained, tmp_path):
     root, ckpt, _, _ = trained
     sample = tmp_path / "sample.csv"
     sample.write_text("ImageId,Label\n0004,x\n0001,x\n0006,x\n0002,x\n0005,x\n0003,x\n")
-    out = predict(ckpt, root / "test", out=tmp_path / "sub.csv", num_workers=0, sample_submission=sample, log=quiet)
+    out = predict(ckpt, root / "test", out=tmp_path / "sub.csv", submission=SubmissionOptions(sample_submission=sample),
+                  inference=InferenceOptions(num_workers=0), log=quiet)
     table = rows(out)
     assert table[0] == ["ImageId", "Label"]
     assert [r[0] for r in table[1:]] == ["0004", "0001", "0006", "0002", "0005", "0003"]
@@ -110,24 +113,28 @@ def test_sample_submission_sets_order_columns_and_must_match(trained, tmp_path):
     unpadded.write_text("Id,Category\n" + "".join(f"{i},x\n" for i in range(1, 7)))
     with pytest.raises(FinetuneError, match=r"6 Id\(s\) in the sample have no image.*'1'.*'0001'.*"
                                             r"--id-format index --id-width 0 --index-start 1"):
-        predict(ckpt, root / "test", out=tmp_path / "bad.csv", num_workers=0, sample_submission=unpadded, log=quiet)
+        predict(ckpt, root / "test", out=tmp_path / "bad.csv", submission=SubmissionOptions(sample_submission=unpadded),
+                inference=InferenceOptions(num_workers=0), log=quiet)
     assert not (tmp_path / "bad.csv").exists()
-    out = predict(ckpt, root / "test", out=tmp_path / "idx.csv", num_workers=0, sample_submission=unpadded,
-                  id_format="index", id_width=0, log=quiet)
+    out = predict(ckpt, root / "test", out=tmp_path / "idx.csv",
+                  submission=SubmissionOptions(sample_submission=unpadded, id_format="index", id_width=0),
+                  inference=InferenceOptions(num_workers=0), log=quiet)
     assert [r[0] for r in rows(out)[1:]] == ["1", "2", "3", "4", "5", "6"]
 
     short = tmp_path / "short.csv"
     short.write_text("Id,Category\n0001,x\n0002,x\n0099,x\n")
     with pytest.raises(FinetuneError, match=r"'0099'.*4 image Id\(s\) are not in the sample.*'0003'"):
-        predict(ckpt, root / "test", out=tmp_path / "bad.csv", num_workers=0, sample_submission=short, log=quiet)
+        predict(ckpt, root / "test", out=tmp_path / "bad.csv", submission=SubmissionOptions(sample_submission=short),
+                inference=InferenceOptions(num_workers=0), log=quiet)
 
 
 def test_sample_submission_with_class_columns_gets_probabilities(trained, tmp_path):
     root, ckpt, _, _ = trained
     sample = tmp_path / "sample.csv"
     sample.write_text("Id,red,green,blue\n" + "".join(f"{i:04d},0,0,0\n" for i in range(1, 7)))
-    table = rows(predict(ckpt, root / "test", out=tmp_path / "sub.csv", num_workers=0, sample_submission=sample,
-                         log=quiet))
+    table = rows(predict(ckpt, root / "test", out=tmp_path / "sub.csv",
+                         submission=SubmissionOptions(sample_submission=sample),
+                         inference=InferenceOptions(num_workers=0), log=quiet))
     assert table[0] == ["Id", "red", "green", "blue"]
     values = np.array([[float(v) for v in r[1:]] for r in table[1:]])
     expected = manual_probs(ckpt, sorted((root / "test").iterdir()))[:, [2, 1, 0]]  # classes are blue, green, red
@@ -137,7 +144,8 @@ def test_sample_submission_with_class_columns_gets_probabilities(trained, tmp_pa
 def test_tta_flip_averages_the_image_and_its_mirror(trained, tmp_path):
     root, ckpt, _, _ = trained
     paths = sorted((root / "test").iterdir())
-    out = predict(ckpt, root / "test", out=tmp_path / "sub.csv", num_workers=0, probs=True, tta="flip", log=quiet)
+    out = predict(ckpt, root / "test", out=tmp_path / "sub.csv", submission=SubmissionOptions(probs=True),
+                  inference=InferenceOptions(num_workers=0, tta="flip"), log=quiet)
     got = np.array([[float(v) for v in r[1:]] for r in rows(tmp_path / "sub_probs.csv")[1:]])
     np.testing.assert_allclose(got, manual_probs(ckpt, paths, flip=True), atol=1e-5)
     assert not np.allclose(got, manual_probs(ckpt, paths), atol=1e-4)
@@ -146,9 +154,10 @@ def test_tta_flip_averages_the_image_and_its_mirror(trained, tmp_path):
 
 def test_tta_crops_uses_more_views_and_bad_choices_are_named(trained, tmp_path):
     root, ckpt, _, _ = trained
-    plain = predict(ckpt, root / "test", out=tmp_path / "a.csv", num_workers=0, probs=True, log=quiet)
-    crops = predict(ckpt, root / "test", out=tmp_path / "b.csv", num_workers=0, probs=True, tta="crops,flip",
-                    log=quiet)
+    plain = predict(ckpt, root / "test", out=tmp_path / "a.csv", submission=SubmissionOptions(probs=True),
+                    inference=InferenceOptions(num_workers=0), log=quiet)
+    crops = predict(ckpt, root / "test", out=tmp_path / "b.csv", submission=SubmissionOptions(probs=True),
+                    inference=InferenceOptions(num_workers=0, tta="crops,flip"), log=quiet)
     a = np.array([[float(v) for v in r[1:]] for r in rows(tmp_path / "a_probs.csv")[1:]])
     b = np.array([[float(v) for v in r[1:]] for r in rows(tmp_path / "b_probs.csv")[1:]])
     assert not np.allclose(a, b, atol=1e-4)
@@ -161,7 +170,8 @@ def test_tta_crops_uses_more_views_and_bad_choices_are_named(trained, tmp_path):
 def test_ensemble_averages_probabilities_and_needs_the_same_classes(trained, tmp_path):
     root, ckpt, other, tmp = trained
     paths = sorted((root / "test").iterdir())
-    predict([ckpt, other], root / "test", out=tmp_path / "ens.csv", num_workers=0, probs=True, log=quiet)
+    predict([ckpt, other], root / "test", out=tmp_path / "ens.csv", submission=SubmissionOptions(probs=True),
+            inference=InferenceOptions(num_workers=0), log=quiet)
     got = np.array([[float(v) for v in r[1:]] for r in rows(tmp_path / "ens_probs.csv")[1:]])
     expected = (manual_probs(ckpt, paths) + manual_probs(other, paths)) / 2
     np.testing.assert_allclose(got, expected, atol=1e-5)
@@ -171,7 +181,8 @@ def test_ensemble_averages_probabilities_and_needs_the_same_classes(trained, tmp
     mismatched = tmp_path / "mismatched.pt"
     save_checkpoint(mismatched, {k: v for k, v in payload.items() if k not in ("format", "versions")})
     with pytest.raises(FinetuneError, match=r"class lists differ.*\['purple', 'red'\]"):
-        predict([ckpt, mismatched], root / "test", out=tmp_path / "x.csv", num_workers=0, log=quiet)
+        predict([ckpt, mismatched], root / "test", out=tmp_path / "x.csv", inference=InferenceOptions(num_workers=0),
+                log=quiet)
 
 
 def test_unreadable_image_still_gets_a_row_and_is_listed(trained, tmp_path):
@@ -181,7 +192,8 @@ def test_unreadable_image_still_gets_a_row_and_is_listed(trained, tmp_path):
     for p in sorted((root / "test").iterdir())[:3]:
         (images / p.name).write_bytes(p.read_bytes())
     (images / "0004.jpg").write_bytes(b"not a jpeg")
-    out = predict(ckpt, images, out=tmp_path / "sub.csv", num_workers=0, tta="flip", log=quiet)
+    out = predict(ckpt, images, out=tmp_path / "sub.csv", inference=InferenceOptions(num_workers=0, tta="flip"),
+                  log=quiet)
     assert [r[0] for r in rows(out)[1:]] == ["0001", "0002", "0003", "0004"]
     listed = rows(tmp_path / "sub_unreadable.csv")
     assert len(listed) == 2 and listed[1][0].endswith("0004.jpg")
@@ -203,8 +215,8 @@ def _traced_peak(checkpoint: Path, images: Path, out: Path) -> int:
     gc.collect()
     tracemalloc.start()
     try:
-        predict(checkpoint, images, out=out, num_workers=0, batch_size=16, device="cpu", probs=True, topk=3,
-                log=quiet)
+        predict(checkpoint, images, out=out, submission=SubmissionOptions(probs=True, topk=3),
+                inference=InferenceOptions(num_workers=0, batch_size=16, device="cpu"), log=quiet)
         return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

@@ -8,6 +8,8 @@ helper is a no-op for a single process, so the training code reads the same eith
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Iterator, Sequence, TypeVar
 
@@ -18,8 +20,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from finetune.errors import FinetuneError
 
-__all__ = ["launched_by_torchrun", "setup", "cleanup", "active", "independent", "rank", "world_size", "is_main", "barrier",
-           "broadcast_object", "gather_objects", "reduce_sums", "shard_bounds", "shard", "unshard", "rank_seed",
+__all__ = ["launched_by_torchrun", "relaunch", "setup", "cleanup", "active", "independent", "rank", "world_size",
+           "is_main", "barrier", "broadcast_object", "gather_objects", "reduce_sums", "shard_bounds", "shard", "unshard", "rank_seed",
            "wrap", "unwrap", "sync_context", "sync_buffers", "convert_sync_bn"]
 
 T = TypeVar("T")
@@ -31,6 +33,27 @@ _independent = False
 def launched_by_torchrun() -> bool:
     """True when torchrun (or another launcher with its environment) started this process."""
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def relaunch(argv: list[str], devices: int) -> int:
+    """`train ... --devices N`: the same command line under torchrun on this machine; its exit status.
+
+    N processes train one run with DDP, or with --folds, N folds side by side (one per device, no DDP).
+    """
+    if devices < 1:
+        raise FinetuneError(f"--devices {devices}: give the number of processes (GPUs) to train on, e.g. --devices 2")
+    rest, skip = [], False
+    for arg in argv:  # drop --devices N / --devices=N so the workers do not relaunch again
+        if skip:
+            skip = False
+        elif arg == "--devices":
+            skip = True
+        elif not arg.startswith("--devices="):
+            rest.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={devices}",
+               "-m", "finetune", *rest]
+    print("running: " + " ".join(command[1:]), flush=True)
+    return subprocess.run(command).returncode
 
 
 def active() -> bool:
