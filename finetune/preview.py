@@ -12,13 +12,12 @@ import torch
 from finetune.data.images import load_rgb
 from finetune.data.loaders import train_loader, train_transform
 from finetune.data.prepare import Prepared
+from finetune.engine import distributed
 from finetune.engine.lr_find import LrFindResult, lr_range_test
 from finetune.engine.resume import seed_everything
 from finetune.errors import FinetuneError
-from finetune.inference import resolve_device
 from finetune.models import build_model
-from finetune.models.backbones import check_backbone_name
-from finetune.opening import prepare_data
+from finetune.opening import open_training, prepare_data
 from finetune.recipe import Recipe, resolve_recipe
 from finetune.reports.augment_grid import save_augment_grid
 from finetune.reports.lr_plot import plot_lr_find
@@ -29,8 +28,7 @@ __all__ = ["augment_preview", "lr_find"]
 Log = Callable[[str], None]
 
 
-def _training_data(recipe: Recipe, log: Log) -> Prepared:
-    dataset = prepare_data(recipe, log)
+def _log_skipped(dataset: Prepared, log: Log) -> Prepared:
     if dataset.skipped:
         first = dataset.skipped[0]
         log(f"skipping {len(dataset.skipped)} unusable image(s), e.g. {first.path}: {first.reason}")
@@ -82,7 +80,7 @@ def augment_preview(
     source, recipe = recipe, resolve_recipe(recipe, overrides, data)
     out = _check_figure_out(out, recipe, source)
     seed_everything(recipe.train.seed)
-    dataset = _training_data(recipe, log)
+    dataset = _log_skipped(prepare_data(recipe, log), log)
     # Only the preprocessing is needed: build the architecture without downloading weights.
     _, preprocessing = build_model(replace(recipe.model, pretrained=False, weights=None), len(dataset.classes),
                                    recipe.data.image_size, recipe.data.crop_pct)
@@ -140,20 +138,22 @@ def lr_find(
         raise FinetuneError("--steps must be at least 5 (100 is usual)")
     source, recipe = recipe, resolve_recipe(recipe, overrides, data)
     out = _check_figure_out(out, recipe, source)
-    check_backbone_name(recipe.model.backbone)
-    seed_everything(recipe.train.seed)
-    dataset = _training_data(recipe, log)
-    device = resolve_device(recipe.train.device)
-    model, preprocessing = build_model(recipe.model, len(dataset.classes), recipe.data.image_size,
-                                       recipe.data.crop_pct)
-    memory_format = torch.channels_last if recipe.train.channels_last else torch.contiguous_format
-    model.to(device=device, memory_format=memory_format)
-    task = task_of(recipe)
-    loader = train_loader(recipe, dataset.train, preprocessing, task.targets(len(dataset.classes)))
-    log(f"lr range test: up to {steps} batches of {recipe.data.batch_size} on {device}")
-    criterion = task.criterion(recipe, dataset.train, len(dataset.classes), device)
-    result = lr_range_test(model, loader, criterion, recipe.train, device, steps=steps)
-    path = plot_lr_find(result, Path(out).expanduser())
+    opening = open_training(recipe, log=log)
+    recipe, task, dataset, device = opening.recipe, opening.task, opening.dataset, opening.device
+    _log_skipped(dataset, log)
+    result, path = None, Path(out).expanduser()
+    # Under torchrun the sweep is one process's (the same as a plain run); the others wait for its answer.
+    if distributed.is_main():
+        model, preprocessing = build_model(recipe.model, len(dataset.classes), recipe.data.image_size,
+                                           recipe.data.crop_pct)
+        memory_format = torch.channels_last if recipe.train.channels_last else torch.contiguous_format
+        model.to(device=device, memory_format=memory_format)
+        loader = train_loader(recipe, dataset.train, preprocessing, task.targets(len(dataset.classes)))
+        log(f"lr range test: up to {steps} batches of {recipe.data.batch_size} on {device}")
+        criterion = task.criterion(recipe, dataset.train, len(dataset.classes), device)
+        result = lr_range_test(model, loader, criterion, recipe.train, device, steps=steps)
+        path = plot_lr_find(result, path)
+    result = distributed.broadcast_object(result)
     steepest = f"; steepest descent at {result.steepest:.1e}" if result.steepest is not None else ""
     log(f"suggested learning rate: {result.suggestion:.1e} (a tenth of the lowest-loss rate{steepest}); "
         f"train with --set train.lr={result.suggestion:.1e}. Plot: {path}")

@@ -24,7 +24,8 @@ from finetune.data.loaders import class_counts
 from finetune.data.prepare import Prepared
 from finetune.data.sources import Sample
 from finetune.errors import FinetuneError
-from finetune.inference import LoadedModel, load_model, resolve_device, stream_probs
+from finetune.engine import distributed
+from finetune.inference import LoadedModel, load_model, resolve_device, sharded_probs
 from finetune.opening import open_training
 from finetune.options import InferenceOptions
 from finetune.recipe import Recipe, load_recipe
@@ -126,7 +127,8 @@ def _pool(folder: Path, log: Log) -> tuple[list[Path], list[SkippedImage]]:
 def _label_pool(loaded: LoadedModel, pool: list[Path], skipped: list[SkippedImage], threshold: float,
                 max_per_class: Optional[int], truth_csv: Optional[Union[str, Path]], batch_size: int,
                 num_workers: int) -> PseudoLabels:
-    chunks = list(stream_probs([loaded], pool, batch_size, num_workers))
+    # Under torchrun each process scores its share of the pool; every process gets every row.
+    chunks = list(sharded_probs([loaded], pool, batch_size, num_workers))
     probs = np.concatenate(chunks) if chunks else np.zeros((0, len(loaded.classes)), dtype=np.float32)
     task = task_of_model(loaded)
     truth = read_truth(truth_csv, pool, loaded.classes, task) if truth_csv else {}
@@ -207,7 +209,7 @@ def pseudo_label(
     if format == "folder" and out.resolve().is_relative_to(folder.resolve()):
         raise FinetuneError(f"--out {out} is inside --images {folder}: the copies would join the unlabeled pool; "
                             "choose a folder outside it")
-    loaded = load_model(checkpoint, resolve_device(device))
+    loaded = load_model(checkpoint, distributed.setup(resolve_device(device)))
     if format == "folder" and not task_of_model(loaded).fits_class_folders:
         raise FinetuneError("a class folder holds one label per image and this checkpoint gives several; write its "
                             "pseudo-labels as a manifest with --format csv (data.layout: csv reads it)")
@@ -216,10 +218,12 @@ def pseudo_label(
     if loaded.temperature == 1.0:
         log("note: this checkpoint holds no fitted temperature (trained before calibration existed, or its "
             "validation had no mistake): the threshold applies to uncalibrated probabilities")
-    if format == "folder":
-        _write_folder(labels, folder, out, link)
-    else:
-        _write_csv(labels, out, force)
+    if distributed.is_main():  # under torchrun: one process writes
+        if format == "folder":
+            _write_folder(labels, folder, out, link)
+        else:
+            _write_csv(labels, out, force)
+    distributed.barrier()
     log(labels.describe())
     log(f"wrote {out}")
     return labels
