@@ -36,7 +36,7 @@ from finetune.models.backbones import check_backbone_name
 from finetune import multilabel_eval
 from finetune.recipe import Recipe, resolve_recipe
 from finetune.report_page import build_report
-from finetune.run import EvalFiles, RunDir, check_output, is_main_process, write_skipped_list
+from finetune.run import EvalFiles, RunDir, check_output, write_skipped_list
 from finetune.submission import plan_submission, write_rows
 from finetune.multilabel_submission import write_multilabel_rows
 from finetune.tta import parse_tta, view_count
@@ -119,7 +119,7 @@ def train(
         example = torch.zeros(2, 3, preprocessing.size, preprocessing.size, device=device)
         if compile_model(model, example.contiguous(memory_format=memory_format), log):
             log("train.compile: the model runs compiled (torch.compile)")
-    if distributed.rank() > 0:  # every rank built the same model; from here each draws its own augmentation
+    if not distributed.is_main():  # every rank built the same model; from here each draws its own augmentation
         seed_everything(distributed.rank_seed(recipe.train.seed))
 
     run = RunDir.open(checkpoint) if payload is not None else RunDir.create(recipe.output, recipe.name)
@@ -339,7 +339,7 @@ def predict(
     failed: dict[Path, str] = {}
     batches = sharded_probs(models, plan.paths, batch_size, num_workers, views, {s.path for s in skipped},
                             precision=precision, unreadable=failed)
-    if not is_main_process():  # under torchrun: this rank scored its share; rank 0 writes every row
+    if not distributed.is_main():  # under torchrun: this rank scored its share; rank 0 writes every row
         deque(batches, maxlen=0)
         return out
     if multilabel:

@@ -158,7 +158,7 @@ def unshard(part: Sequence[T]) -> list[T]:
 
 def rank_seed(seed: int) -> int:
     """A seed for this rank's random streams (augmentation, workers): `seed` itself on rank 0."""
-    return seed + 1_000_003 * rank()
+    return (seed + 1_000_003 * rank()) % 2**32  # numpy takes seeds below 2**32 only
 
 
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:
