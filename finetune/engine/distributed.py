@@ -67,7 +67,7 @@ def independent() -> Iterator[None]:
 
 
 def is_main() -> bool:
-    """Rank 0: the process that writes and prints."""
+    """Rank 0: the process that writes and prints (the one place that decides it; everything else asks here)."""
     return rank() == 0
 
 
