@@ -122,16 +122,16 @@ class _RecipeLoader(yaml.SafeLoader):
         return node
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: dict[Any, int] = {}
+        seen: dict[tuple[str, str], int] = {}  # (tag, text): `1` and `"1"` are different keys
         for key_node, _ in node.value:
             if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
                 continue  # `<<: *base` merges: its keys may be overridden on purpose
-            line = key_node.start_mark.line + 1
-            if key_node.value in seen:
+            key = (key_node.tag, key_node.value)
+            if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key {_show(key_node.value)} appears twice (first on line {seen[key_node.value]}); "
-                    "keep one", key_node.start_mark)
-            seen[key_node.value] = line
+                    None, None, f"key {_show(key_node.value)} appears twice (first on line {seen[key]}); keep one",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
 
 
@@ -348,7 +348,8 @@ class TrainConfig:
         if self.epochs < 1:
             raise FinetuneError("recipe key 'train.epochs' must be at least 1")
         if not math.isfinite(self.lr) or self.lr <= 0:
-            raise FinetuneError(f"recipe key 'train.lr' is {_show(self.lr)}; it must be a positive finite number, e.g. 1e-3")
+            raise FinetuneError(f"recipe key 'train.lr' is {_show(self.lr)}; it must be a positive finite number, "
+                                "e.g. 1e-3")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise FinetuneError("recipe key 'train.label_smoothing' must be in [0, 1)")
         if not math.isfinite(self.warmup_epochs) or self.warmup_epochs < 0:
@@ -562,7 +563,8 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
     unknown = [k for k in raw if k not in names]
     if unknown:
         raise FinetuneError(
-            f"unknown recipe key {_show(prefix + str(unknown[0]))}; valid keys here: {', '.join(prefix + n for n in names)}"
+            f"unknown recipe key {_show(prefix + str(unknown[0]))}; valid keys here: "
+            f"{', '.join(prefix + n for n in names)}"
         )
     kwargs = {k: _coerce(prefix + k, v, hints[k]) for k, v in raw.items()}
     return cls(**kwargs)

@@ -445,7 +445,8 @@ def test_a_duplicate_recipe_key_is_an_error_naming_key_and_line(capsys, kit, tmp
 
 def test_a_shipped_recipe_takes_one_epoch(capsys, kit, tmp_path):
     """quick_cpu.yaml warms up for one epoch; `--set train.epochs=1` used to be refused."""
-    assert main(["train", QUICK_CPU, "--data", str(kit[0]), *settings(f"output={tmp_path}", "train.epochs=1")]) == 0, capsys.readouterr().err
+    code = main(["train", QUICK_CPU, "--data", str(kit[0]), *settings(f"output={tmp_path}", "train.epochs=1")])
+    assert code == 0, capsys.readouterr().err
     (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert (run / "best.pt").is_file()
     assert "warmup_epochs: 1.0" in (run / "recipe.yaml").read_text()  # clamped to the one epoch there is
