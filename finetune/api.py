@@ -32,7 +32,7 @@ from finetune.opening import open_training
 from finetune.options import InferenceOptions, SubmissionOptions
 from finetune.recipe import DataConfig, Recipe
 from finetune.report_page import build_report
-from finetune.run import EvalFiles, RunDir, check_output, is_main_process, write_skipped_list
+from finetune.run import EvalFiles, RunDir, check_output, write_skipped_list
 from finetune.submission import plan_submission
 from finetune.tasks import Task, task_of_model
 from finetune.tta import parse_tta, view_count
@@ -88,7 +88,7 @@ def train(
                             f"{list(payload['classes'])[:20]}; resume with the run's own data")
     model, preprocessing = _build_for_training(recipe, len(dataset.classes), device, resumed=payload is not None,
                                                log=log)
-    if distributed.rank() > 0:  # every rank built the same model; from here each draws its own augmentation
+    if not distributed.is_main():  # every rank built the same model; from here each draws its own augmentation
         seed_everything(distributed.rank_seed(recipe.train.seed))
 
     run = RunDir.open(checkpoint) if payload is not None else RunDir.create(recipe.output, recipe.name)
@@ -321,7 +321,7 @@ def predict(
     failed: dict[Path, str] = {}
     batches = sharded_probs(models, plan.paths, batch_size, num_workers, views, {s.path for s in skipped},
                             precision=precision, unreadable=failed)
-    if not is_main_process():  # under torchrun: this rank scored its share; rank 0 writes every row
+    if not distributed.is_main():  # under torchrun: this rank scored its share; rank 0 writes every row
         deque(batches, maxlen=0)
         return out
     rows = SimpleNamespace(value=value, label_sep=label_sep, probs_out=probs_out, topk=topk, topk_out=topk_out,

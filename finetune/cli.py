@@ -108,11 +108,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     Under torchrun only rank 0 prints (the other ranks' stdout is discarded; errors still reach stderr).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    from finetune.engine.distributed import launched_by_torchrun
+    torchrun = False
+    if "LOCAL_RANK" in os.environ:  # only torchrun's workers need torch.distributed: plain commands start light
+        from finetune.engine import distributed
 
-    torchrun = launched_by_torchrun()
-    if torchrun and os.environ.get("RANK", "0") != "0":
-        sys.stdout = open(os.devnull, "w")
+        torchrun = distributed.launched_by_torchrun()
+        if torchrun and not distributed.is_main():
+            sys.stdout = open(os.devnull, "w")
     try:
         args = build_parser(_chosen(argv)).parse_args(argv)
         result = call(args)
@@ -128,9 +130,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 130
     finally:
         if torchrun:
-            from finetune.engine.distributed import cleanup
-
-            cleanup()
+            distributed.cleanup()
     return 0
 
 

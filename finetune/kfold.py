@@ -85,8 +85,7 @@ def train_kfold(
     for i, (train_samples, val_samples) in enumerate(plan, 1):
         if (i - 1) % world != rank:
             continue
-        fold_recipe = Recipe.from_dict(recipe.to_dict())
-        fold_recipe.output, fold_recipe.name = str(parent.path), f"fold{i}"
+        fold_recipe = recipe.derive(name=f"fold{i}", output=str(parent.path))
         fold_data = Prepared(dataset.classes, train_samples, val_samples, dataset.skipped, f"fold {i} of {folds}",
                              dataset.test_dir)
         with distributed.independent():  # this fold is this process's alone: no DDP, it writes its own folder

@@ -48,8 +48,11 @@ def train_command(
         raise FinetuneError("give a recipe to train (a YAML path or a shipped recipe's name: `finetune recipes` "
                             "lists them), or --resume RUN_DIR to continue a run")
     if devices != 1 and not distributed.launched_by_torchrun():
-        # This process's own command line, once per device: each worker parses it as this process did.
-        return distributed.relaunch(sys.argv[1:], devices)
+        # The same command, once per device (without --devices, so the workers do not relaunch again).
+        argv = ["train", *([recipe] if recipe else []), *(["--data", str(data)] if data else []),
+                *(arg for value in overrides or [] for arg in ("--set", value)),
+                *(["--resume", str(resume)] if resume else []), *(["--folds", str(folds)] if folds else [])]
+        return distributed.relaunch(argv, devices)
     from finetune.semi import semi_requested
 
     semi = resume is None and semi_requested(recipe, overrides)

@@ -16,7 +16,7 @@ from finetune.errors import FinetuneError
 from finetune.multilabel_eval import SEPARATOR, write_multilabel_evaluation
 from finetune.run import EvalFiles
 from finetune.scoring import read_matching
-from finetune.submission import VALUE_KINDS, SubmissionPlan, _AtomicCSV, stream_rows
+from finetune.submission import VALUE_KINDS, SubmissionPlan, AtomicCSV, stream_rows
 
 __all__ = ["write_multilabel_rows", "score_multilabel_csv"]
 
@@ -41,9 +41,9 @@ def write_multilabel_rows(
     if not sep:
         raise FinetuneError("--label-sep must not be empty (Kaggle's multi-label format uses a space)")
     names = list(classes) if value == "name" else [str(i) for i in range(len(classes))]
-    files = {"sub": _AtomicCSV(out)}
+    files = {"sub": AtomicCSV(out)}
     if probs_out is not None:
-        files["probs"] = _AtomicCSV(probs_out)
+        files["probs"] = AtomicCSV(probs_out)
     return stream_rows(plan, batches, classes, files,
                        lambda p: [sep.join(names[k] for k in np.flatnonzero(p >= thresholds))])
 

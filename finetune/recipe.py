@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import yaml
 
@@ -20,6 +20,14 @@ from finetune.errors import FinetuneError
 from finetune.recipe_library import find_recipe
 
 __all__ = [
+    "METRICS",
+    "MONITORS",
+    "MULTILABEL_METRICS",
+    "lower_is_better",
+    "is_better",
+    "worst_value",
+    "MAX_RECIPE_NODES",
+    "read_yaml",
     "flatten",
     "LOGGERS",
     "DataConfig",
@@ -42,7 +50,11 @@ POOLS = ("avg", "max", "avgmax", "catavgmax")
 BALANCE = ("none", "sampler", "loss")
 POLICIES = ("none", "randaugment", "trivialaugment")
 PRESETS = ("none", "light", "medium", "heavy", "hw03")  # built in finetune/data/transforms.py
-MONITORS = ("val_acc", "val_loss", "val_map", "val_f1")  # val_map, val_f1: data.task multilabel only
+# Every metric a run can be judged by, and which way is better: declared here only (train.monitor, best.pt,
+# early stopping, tuning direction and the runs table all read it).
+METRICS: dict[str, str] = {"val_acc": "max", "val_loss": "min", "val_map": "max", "val_f1": "max"}
+MONITORS = tuple(METRICS)  # the choices of train.monitor
+MULTILABEL_METRICS = ("val_map", "val_f1")  # data.task multilabel only
 TASKS = ("single", "multilabel")
 # logits → probabilities per task: the one task fact inference needs (finetune.tasks holds the rest)
 TASK_ACTIVATIONS = {"single": "softmax", "multilabel": "sigmoid"}
@@ -54,9 +66,91 @@ IMAGE_CACHES = ("none", "disk", "ram")  # built in finetune/data/cache.py
 PRECISIONS = ("fp32", "bf16", "fp16")  # autocast dtypes, finetune/engine/step.py
 
 
+# A recipe is a few dozen settings; more values than this after expanding YAML aliases is an alias bomb
+# (nested anchors that expand exponentially), refused before anything is built from it.
+MAX_RECIPE_NODES = 10_000
+_SHOWN = 60  # characters of a value an error message quotes
+
+
+def lower_is_better(metric: str) -> bool:
+    """True for metrics that improve downwards (val_loss); raises for a name that is no metric."""
+    if metric not in METRICS:
+        raise FinetuneError(f"unknown metric {_show(metric)}; metrics: {', '.join(METRICS)}")
+    return METRICS[metric] == "min"
+
+
+def is_better(metric: str, new: float, old: float) -> bool:
+    """Whether `new` is strictly better than `old` by `metric`'s direction."""
+    return new < old if lower_is_better(metric) else new > old
+
+
+def worst_value(metric: str) -> float:
+    """The value every real result beats: +inf for a metric to minimise, -inf for one to maximise."""
+    return math.inf if lower_is_better(metric) else -math.inf
+
+
+def _show(value: Any) -> str:
+    """`value` as an error message quotes it: its repr on one line, cut to a few dozen characters with …."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= _SHOWN else text[:_SHOWN - 1] + "…"
+
+
 def _choice(key: str, value: Any, choices: tuple) -> None:
     if value not in choices:
-        raise FinetuneError(f"recipe key '{key}' is {value!r}; valid choices: {', '.join(map(str, choices))}")
+        raise FinetuneError(f"recipe key '{key}' is {_show(value)}; valid choices: {', '.join(map(str, choices))}")
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses duplicate keys and alias expansions beyond MAX_RECIPE_NODES."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._sizes: dict[int, int] = {}  # id(node) → values it stands for, aliases expanded
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        node = super().compose_node(parent, index)
+        if id(node) not in self._sizes:  # an alias returns its anchor's node, already counted
+            children: list = []
+            if isinstance(node, yaml.SequenceNode):
+                children = node.value
+            elif isinstance(node, yaml.MappingNode):
+                children = [n for pair in node.value for n in pair]
+            size = 1 + sum(self._sizes.get(id(child), 1) for child in children)
+            if size > MAX_RECIPE_NODES:
+                raise yaml.composer.ComposerError(
+                    None, None, f"its aliases expand to more than {MAX_RECIPE_NODES} values (an alias bomb?); "
+                    "write the values out instead of nesting anchors", node.start_mark)
+            self._sizes[id(node)] = size
+        return node
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[tuple[str, str], int] = {}  # (tag, text): `1` and `"1"` are different keys
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` merges: its keys may be overridden on purpose
+            key = (key_node.tag, key_node.value)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {_show(key_node.value)} appears twice (first on line {seen[key]}); keep one",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error on one line: what is wrong and where."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
+
+
+def read_yaml(text: str) -> Any:
+    """Parse recipe YAML safely: no duplicate keys, alias expansion bounded by MAX_RECIPE_NODES."""
+    loader = _RecipeLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 @dataclass
@@ -215,7 +309,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     momentum: float = 0.9  # sgd only
     schedule: str = "cosine"  # cosine | constant (after warmup)
-    warmup_epochs: float = 0.0
+    warmup_epochs: float = 0.0  # linear warm-up; more than train.epochs is clamped to the whole run
     label_smoothing: float = 0.0
     grad_clip: Optional[float] = None  # max gradient norm; None = no clipping
     amp: bool = True  # fp16 mixed precision when running on CUDA (train.precision: fp32 turns it off too)
@@ -256,14 +350,19 @@ class TrainConfig:
         if self.epochs < 1:
             raise FinetuneError("recipe key 'train.epochs' must be at least 1")
         if not math.isfinite(self.lr) or self.lr <= 0:
-            raise FinetuneError(f"recipe key 'train.lr' is {self.lr!r}; it must be a positive finite number, e.g. 1e-3")
+            raise FinetuneError(f"recipe key 'train.lr' is {_show(self.lr)}; it must be a positive finite number, "
+                                "e.g. 1e-3")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise FinetuneError("recipe key 'train.label_smoothing' must be in [0, 1)")
-        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
-            raise FinetuneError(
-                f"recipe key 'train.warmup_epochs' is {self.warmup_epochs:g} but must be >= 0 and below train.epochs "
-                f"({self.epochs}); set train.warmup_epochs={max(self.epochs - 1, 0)} (or 0) or raise train.epochs"
-            )
+        if not math.isfinite(self.warmup_epochs) or self.warmup_epochs < 0:
+            raise FinetuneError(f"recipe key 'train.warmup_epochs' is {self.warmup_epochs:g}; it must be 0 (no "
+                                "warm-up) or more, e.g. 1")
+        # A shipped recipe's warm-up must not refuse a shorter run (--set train.epochs=1): the warm-up then
+        # spans the whole run, its rate reaching train.lr on the last step.
+        self.warmup_epochs = min(self.warmup_epochs, float(self.epochs))
+        if not 0 <= self.seed < 2**32:
+            raise FinetuneError(f"recipe key 'train.seed' is {_show(self.seed)}; it must be between 0 and "
+                                f"{2**32 - 1} (numpy's seed range), e.g. 0")
         _choice("train.monitor", self.monitor, MONITORS)
         if self.precision is not None:
             _choice("train.precision", self.precision, PRECISIONS)
@@ -276,7 +375,7 @@ class TrainConfig:
         for name in self.loggers:
             _choice("train.loggers", name, LOGGERS)
         if len(set(self.loggers)) != len(self.loggers):
-            raise FinetuneError(f"recipe key 'train.loggers' names a logger twice: {self.loggers}")
+            raise FinetuneError(f"recipe key 'train.loggers' names a logger twice: {_show(self.loggers)}")
         self._validate_stage_options()
 
     def _validate_stage_options(self) -> None:
@@ -354,7 +453,7 @@ class Recipe:
         self.augment.validate()
         self.train.validate()
         self.semi.validate()
-        if self.train.monitor in ("val_map", "val_f1") and self.data.task != "multilabel":
+        if self.train.monitor in MULTILABEL_METRICS and self.data.task != "multilabel":
             raise FinetuneError(f"train.monitor '{self.train.monitor}' is a multi-label metric; with data.task "
                                 "'single' use val_acc or val_loss (or set data.task: multilabel)")
         if self.semi.rounds and self.data.task == "multilabel":
@@ -373,6 +472,24 @@ class Recipe:
     def to_yaml(self, path: Union[str, Path]) -> None:
         """Write the resolved recipe as YAML."""
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def derive(
+        self,
+        name: Optional[str] = None,
+        output: Optional[str] = None,
+        overrides: Sequence[str] = (),
+        settings: Optional[dict[str, Any]] = None,
+    ) -> "Recipe":
+        """A validated copy: renamed, moved, with `--set`-style `overrides` and dotted-key `settings` applied."""
+        raw = apply_overrides(self.to_dict(), overrides)
+        # settings carry values, not YAML text (YAML would read 1e-06 as a string)
+        for key, value in (settings or {}).items():
+            _set_key(raw, key, value, f"recipe key {_show(key)}")
+        if name is not None:
+            raw["name"] = name
+        if output is not None:
+            raw["output"] = output
+        return Recipe.from_dict(raw)
 
     @classmethod
     def from_dict(cls, raw: dict) -> "Recipe":
@@ -416,16 +533,16 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         raise errors[0]
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise FinetuneError(f"recipe key '{key}' must be a mapping of settings, got {value!r}")
+            raise FinetuneError(f"recipe key '{key}' must be a mapping of settings, got {_show(value)}")
         return _build(tp, value, prefix=key + ".")
     if origin is list:
         if not isinstance(value, list):
-            raise FinetuneError(f"recipe key '{key}' must be a list, got {value!r}")
+            raise FinetuneError(f"recipe key '{key}' must be a list, got {_show(value)}")
         (item_tp,) = typing.get_args(tp)
         return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise FinetuneError(f"recipe key '{key}' must be a mapping, got {value!r}")
+            raise FinetuneError(f"recipe key '{key}' must be a mapping, got {_show(value)}")
         key_tp, value_tp = typing.get_args(tp)
         # `--set train.unfreeze.3=[layer3]` arrives with the string key "3".
         return {
@@ -439,7 +556,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return value
     if tp in (int, float, str, bool) and type(value) is tp:
         return value
-    raise FinetuneError(f"recipe key '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    raise FinetuneError(f"recipe key '{key}' must be {_type_name(tp)}, got {_show(value)} ({type(value).__name__})")
 
 
 def _build(cls: type, raw: dict, prefix: str) -> Any:
@@ -448,36 +565,42 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
     unknown = [k for k in raw if k not in names]
     if unknown:
         raise FinetuneError(
-            f"unknown recipe key '{prefix}{unknown[0]}'; valid keys here: {', '.join(prefix + n for n in names)}"
+            f"unknown recipe key {_show(prefix + str(unknown[0]))}; valid keys here: "
+            f"{', '.join(prefix + n for n in names)}"
         )
     kwargs = {k: _coerce(prefix + k, v, hints[k]) for k, v in raw.items()}
     return cls(**kwargs)
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+def _set_key(raw: dict, key: str, value: Any, what: str) -> None:
+    """Set dotted recipe key `key` in nested dict `raw`, creating sections; `what` names the setting in errors."""
+    node = raw
+    *sections, last = key.strip().split(".")
+    for part in sections:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise FinetuneError(f"{what}: '{part}' is not a section")
+    node[last] = value
+
+
+def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
     """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict, in place."""
     for item in overrides:
         if "=" not in item:
-            raise FinetuneError(f"override {item!r} must look like key=value, e.g. train.epochs=5")
+            raise FinetuneError(f"override {_show(item)} must look like key=value, e.g. train.epochs=5")
         key, text = item.split("=", 1)
-        node = raw
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise FinetuneError(f"override {item!r}: '{part}' is not a section")
         try:
-            node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+            value = read_yaml(text) if text.strip() else None
         except yaml.YAMLError as err:
-            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
             raise FinetuneError(
-                f"override {item!r}: the value is not valid YAML ({problem}); quote lists and text, "
+                f"override {_show(item)}: the value is not valid YAML ({_yaml_problem(err)}); quote lists and text, "
                 "e.g. --set 'model.trainable=[layer4]'"
             ) from None
+        _set_key(raw, key, value, f"override {_show(item)}")
     return raw
 
 
-def load_recipe(path: Optional[Union[str, Path]] = None, overrides: Optional[list[str]] = None) -> Recipe:
+def load_recipe(path: Optional[Union[str, Path]] = None, overrides: Optional[Sequence[str]] = None) -> Recipe:
     """Read a recipe YAML or a shipped recipe by name (or start from defaults), apply overrides and validate."""
     raw: dict = {}
     if path is not None:
@@ -487,9 +610,9 @@ def load_recipe(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
         except UnicodeDecodeError as err:
             raise FinetuneError(f"recipe {path} is not UTF-8 text (byte {err.start}); save it as UTF-8 YAML") from None
         try:
-            raw = yaml.safe_load(text)
+            raw = read_yaml(text)
         except yaml.YAMLError as err:
-            raise FinetuneError(f"recipe {path} is not valid YAML: {err}") from None
+            raise FinetuneError(f"recipe {path} is not valid YAML: {_yaml_problem(err)}") from None
         if raw is None:
             # An empty file is more likely a mistake (wrong or unsaved file) than a wish for all defaults.
             raise FinetuneError(f"recipe {path} is empty; write at least one section (e.g. 'model:'), or start "
@@ -507,7 +630,7 @@ def resolve_recipe(
 ) -> "Recipe":
     """A validated Recipe from an object, a YAML path or defaults, with overrides and `--data` applied."""
     if isinstance(recipe, Recipe):
-        resolved = Recipe.from_dict(apply_overrides(recipe.to_dict(), list(overrides or [])))
+        resolved = recipe.derive(overrides=overrides or ())
     else:
         resolved = load_recipe(recipe, overrides)
     if data is not None:

@@ -24,17 +24,9 @@ from finetune.loggers import Logger, create_loggers
 from finetune.recipe import Recipe
 from finetune.reports.plots import plot_curves
 
-__all__ = ["EvalFiles", "RunDir", "StudyDir", "check_output", "is_main_process", "write_skipped_list"]
+__all__ = ["EvalFiles", "RunDir", "StudyDir", "check_output", "write_skipped_list"]
 
 Log = Callable[[str], None]
-
-
-def is_main_process() -> bool:
-    """True on the process that writes files and prints summaries (rank 0 of a torchrun job, or a plain run).
-
-    Every process of a k-fold job whose folds run side by side writes its own folds (engine.distributed.independent).
-    """
-    return distributed.is_main()
 
 
 def _write_csv(path: Path, rows: Iterable[Sequence[Any]]) -> None:
@@ -73,7 +65,7 @@ def check_output(out: Path, inputs: Iterable[Path], kind: str, earlier: Callable
 
 def write_skipped_list(path: Path, skipped: Sequence[SkippedImage], log: Log = print) -> None:
     """List unusable images (path, reason) in `path` and say so, showing the first few."""
-    if not is_main_process():
+    if not distributed.is_main():
         return
     _write_csv(path, [["path", "reason"], *((str(s.path), s.reason) for s in skipped)])
     if skipped:
@@ -114,7 +106,7 @@ class EvalFiles:
     @property
     def writes(self) -> bool:
         """Whether this process writes the bundle (figures are drawn only when it does)."""
-        return is_main_process()
+        return distributed.is_main()
 
     def exists(self) -> bool:
         """True when the folder holds an evaluation (its metrics.json)."""
@@ -178,7 +170,7 @@ class RunDir:
     @property
     def is_main(self) -> bool:
         """Whether this process writes into the folder."""
-        return is_main_process()
+        return distributed.is_main()
 
     @classmethod
     def create(cls, output: Union[str, Path], name: str) -> "RunDir":
@@ -427,24 +419,24 @@ class StudyDir:
         """One of the study's text files (recipes, space)."""
         if path.parent != self.path:
             raise ValueError(f"{path} is not a file of {self}")
-        if is_main_process():
+        if distributed.is_main():
             path.write_text(text, encoding="utf-8")
 
     def write_recipe(self, path: Path, recipe: Recipe) -> None:
         """study_recipe.yaml or best_recipe.yaml."""
         if path not in (self.base_recipe, self.best_recipe):
             raise ValueError(f"{path} is not a recipe of {self}")
-        if is_main_process():
+        if distributed.is_main():
             recipe.to_yaml(path)
 
     def write_trials(self, rows: Sequence[Sequence[Any]]) -> None:
         """trials.csv: header first."""
-        if is_main_process():
+        if distributed.is_main():
             _write_csv(self.trials, rows)
 
     def write_png(self, path: Path, data: bytes) -> None:
         """importance.png or optimization_history.png."""
         if path not in (self.importance, self.history):
             raise ValueError(f"{path} is not a figure of {self}")
-        if is_main_process():
+        if distributed.is_main():
             path.write_bytes(data)

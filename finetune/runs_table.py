@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import yaml
 
 from finetune.errors import FinetuneError
-from finetune.recipe import flatten
+from finetune.recipe import METRICS, flatten, lower_is_better, read_yaml
 from finetune.report_page import render_runs_page
 from finetune.reports.runs_plot import plot_runs
 from finetune.run import RunDir
@@ -65,23 +65,32 @@ def _status(run: RunDir, done: int, epochs: int) -> str:
 
 
 def read_run(run: RunDir, root: Path) -> RunInfo:
-    """Read one run folder's recipe.yaml and history.csv."""
-    try:
-        raw = yaml.safe_load(run.recipe.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise FinetuneError(f"cannot read {run.recipe}: {err}") from None
-    recipe = flatten(raw)
-    history = run.read_history()
-    metric = str(recipe.get("train.monitor", "val_acc"))
-    values = [(float(r[metric]), int(r["epoch"])) for r in history if r.get(metric) not in (None, "")]
-    best, best_epoch = None, None
-    if values:
-        best, best_epoch = (min if metric == "val_loss" else max)(values, key=lambda v: v[0])
-    epochs = int(recipe.get("train.epochs") or 0)
-    seconds = sum(float(r.get("seconds") or 0) for r in history)
+    """Read one run folder's recipe.yaml and history.csv; a folder that cannot be read is marked `unreadable: why`."""
     name = str(run.path.relative_to(root)) if run.path != root else run.path.name
+    reading = run.recipe.name
+    try:
+        recipe = flatten(read_yaml(run.recipe.read_text(encoding="utf-8")) or {})
+        reading = run.history.name
+        history = run.read_history()
+        metric = str(recipe.get("train.monitor", "val_acc"))
+        values = [(float(r[metric]), int(r["epoch"])) for r in history if r.get(metric) not in (None, "")]
+        seconds = sum(float(r.get("seconds") or 0) for r in history)
+        epochs = int(recipe.get("train.epochs") or 0)
+        best, best_epoch = None, None
+        if values:
+            best, best_epoch = (min if lower_is_better(metric) else max)(values, key=lambda v: v[0])
+    except UnicodeDecodeError as err:
+        return _unreadable(run, name, f"{reading} is not UTF-8 text (byte {err.start})")
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, yaml.YAMLError, FinetuneError) as err:
+        # One damaged folder (a hand-edited or half-copied file) must not cost the whole table.
+        return _unreadable(run, name, f"{reading}: " + " ".join(f"{type(err).__name__}: {err}".split())[:120])
     return RunInfo(run, name, recipe, history, metric, best, best_epoch, len(history), seconds,
                    _status(run, len(history), epochs))
+
+
+def _unreadable(run: RunDir, name: str, why: str) -> RunInfo:
+    """The row of a run folder whose recipe or history cannot be read."""
+    return RunInfo(run, name, {}, [], "val_acc", None, None, 0, 0.0, f"unreadable: {why}")
 
 
 def differing_keys(runs: Sequence[RunInfo]) -> list[str]:
@@ -109,7 +118,7 @@ def _text(value: Any) -> str:
 def table_rows(runs: Sequence[RunInfo]) -> tuple[list[str], list[list[Any]]]:
     """Header and one row per run: name, backbone, the differing keys, best metric and epoch, progress, state."""
     keys = differing_keys(runs)
-    metrics = sorted({info.metric for info in runs})
+    metrics = sorted({info.metric for info in runs if info.recipe}) or ["val_acc"]
     best = f"best {metrics[0]}" if len(metrics) == 1 else "best (train.monitor)"
     header = ["run", "backbone", *keys, best, "best epoch", "epochs", "train time", "status"]
     rows = []
@@ -131,7 +140,8 @@ def _sort(header: list[str], rows: list[list[Any]], column: str) -> list[list[An
         raise FinetuneError(f"--sort {column}: no such column; columns are: {', '.join(header)}")
     numeric = [r for r in rows if isinstance(r[index], (int, float)) and not isinstance(r[index], bool)]
     if len(numeric) == len([r for r in rows if r[index] is not None]) and numeric:
-        descending = not header[index].endswith("val_loss")  # a lower loss is better
+        metric = header[index].removeprefix("best ")
+        descending = not (metric in METRICS and lower_is_better(metric))
         present = sorted(numeric, key=lambda r: r[index], reverse=descending)
     else:
         present = sorted((r for r in rows if r[index] is not None), key=lambda r: str(r[index]))

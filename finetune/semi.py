@@ -262,11 +262,10 @@ def _pool_folder(recipe: Recipe, dataset: Prepared) -> Path:
 
 
 def _round_recipe(recipe: Recipe, parent: RunDir, name: str, augment: Optional[str]) -> Recipe:
-    child = Recipe.from_dict(recipe.to_dict())
-    child.output, child.name, child.semi.rounds = str(parent.path), name, 0  # a round is a plain training run
+    settings: dict[str, object] = {"semi.rounds": 0}  # a round is a plain training run
     if augment is not None:
-        child.augment.preset = augment
-    return child
+        settings["augment.preset"] = augment
+    return recipe.derive(name=name, output=str(parent.path), settings=settings)
 
 
 def train_semi(

@@ -22,6 +22,7 @@ from finetune.errors import FinetuneError
 from finetune.options import ID_FORMATS, VALUE_KINDS
 
 __all__ = [
+    "AtomicCSV",
     "VALUE_KINDS",
     "ID_FORMATS",
     "SubmissionPlan",
@@ -147,7 +148,7 @@ def plan_submission(
     return SubmissionPlan(sample_ids, [by_id[i] for i in sample_ids], header[0], None, list(columns))
 
 
-class _AtomicCSV:
+class AtomicCSV:
     """A csv writer on a temporary file next to `path`, renamed into place by `commit`."""
 
     def __init__(self, path: Path) -> None:
@@ -196,11 +197,11 @@ def write_rows(
         raise FinetuneError(f"--value must be one of {', '.join(VALUE_KINDS)}, got {value!r}")
     if topk and not 1 <= topk <= len(classes):
         raise FinetuneError(f"--topk must be between 1 and the number of classes ({len(classes)}), got {topk}")
-    files = {"sub": _AtomicCSV(out)}
+    files = {"sub": AtomicCSV(out)}
     if probs_out is not None:
-        files["probs"] = _AtomicCSV(probs_out)
+        files["probs"] = AtomicCSV(probs_out)
     if topk and topk_out is not None:
-        files["topk"] = _AtomicCSV(topk_out)
+        files["topk"] = AtomicCSV(topk_out)
     if "topk" in files:
         files["topk"].writer.writerow(
             [plan.id_column] + [f"{kind}_{r}" for r in range(1, topk + 1) for kind in ("class", "score")])
@@ -219,7 +220,7 @@ def write_rows(
 
 
 def stream_rows(plan: SubmissionPlan, batches: Iterable[np.ndarray], classes: Sequence[str],
-                files: dict[str, "_AtomicCSV"], label: Callable[[np.ndarray], list],
+                files: dict[str, "AtomicCSV"], label: Callable[[np.ndarray], list],
                 extra: Optional[Callable[[str, str, np.ndarray], None]] = None) -> int:
     """Write the submission (and `probs`) rows batch by batch in `plan` order, committing every file at the end.
 

@@ -22,7 +22,7 @@ from finetune.kfold import train_kfold
 from finetune.opening import prepare_data
 from finetune.loggers import check_loggers
 from finetune.models.backbones import check_backbone_name
-from finetune.recipe import Recipe, load_recipe, resolve_recipe
+from finetune.recipe import Recipe, load_recipe, lower_is_better, resolve_recipe
 from finetune.reports.tuning_plots import plot_history, plot_importance
 from finetune.run import RunDir, StudyDir
 from finetune.runs_table import read_run
@@ -67,20 +67,6 @@ def _check_dimension(key: str, spec: Any) -> None:
         raise FinetuneError(f"search space key '{key}': log_uniform needs positive bounds, got {values}")
 
 
-def _with(recipe: Recipe, params: dict[str, Any]) -> Recipe:
-    """`recipe` with recipe keys set (validated as a recipe, so a wrong key or value names itself)."""
-    raw = recipe.to_dict()
-    for key, value in params.items():
-        node = raw
-        *sections, last = key.split(".")
-        for part in sections:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise FinetuneError(f"search space key '{key}': '{part}' is not a recipe section")
-        node[last] = value  # the value itself: YAML text would read 1e-06 as a string
-    return Recipe.from_dict(raw)
-
-
 def load_space(space: Union[str, Path, dict], recipe: Recipe) -> dict[str, dict]:
     """Read and check a search space: recipe keys mapped to how each is searched."""
     if not isinstance(space, dict):
@@ -98,7 +84,7 @@ def load_space(space: Union[str, Path, dict], recipe: Recipe) -> dict[str, dict]
         _check_dimension(key, spec)
         kind, values = next(iter(spec.items()))
         for value in (values if kind == "choice" else values[:2]):
-            _with(recipe, {key: value})  # every end of the range must make a valid recipe
+            recipe.derive(settings={key: value})  # every end of the range must make a valid recipe
     return space
 
 
@@ -126,7 +112,7 @@ def _import_optuna():
 
 def _better(metric: str, folds: Optional[int]) -> bool:
     """True when a higher objective is better (accuracy; cross-validation scores accuracy too)."""
-    return folds is not None or metric != "val_loss"
+    return folds is not None or not lower_is_better(metric)
 
 
 def _objective(optuna, study: StudyDir, recipe: Recipe, space: dict, dataset, folds: Optional[int], log: Log):
@@ -135,8 +121,7 @@ def _objective(optuna, study: StudyDir, recipe: Recipe, space: dict, dataset, fo
 
     def objective(trial) -> float:
         params = {key: _suggest(trial, key, spec) for key, spec in space.items()}
-        trial_recipe = _with(recipe, params)
-        trial_recipe.output, trial_recipe.name = str(study.path), study.trial_name(trial.number)
+        trial_recipe = recipe.derive(name=study.trial_name(trial.number), output=str(study.path), settings=params)
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
         log(f"trial {trial.number}: {shown}")
         prefixed = (lambda line: log(f"[trial {trial.number}] {line}"))
@@ -234,8 +219,7 @@ def _finish(optuna, study, folder: StudyDir, recipe: Recipe, space: dict, folds:
         log(f"no trial finished unpruned yet; trials in {folder.trials}")
         return TuneResult(folder.path, None, {}, None, None, None, finished)
     best = study.best_trial
-    best_recipe = _with(recipe, best.params)
-    best_recipe.name = f"{recipe.name}-best"
+    best_recipe = recipe.derive(name=f"{recipe.name}-best", settings=best.params)
     folder.write_recipe(folder.best_recipe, best_recipe)
     command = f"finetune train {shlex.quote(str(folder.best_recipe))}" + (f" --folds {folds}" if folds else "")
     log(f"best: trial {best.number}, {metric} {best.value:.4f} with "

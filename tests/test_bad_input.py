@@ -116,9 +116,10 @@ def test_empty_recipe_is_refused(capsys, kit, tmp_path):
     refused(capsys, ["train", str(empty), "--data", str(kit[0])], "is empty")
 
 
-def test_warmup_conflict_names_the_value_to_change(capsys, kit):
-    refused(capsys, ["train", QUICK_CPU, "--data", str(kit[0]), "--set", "train.epochs=1"],
-            "train.warmup_epochs=0")
+def test_a_negative_warmup_names_the_key(capsys, kit):
+    # A warm-up longer than the run is no longer a conflict (issue 27: shipped recipes take any epoch count).
+    refused(capsys, ["train", QUICK_CPU, "--data", str(kit[0]), "--set", "train.warmup_epochs=-1"],
+            "train.warmup_epochs", "0 (no warm-up) or more")
 
 
 def test_byte_order_mark_in_csv_headers(capsys, tmp_path):
@@ -434,3 +435,70 @@ def test_evaluate_and_pseudo_label_refuse_bad_numbers(capsys, kit, tmp_path, opt
     refused(capsys, ["pseudo-label", str(checkpoint), "--images", str(root / "test"), "--out",
                      str(tmp_path / "pseudo"), option, value], option, value)
     assert not (tmp_path / "pseudo").exists()
+
+
+# --- issue 27: recipes ------------------------------------------------------------------------------------
+
+
+def test_a_yaml_alias_bomb_is_refused_quickly_without_its_value(capsys, kit, tmp_path):
+    levels = ["&a0 [" + ", ".join(["x"] * 9) + "]"]
+    levels += [f"&a{k} [" + ", ".join([f"*a{k - 1}"] * 9) + "]" for k in range(1, 9)]
+    recipe = tmp_path / "bomb.yaml"
+    recipe.write_text(f"name: [{', '.join(levels)}]\n")
+    line = refused(capsys, ["train", str(recipe), "--data", str(kit[0])], "bomb.yaml", "alias")
+    assert len(line) < 400 and "x, x, x" not in line
+    refused(capsys, ["train", QUICK_CPU, "--data", str(kit[0]), "--set", f"name=[{', '.join(levels)}]"], "alias")
+
+
+def test_a_long_wrong_value_is_quoted_on_one_short_line(capsys, kit):
+    line = refused(capsys, ["train", QUICK_CPU, "--data", str(kit[0]), "--set", f"name={list(range(5000))}"],
+                   "recipe key 'name'", "…")
+    assert len(line) < 300
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_a_seed_out_of_numpys_range_is_refused(capsys, kit, seed):
+    refused(capsys, ["train", QUICK_CPU, "--data", str(kit[0]), "--set", f"train.seed={seed}"],
+            "train.seed", str(2**32 - 1))
+
+
+def test_a_duplicate_recipe_key_is_an_error_naming_key_and_line(capsys, kit, tmp_path):
+    recipe = tmp_path / "twice.yaml"
+    recipe.write_text("train:\n  epochs: 1\n  lr: 0.01\n  epochs: 5\n")
+    refused(capsys, ["train", str(recipe), "--data", str(kit[0])], "'epochs' appears twice", "line 4")
+
+
+def test_a_shipped_recipe_takes_one_epoch(capsys, kit, tmp_path):
+    """quick_cpu.yaml warms up for one epoch; `--set train.epochs=1` used to be refused."""
+    code = main(["train", QUICK_CPU, "--data", str(kit[0]), *settings(f"output={tmp_path}", "train.epochs=1")])
+    assert code == 0, capsys.readouterr().err
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert (run / "best.pt").is_file()
+    assert "warmup_epochs: 1.0" in (run / "recipe.yaml").read_text()  # clamped to the one epoch there is
+
+
+def _two_runs(tmp_path: Path) -> Path:
+    """Two run folders (recipe.yaml + history.csv) under tmp_path/runs: a good one and one to spoil."""
+    for name in ("good", "bad"):
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        (run / "recipe.yaml").write_text("name: x\ntrain:\n  epochs: 2\n  monitor: val_acc\n")
+        (run / "history.csv").write_text("epoch,train_loss,train_acc,val_loss,val_acc,lr,seconds\n"
+                                         "1,1.0,0.5,1.0,0.6,0.001,3\n2,0.9,0.6,0.8,0.7,0.001,3\n")
+    return tmp_path / "runs"
+
+
+@pytest.mark.parametrize("spoil", ["latin1", "text"])
+def test_one_unreadable_history_is_one_marked_row(capsys, tmp_path, spoil):
+    root = _two_runs(tmp_path)
+    history = root / "bad" / "history.csv"
+    if spoil == "latin1":
+        history.write_bytes(history.read_bytes() + "3,0.8,0.7,0.7,caf\xe9,0.001,3\n".encode("latin-1"))
+    else:
+        history.write_text(history.read_text() + "3,0.8,0.7,0.7,oops,0.001,3\n")
+    assert main(["runs", str(root)]) == 0
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    rows = {line.split()[0]: line for line in out.splitlines()[1:] if line.strip()}
+    assert set(rows) == {"good", "bad"}, out
+    assert "0.7" in rows["good"] and "unreadable: " in rows["bad"], out

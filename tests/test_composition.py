@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import QUICK_CPU, write_folder_dataset
-from test_distributed import _env, _finetune, _sets
+from test_distributed import _finetune, _sets
 from test_multilabel import write_multilabel_dataset
 
 from finetune import api

@@ -196,3 +196,93 @@ def test_recipe_presets_are_the_ones_transforms_build() -> None:
 def test_figure_modules_leave_the_matplotlib_backend_alone(module: str) -> None:
     loaded = _fresh_import(f"import {module}")
     assert "matplotlib.pyplot" not in loaded
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _private_uses(path: Path) -> list[str]:
+    """`_private` names `path` takes from other modules of the package: `from m import _x` and `m._x`."""
+    tree = ast.parse(path.read_text())
+    found, modules = [], {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "finetune":
+            for alias in node.names:
+                if _private(alias.name):
+                    found.append(f"line {node.lineno}: from {node.module} import {alias.name}")
+                if f"{node.module}.{alias.name}" in MODULE_NAMES:
+                    modules[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "finetune":
+                    modules[alias.asname or alias.name] = alias.name
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _private(node.attr):
+            dotted = ast.unparse(node.value)
+            if dotted in modules.values() or dotted.split(".")[0] in modules:
+                found.append(f"line {node.lineno}: {dotted}.{node.attr}")
+    return found
+
+
+def test_no_private_name_is_used_across_modules() -> None:
+    used = [f"{module} {use}" for module, path in MODULES.items() for use in _private_uses(path)]
+    assert not used, "a _private name is private to its module; make it public (and add it to __all__):\n" + \
+        "\n".join(used)
+
+
+def test_the_private_name_check_can_fail(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text("from finetune.data import sources\nfrom finetune.submission import _Hidden\nsources._helper()\n")
+    assert len(_private_uses(module)) == 2
+
+
+# The one definition of "am I the main process?" lives in engine/distributed.py; everything else calls it.
+MAIN_PROCESS_OWNER = "finetune.engine.distributed"
+MAIN_PROCESS_EXEMPT: set[str] = set()  # a module that must decide by hand goes here, with the reason
+
+
+def _main_process_checks(path: Path) -> list[str]:
+    """Places in `path` that decide who is main by hand: a rank compared with 0, or the RANK variable read."""
+    tree = ast.parse(path.read_text())
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            zero = any(isinstance(o, ast.Constant) and o.value in (0, "0") and not isinstance(o.value, bool)
+                       for o in operands)
+            if zero and any("rank" in ast.unparse(o).lower() for o in operands):
+                found.append(f"line {node.lineno}: {ast.unparse(node)}")
+        elif isinstance(node, ast.Constant) and node.value == "RANK":
+            found.append(f"line {node.lineno}: reads the RANK environment variable")
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and "main" in node.name and (
+                "rank" in node.name or "is_main" in node.name or "main_process" in node.name):
+            body = [n for n in node.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
+            delegates = len(body) == 1 and isinstance(body[0], ast.Return) and \
+                ast.unparse(body[0].value) == "distributed.is_main()"
+            if not delegates:  # a second definition of the check, not a call of the one
+                found.append(f"line {node.lineno}: defines {node.name}()")
+    return found
+
+
+def test_only_engine_distributed_decides_who_is_main() -> None:
+    checks = [f"{module} {check}" for module, path in MODULES.items()
+              if module != MAIN_PROCESS_OWNER and module not in MAIN_PROCESS_EXEMPT
+              for check in _main_process_checks(path)]
+    assert not checks, "ask engine.distributed.is_main() (or RunDir.is_main) instead of:\n" + "\n".join(checks)
+
+
+def test_the_main_process_check_can_fail(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text("import os\nfrom finetune.engine import distributed\n"
+                      "a = distributed.rank() == 0\nb = os.environ.get('RANK', '0') != '0'\nc = 0 < rank\n")
+    assert len(_main_process_checks(module)) == 4  # three comparisons and one RANK read
+    module.write_text("def is_main_process():\n    return rank() == 0\n\n\n"
+                      "def is_main():\n    \"\"\"Delegates.\"\"\"\n    return distributed.is_main()\n")
+    assert [c.split(": ")[1] for c in _main_process_checks(module)] == ["defines is_main_process()", "rank() == 0"]
+    assert _main_process_checks(MODULES[MAIN_PROCESS_OWNER]), "the owner's own check is what the scan looks for"
+
+
+def test_every_main_process_exemption_is_still_needed() -> None:
+    stale = [m for m in MAIN_PROCESS_EXEMPT if not _main_process_checks(MODULES[m])]
+    assert not stale, f"remove {stale} from MAIN_PROCESS_EXEMPT: they no longer decide who is main by hand"

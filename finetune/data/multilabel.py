@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from finetune.data.images import SkippedImage, list_images
-from finetune.data.sources import (DatasetSplits, Keep, Sample, _find_child, _resolve_manifest_path,
+from finetune.data.sources import (DatasetSplits, Keep, Sample, find_child, resolve_manifest_path,
                                    manifest_paths, sort_class_names, TEST_NAMES)
 from finetune.errors import FinetuneError
 from finetune.recipe import AugmentConfig, DataConfig
@@ -75,7 +75,7 @@ def read_multilabel_manifest(cfg: DataConfig, root: Path,
             names = tuple(c for c in per_class if (row.get(c) or "").strip() in ("1", "1.0"))
         else:
             names = tuple(dict.fromkeys(split_labels(row[label_col] or "", cfg.csv_label_sep)))
-        path = _resolve_manifest_path(value, image_dir, by_stem)
+        path = resolve_manifest_path(value, image_dir, by_stem)
         if path is None:
             skipped.append(SkippedImage(image_dir / value, "listed in the manifest but no such image file"))
             continue
@@ -186,7 +186,7 @@ def discover_multilabel(cfg: DataConfig, seed: int = 0, keep: Optional[Keep] = N
     keep = keep or (lambda found: (list(found), []))
     samples, dropped = keep(samples)
     train, val = multilabel_split(samples, cfg.val_fraction, seed, len(classes))
-    return DatasetSplits(classes, train, val, "split", _find_child(root, cfg.test, TEST_NAMES), skipped + dropped)
+    return DatasetSplits(classes, train, val, "split", find_child(root, cfg.test, TEST_NAMES), skipped + dropped)
 
 
 def manifest_samples(data: Path, cfg: DataConfig, classes: Sequence[str]) -> tuple[list[Sample], list[SkippedImage]]:

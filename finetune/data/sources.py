@@ -13,6 +13,8 @@ from finetune.errors import FinetuneError
 from finetune.recipe import DataConfig
 
 __all__ = [
+    "find_child",
+    "resolve_manifest_path",
     "Sample",
     "one_sample_per_file",
     "LabelledSet",
@@ -75,7 +77,8 @@ def sort_class_names(names: set[str]) -> list[str]:
     return sorted(names)
 
 
-def _find_child(root: Path, wanted: Optional[str], defaults: tuple[str, ...]) -> Optional[Path]:
+def find_child(root: Path, wanted: Optional[str], defaults: tuple[str, ...]) -> Optional[Path]:
+    """The sub-folder a recipe names (`wanted`), or with "auto" the first of `defaults` present; None for none."""
     if wanted is None:
         return None
     if wanted != "auto":
@@ -203,7 +206,8 @@ def read_labelled_folder(folder: Path, layout: str, label_regex: str) -> Labelle
     return one_sample_per_file(LabelledSet(items, skipped), folder)
 
 
-def _resolve_manifest_path(value: str, image_dir: Path, by_stem: dict[str, Path]) -> Optional[Path]:
+def resolve_manifest_path(value: str, image_dir: Path, by_stem: dict[str, Path]) -> Optional[Path]:
+    """The image a manifest cell names: a path under `image_dir`, else a file stem (id); None when neither."""
     candidate = image_dir / value
     if candidate.is_file():
         return candidate
@@ -241,7 +245,7 @@ def read_manifest(cfg: DataConfig, root: Path) -> LabelledSet:
     items, skipped = [], []
     for row in rows:
         value, label = (row[id_col] or "").strip(), (row[label_col] or "").strip()
-        path = _resolve_manifest_path(value, image_dir, by_stem)
+        path = resolve_manifest_path(value, image_dir, by_stem)
         if path is None:
             skipped.append(SkippedImage(image_dir / value, "listed in the manifest but no such image file"))
         elif not label:
@@ -303,14 +307,14 @@ def discover(cfg: DataConfig, seed: int = 0, keep: Optional[Keep] = None) -> Dat
     if not root.is_dir():
         raise FinetuneError(f"dataset folder not found: {root}")
     notes: list[str] = []
-    test_dir = _test_folder(_find_child(root, cfg.test, TEST_NAMES), cfg.test == "auto", notes)
+    test_dir = _test_folder(find_child(root, cfg.test, TEST_NAMES), cfg.test == "auto", notes)
     unlabeled_dir = None
     if cfg.layout == "csv":
         train_set, val_set = read_manifest(cfg, root), None
     else:
-        train_dir = _find_child(root, cfg.train, TRAIN_NAMES) or root
+        train_dir = find_child(root, cfg.train, TRAIN_NAMES) or root
         train_dir, unlabeled_dir = _semi_supervised_split(root, train_dir, cfg, notes)
-        val_dir = _find_child(root, cfg.val, VAL_NAMES)
+        val_dir = find_child(root, cfg.val, VAL_NAMES)
         train_set = read_labelled_folder(train_dir, cfg.layout, cfg.label_regex)
         val_set = read_labelled_folder(val_dir, cfg.layout, cfg.label_regex) if val_dir else None
     if cfg.layout == "csv" and cfg.unlabeled not in (None, "auto"):

@@ -36,22 +36,14 @@ def launched_by_torchrun() -> bool:
 
 
 def relaunch(argv: list[str], devices: int) -> int:
-    """`train ... --devices N`: the same command line under torchrun on this machine; its exit status.
+    """`finetune ARGV` (a command without --devices) under torchrun on N processes of this machine; its exit status.
 
     N processes train one run with DDP, or with --folds, N folds side by side (one per device, no DDP).
     """
     if devices < 1:
         raise FinetuneError(f"--devices {devices}: give the number of processes (GPUs) to train on, e.g. --devices 2")
-    rest, skip = [], False
-    for arg in argv:  # drop --devices N / --devices=N so the workers do not relaunch again
-        if skip:
-            skip = False
-        elif arg == "--devices":
-            skip = True
-        elif not arg.startswith("--devices="):
-            rest.append(arg)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={devices}",
-               "-m", "finetune", *rest]
+               "-m", "finetune", *argv]
     print("running: " + " ".join(command[1:]), flush=True)
     return subprocess.run(command).returncode
 
@@ -90,7 +82,7 @@ def independent() -> Iterator[None]:
 
 
 def is_main() -> bool:
-    """Rank 0: the process that writes and prints."""
+    """Rank 0: the process that writes and prints (the one place that decides it; everything else asks here)."""
     return rank() == 0
 
 
@@ -181,7 +173,7 @@ def unshard(part: Sequence[T]) -> list[T]:
 
 def rank_seed(seed: int) -> int:
     """A seed for this rank's random streams (augmentation, workers): `seed` itself on rank 0."""
-    return seed + 1_000_003 * rank()
+    return (seed + 1_000_003 * rank()) % 2**32  # numpy takes seeds below 2**32 only
 
 
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:

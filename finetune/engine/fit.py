@@ -23,7 +23,7 @@ from finetune.engine.resume import capture_all_ranks, check_resumable, restore_t
 from finetune.engine.step import autocast, grad_scaler, optimizer_step, to_device, train_precision
 from finetune.errors import FinetuneError
 from finetune.models.unfreezing import plan_unfreezing
-from finetune.recipe import TrainConfig
+from finetune.recipe import TrainConfig, is_better, worst_value
 
 __all__ = ["EpochStats", "FitState", "Monitor", "RunFolder", "EpochHook", "EpochScorer", "Mixer", "TrainingParts",
            "train_one_epoch", "validate", "fit", "HISTORY_COLUMNS"]
@@ -100,22 +100,22 @@ class FitState:
 
 @dataclass
 class Monitor:
-    """Tracks the best epoch by `metric` (val_loss down; val_acc, val_map, val_f1 up) and epochs since it improved."""
+    """Tracks the best epoch by `metric` (its direction from recipe.METRICS) and epochs since it improved."""
 
     metric: str = "val_acc"
-    best: float = -math.inf
+    best: Optional[float] = None  # None: no epoch yet (the metric's worst value)
     best_epoch: int = 0
     best_accuracy: float = -1.0
     bad_epochs: int = 0
 
     def __post_init__(self) -> None:
-        if self.metric == "val_loss" and self.best == -math.inf:
-            self.best = math.inf
+        if self.best is None:
+            self.best = worst_value(self.metric)
 
     def update(self, epoch: int, val: EpochStats) -> bool:
         """Record an epoch's validation result; True when it is the new best."""
         value = {"val_acc": val.accuracy, "val_loss": val.loss, **val.extra}[self.metric]
-        improved = value < self.best if self.metric == "val_loss" else value > self.best
+        improved = is_better(self.metric, value, self.best)
         if improved:
             self.best, self.best_epoch, self.best_accuracy, self.bad_epochs = value, epoch, val.accuracy, 0
         else:

@@ -7,7 +7,8 @@ from typing import Optional
 
 from finetune.data.preprocessing import Preprocessing
 from finetune.models.backbones import Backbone, create_backbone
-from finetune.models.freezing import Classifier, apply_freeze, format_summary, resolve_trainable, stage_summary
+from finetune.models.classifier import Classifier
+from finetune.models.freezing import apply_freeze, format_summary, resolve_trainable, stage_summary
 from finetune.models.heads import create_head
 from finetune.models.unfreezing import UnfreezePlan, plan_unfreezing
 from finetune.recipe import ModelConfig

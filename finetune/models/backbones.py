@@ -2,7 +2,7 @@
 
 A backbone is turned into a *body* that maps images to a pooled feature vector; the original
 classifier is dropped (the MLP head replaces it): timm models through `reset_classifier(0,
-global_pool=model.head.pool)`, torchvision models and classics as torchvision_backbones.py says.
+global_pool=model.head.pool)`, torchvision models as torchvision_backbones.py says, classics as classics.py does.
 Each body comes with named stages for freezing (timm's `group_matcher` for timm models) and with
 the preprocessing its weights expect.
 """
@@ -19,7 +19,7 @@ from torch import nn
 
 from finetune.data.preprocessing import Preprocessing
 from finetune.errors import FinetuneError
-from finetune.models import torchvision_backbones
+from finetune.models import classics, torchvision_backbones
 from finetune.models.weights import (
     host_reachable,
     load_matching,
@@ -145,7 +145,7 @@ def _timm_preprocessing(model: nn.Module, image_size: Optional[int]) -> Preproce
 
 def check_backbone_name(name: str) -> str:
     """Where a backbone name comes from (timm | torchvision | classic); unknown names raise."""
-    if name in torchvision_backbones.CLASSICS:
+    if name in classics.CLASSICS:
         return "classic"
     if name.startswith(TORCHVISION_PREFIXES):
         return "torchvision"
@@ -156,7 +156,7 @@ def check_backbone_name(name: str) -> str:
         return "torchvision"
     raise FinetuneError(
         f"unknown backbone '{name}': not a timm model, a torchvision model (tv/<name>) or a "
-        f"classic ({', '.join(torchvision_backbones.CLASSICS)}). Close timm names: "
+        f"classic ({', '.join(classics.CLASSICS)}). Close timm names: "
         f"{', '.join(timm.list_models(f'*{bare[:5]}*')[:8]) or 'none'}"
     )
 
@@ -216,5 +216,6 @@ def create_backbone(cfg: ModelConfig, image_size: Optional[int] = None) -> Backb
     source = check_backbone_name(cfg.backbone)
     if source == "timm":
         return _create_timm(cfg, image_size)
-    body, stages, preprocessing = torchvision_backbones.create(cfg, image_size)
+    create = classics.create if source == "classic" else torchvision_backbones.create
+    body, stages, preprocessing = create(cfg, image_size)
     return Backbone(body, feature_dim(body, preprocessing.size), stages, preprocessing, source)

@@ -3,16 +3,24 @@
 Each returns a feature vector; the project's MLP head is the classifier. Layer names are the
 stage names a recipe's `trainable` list uses. NiN and HW03Net end in a global pool that
 `model.head.pool` chooses; LeNet ends in fully connected layers, so no pool applies to it.
+`create` builds one as a backbone: the body, its stages and the preprocessing it expects.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Optional
 
+import torch
 from timm.layers import SelectAdaptivePool2d
 from torch import nn
 
-__all__ = ["LeNet", "NiN", "HW03Net", "CLASSIC_BUILDERS", "CLASSIC_STAGES"]
+from finetune.data.preprocessing import Preprocessing
+from finetune.errors import FinetuneError
+from finetune.models.weights import load_matching, read_state_dict, resolve_weights_path
+from finetune.recipe import ModelConfig
+
+__all__ = ["LeNet", "NiN", "HW03Net", "CLASSIC_BUILDERS", "CLASSIC_STAGES", "CLASSICS", "GrayscaleInput", "create"]
 
 
 class LeNet(nn.Sequential):
@@ -122,3 +130,37 @@ CLASSIC_STAGES = {
     "nin": ["block1", "block2", "block3"],
     "hw03net": ["stem", "layer1", "layer2", "layer3", "layer4"],
 }
+CLASSICS = tuple(CLASSIC_BUILDERS)
+
+
+class GrayscaleInput(nn.Module):
+    """Turns RGB input into the single luminance channel a 1-channel network expects."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+        self.register_buffer("weights", torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body((x * self.weights).sum(dim=1, keepdim=True))
+
+
+def create(cfg: ModelConfig, image_size: Optional[int]) -> tuple[nn.Module, dict[str, list[str]], Preprocessing]:
+    """(body, stages, preprocessing) for a classic (`lenet`, `nin`, `hw03net`), trained from scratch."""
+    if cfg.pretrained:
+        raise FinetuneError(f"'{cfg.backbone}' is trained from scratch: it has no pretrained weights")
+    if cfg.backbone == "lenet":
+        if cfg.head.pool != "avg":
+            raise FinetuneError("lenet ends in fully connected layers, so model.head.pool does not apply; leave it avg")
+        net = CLASSIC_BUILDERS["lenet"]()
+    else:
+        net = CLASSIC_BUILDERS[cfg.backbone](pool=cfg.head.pool)
+    if cfg.weights:
+        load_matching(net, read_state_dict(resolve_weights_path(cfg.weights)[0]))
+    stages = {name: [name] for name in CLASSIC_STAGES[cfg.backbone]}
+    size = image_size or (28 if cfg.backbone == "lenet" else 224 if cfg.backbone == "nin" else 128)
+    preprocessing = Preprocessing(size=size, mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0)
+    if net.in_chans == 1:
+        net = GrayscaleInput(net)
+        stages = {name: [f"body.{p}" for p in prefixes] for name, prefixes in stages.items()}
+    return net, stages, preprocessing

@@ -1,4 +1,4 @@
-"""torchvision models and the project's classics as backbones, with hand-mapped stages.
+"""torchvision models as backbones, with hand-mapped stages (the project's classics: classics.py).
 
 Each family is cut where its classifier begins (fastai-style): the convolutional body keeps the
 original module names (so `layer4` and torchvision state-dict keys work), then the global pool
@@ -26,13 +26,10 @@ from torch import nn
 
 from finetune.data.preprocessing import Preprocessing
 from finetune.errors import FinetuneError
-from finetune.models.classics import CLASSIC_BUILDERS, CLASSIC_STAGES
 from finetune.models.weights import load_matching, read_state_dict, resolve_weights_path
 from finetune.recipe import ModelConfig
 
-__all__ = ["CLASSICS", "PooledBody", "GrayscaleInput", "create", "names"]
-
-CLASSICS = tuple(CLASSIC_BUILDERS)
+__all__ = ["PooledBody", "create", "names"]
 
 
 class PooledBody(nn.Module):
@@ -49,18 +46,6 @@ class PooledBody(nn.Module):
         for name in self.order:
             x = getattr(self, name)(x)
         return self.global_pool(x)
-
-
-class GrayscaleInput(nn.Module):
-    """Turns RGB input into the single luminance channel a 1-channel network expects."""
-
-    def __init__(self, body: nn.Module) -> None:
-        super().__init__()
-        self.body = body
-        self.register_buffer("weights", torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body((x * self.weights).sum(dim=1, keepdim=True))
 
 
 def _split_at_pools(prefix: str, sequential: nn.Sequential) -> dict[str, list[str]]:
@@ -169,7 +154,8 @@ def _preprocessing_from_weights(weights, image_size: Optional[int], default_size
     )
 
 
-def _create_torchvision(cfg: ModelConfig, image_size: Optional[int]):
+def create(cfg: ModelConfig, image_size: Optional[int]):
+    """(body, stages, preprocessing) for a torchvision model (`tv/<name>`)."""
     name = cfg.backbone.split("/", 1)[-1]
     family = _family(name)
     if family is None or name not in torchvision.models.list_models(module=torchvision.models):
@@ -200,30 +186,3 @@ def _create_torchvision(cfg: ModelConfig, image_size: Optional[int]):
         # converts inside forward(), which the cut body skips, so normalise that way directly.
         preprocessing = dataclasses.replace(preprocessing, mean=(0.5,) * 3, std=(0.5,) * 3)
     return PooledBody(layers, cfg.head.pool), stages, preprocessing
-
-
-def _create_classic(cfg: ModelConfig, image_size: Optional[int]):
-    if cfg.pretrained:
-        raise FinetuneError(f"'{cfg.backbone}' is trained from scratch: it has no pretrained weights")
-    if cfg.backbone == "lenet":
-        if cfg.head.pool != "avg":
-            raise FinetuneError("lenet ends in fully connected layers, so model.head.pool does not apply; leave it avg")
-        net = CLASSIC_BUILDERS["lenet"]()
-    else:
-        net = CLASSIC_BUILDERS[cfg.backbone](pool=cfg.head.pool)
-    if cfg.weights:
-        load_matching(net, read_state_dict(resolve_weights_path(cfg.weights)[0]))
-    stages = {name: [name] for name in CLASSIC_STAGES[cfg.backbone]}
-    size = image_size or (28 if cfg.backbone == "lenet" else 224 if cfg.backbone == "nin" else 128)
-    preprocessing = Preprocessing(size=size, mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0)
-    if net.in_chans == 1:
-        net = GrayscaleInput(net)
-        stages = {name: [f"body.{p}" for p in prefixes] for name, prefixes in stages.items()}
-    return net, stages, preprocessing
-
-
-def create(cfg: ModelConfig, image_size: Optional[int]):
-    """(body, stages, preprocessing) for a torchvision model (`tv/<name>`) or a classic."""
-    if cfg.backbone in CLASSICS:
-        return _create_classic(cfg, image_size)
-    return _create_torchvision(cfg, image_size)
