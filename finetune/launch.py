@@ -7,7 +7,6 @@ reads on the command line is the documentation here.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional, Union
 
