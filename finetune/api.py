@@ -9,7 +9,6 @@ import csv
 from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -33,7 +32,7 @@ from finetune.options import InferenceOptions, SubmissionOptions
 from finetune.recipe import DataConfig, Recipe
 from finetune.report_page import build_report
 from finetune.run import EvalFiles, RunDir, check_output, write_skipped_list
-from finetune.submission import plan_submission
+from finetune.submission import SubmissionFiles, plan_submission
 from finetune.tasks import Task, task_of_model
 from finetune.tta import parse_tta, view_count
 
@@ -207,7 +206,8 @@ def evaluate_after_training(run: RunDir, task: Task, checkpoint: Path, val: Sequ
     decision = task.fit_decision(raw, val, len(best.classes), log)
     run.store_decision(decision)
     best.apply_decision(decision)
-    return task.evaluate(best, val, run.eval, cfg.batch_size, cfg.num_workers, log, raw_probs=raw)
+    inference = InferenceOptions(batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+    return task.evaluate(best, val, run.eval, inference, log, raw_probs=raw)
 
 
 def evaluate(
@@ -232,11 +232,9 @@ def evaluate(
         log: where progress lines go.
     """
     inference = inference or InferenceOptions()
-    batch_size, num_workers, device = inference.batch_size, inference.num_workers, inference.device
-    tta, precision = inference.tta, inference.precision
-    views = parse_tta(tta)
-    check_precision(precision, resolve_device(device), "--precision")
-    loaded = load_model(checkpoint, distributed.setup(resolve_device(device)), fuse=True)
+    parse_tta(inference.tta)  # a bad spec fails before the model loads
+    check_precision(inference.precision, resolve_device(inference.device), "--precision")
+    loaded = load_model(checkpoint, distributed.setup(resolve_device(inference.device)), fuse=True)
     task = task_of_model(loaded)
     samples, skipped = task.labelled_samples(Path(data).expanduser(), loaded.recipe.data, loaded.classes)
     if not samples:
@@ -249,8 +247,7 @@ def evaluate(
                             "folder outside the data")
     files.prepare()
     try:  # decodes each image once, adding the ones that fail to `skipped`
-        metrics = task.evaluate(loaded, samples, files, batch_size, num_workers, log, views, threshold, precision,
-                                skipped)
+        metrics = task.evaluate(loaded, samples, files, inference, log, threshold, skipped)
     finally:
         write_skipped_list(files.skipped, skipped, log)
     if files.writes:
@@ -280,23 +277,47 @@ def predict(
         inference: batching, workers, device, precision and test-time augmentation.
         log: where progress lines go.
     """
-    submission, inference = submission or SubmissionOptions(), inference or InferenceOptions()
-    batch_size, num_workers, device = inference.batch_size, inference.num_workers, inference.device
-    tta, precision = inference.tta, inference.precision
-    id_column, label_column, value, id_format = (submission.id_column, submission.label_column, submission.value,
-                                                 submission.id_format)
-    id_width, index_start, probs, topk = submission.id_width, submission.index_start, submission.probs, submission.topk
-    sample_submission, threshold, label_sep = submission.sample_submission, submission.threshold, submission.label_sep
-    reject_below, reject_label, force = submission.reject_below, submission.reject_label, submission.force
+    options, inference = submission or SubmissionOptions(), inference or InferenceOptions()
     checkpoints = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
-    views = parse_tta(tta)
-    check_precision(precision, resolve_device(device), "--precision")
-    models = load_ensemble(checkpoints, distributed.setup(resolve_device(device)), fuse=True)
+    views = parse_tta(inference.tta)
+    check_precision(inference.precision, resolve_device(inference.device), "--precision")
+    models = load_ensemble(checkpoints, distributed.setup(resolve_device(inference.device)), fuse=True)
     classes, task = models[0].classes, task_of_model(models[0])  # load_ensemble: one task, one class list
-    task.check_submission(topk, reject_below, threshold)
-    decision = task.ensemble_decision(models, threshold)
-    label_column = label_column or task.label_column
-    folder = Path(images).expanduser()
+    task.check_submission(options, classes)
+    decision = task.ensemble_decision(models, options.threshold)
+    paths = _test_images(Path(images).expanduser(), log)
+    sample = Path(options.sample_submission).expanduser() if options.sample_submission else None
+    plan = plan_submission(paths, classes, options.id_format, options.id_width, options.index_start,
+                           options.id_column, options.label_column or task.label_column, sample)
+    files = SubmissionFiles.beside(Path(out).expanduser(), options.probs, options.topk)
+    replaced = _check_outputs(files, plan.id_column, [*map(Path, checkpoints), *paths, *([sample] if sample else [])],
+                              options.force)
+    skipped = check_headers(paths)  # the pixels are decoded once, while predicting
+    if len(models) > 1 or views:
+        log(f"averaging {len(models)} model(s) x {view_count(views)} view(s) per image")
+    failed: dict[Path, str] = {}
+    batches = sharded_probs(models, plan.paths, inference.batch_size, inference.num_workers, views,
+                            {s.path for s in skipped}, precision=inference.precision, unreadable=failed)
+    if not distributed.is_main():  # under torchrun: this rank scored its share; rank 0 writes every row
+        deque(batches, maxlen=0)
+        return files.out
+    rows_written = task.write_submission(plan, batches, classes, decision, files, options, log)
+    skipped = sorted([*skipped, *(SkippedImage(path, reason) for path, reason in failed.items())],
+                     key=lambda item: str(item.path))
+    if skipped:
+        # Still one row per image: an unreadable image is scored as a blank (mean-colour) input.
+        write_skipped_list(files.unreadable, skipped, log)
+        log(f"warning: {len(skipped)} unreadable image(s) got a blank-image prediction; listed in {files.unreadable}")
+    log(f"wrote {rows_written} predictions for {len(paths)} images to {files.out}")
+    written = {files.out, files.probs, files.topk, files.unreadable if skipped else None}
+    for path in replaced:
+        if path in written:
+            log(f"note: replaced the earlier {path}")
+    return files.out
+
+
+def _test_images(folder: Path, log: Log) -> list[Path]:
+    """The images directly in a test folder (HW03 2021's lone sub-folder taken for it); nested images refused."""
     paths = list_images(folder)
     inner = single_image_subfolder(folder) if not paths else None
     if inner is not None:  # HW03 2021: --images food-11/testing means its one sub-folder, testing/00/
@@ -304,42 +325,16 @@ def predict(
         folder, paths = inner, list_images(inner)
     _refuse_nested_images(folder, paths)
     if not paths:
-        raise FinetuneError(f"no images in {images} (looked for .jpg/.png/... files, hidden files ignored)")
-    out = Path(out).expanduser()
-    sample = Path(sample_submission).expanduser() if sample_submission else None
-    plan = plan_submission(paths, classes, id_format, id_width, index_start, id_column, label_column, sample)
-    outputs = {out: plan.id_column, out.with_name(out.stem + "_unreadable.csv"): "path"}
-    probs_out = out.with_name(out.stem + "_probs.csv") if probs else None
-    topk_out = out.with_name(f"{out.stem}_top{topk}.csv") if topk else None
-    outputs.update({path: plan.id_column for path in (probs_out, topk_out) if path is not None})
-    inputs = [*map(Path, checkpoints), *paths, *([sample] if sample else [])]
-    replaced = [path for path, first in outputs.items()
-                if check_output(path, inputs, "prediction CSV", _csv_starting_with(first), force)]
-    skipped = check_headers(paths)  # the pixels are decoded once, while predicting
-    if len(models) > 1 or views:
-        log(f"averaging {len(models)} model(s) x {view_count(views)} view(s) per image")
-    failed: dict[Path, str] = {}
-    batches = sharded_probs(models, plan.paths, batch_size, num_workers, views, {s.path for s in skipped},
-                            precision=precision, unreadable=failed)
-    if not distributed.is_main():  # under torchrun: this rank scored its share; rank 0 writes every row
-        deque(batches, maxlen=0)
-        return out
-    rows = SimpleNamespace(value=value, label_sep=label_sep, probs_out=probs_out, topk=topk, topk_out=topk_out,
-                           reject_below=reject_below, reject_label=reject_label)
-    rows_written = task.write_submission(plan, batches, classes, decision, out, rows, log)
-    skipped = sorted([*skipped, *(SkippedImage(path, reason) for path, reason in failed.items())],
-                     key=lambda item: str(item.path))
-    if skipped:
-        # Still one row per image: an unreadable image is scored as a blank (mean-colour) input.
-        listing = out.with_name(out.stem + "_unreadable.csv")
-        write_skipped_list(listing, skipped, log)
-        log(f"warning: {len(skipped)} unreadable image(s) got a blank-image prediction; listed in {listing}")
-    log(f"wrote {rows_written} predictions for {len(paths)} images to {out}")
-    written = {out, probs_out, topk_out, out.with_name(out.stem + "_unreadable.csv") if skipped else None}
-    for path in replaced:
-        if path in written:
-            log(f"note: replaced the earlier {path}")
-    return out
+        raise FinetuneError(f"no images in {folder} (looked for .jpg/.png/... files, hidden files ignored)")
+    return paths
+
+
+def _check_outputs(files: SubmissionFiles, id_column: str, inputs: Sequence[Path], force: bool) -> list[Path]:
+    """Refuse outputs that would replace an input or a file not written by predict; the ones that will be replaced."""
+    outputs = {files.out: id_column, files.unreadable: "path",
+               **{path: id_column for path in (files.probs, files.topk) if path is not None}}
+    return [path for path, first in outputs.items()
+            if check_output(path, inputs, "prediction CSV", _csv_starting_with(first), force)]
 
 
 def _refuse_nested_images(folder: Path, top_level: Sequence[Path]) -> None:

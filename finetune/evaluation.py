@@ -15,7 +15,9 @@ from finetune.errors import FinetuneError
 from finetune.reports.calibration import accuracy_coverage, calibration_bins, plot_coverage, plot_reliability
 from finetune.reports.gallery import Tile, plot_gallery, thumbnail, worst_mistakes
 from finetune.reports.plots import BARS, plot_class_recall, plot_confused_pairs, plot_confusion_matrix
+from finetune.options import InferenceOptions
 from finetune.run import EvalFiles
+from finetune.tta import parse_tta
 
 if TYPE_CHECKING:  # scoring a CSV needs no model: inference (and timm) load only when a model is evaluated
     from finetune.inference import LoadedModel
@@ -179,20 +181,20 @@ def summary_lines(metrics: dict, classes: Sequence[str]) -> list[str]:
     return lines
 
 
-def evaluate_samples(loaded: "LoadedModel", samples: Sequence[Sample], files: EvalFiles, batch_size: int,
-                     num_workers: int, log: Callable[[str], None] = print, tta: Sequence[str] = (),
-                     raw_probs: Optional[np.ndarray] = None, precision: str = "fp32",
+def evaluate_samples(loaded: "LoadedModel", samples: Sequence[Sample], files: EvalFiles, inference: InferenceOptions,
+                     log: Callable[[str], None] = print, raw_probs: Optional[np.ndarray] = None,
                      skipped: Optional[list[SkippedImage]] = None) -> dict:
     """Predict labelled samples with a loaded model, write the bundle into `files`, log the summary; the metrics.
 
     Probabilities are calibrated with the checkpoint's temperature; `raw_probs` (the uncalibrated ones,
-    already computed) saves running the model again. `precision` bf16 runs it under bf16 autocast.
+    already computed) saves running the model again. `inference.precision` bf16 runs it under bf16 autocast.
     Each image is decoded once, here: one that fails is left out of the metrics and appended to `skipped`.
     """
     from finetune.engine.temperature import apply_temperature
     from finetune.inference import predict_probs
 
-    temperature = loaded.temperature
+    temperature, tta = loaded.temperature, parse_tta(inference.tta)
+    batch_size, num_workers, precision = inference.batch_size, inference.num_workers, inference.precision
     failed: dict[Path, str] = {}
     raw = raw_probs if raw_probs is not None else predict_probs(loaded, samples, batch_size, num_workers, tta=tta,
                                                                  calibrated=False, precision=precision,

@@ -19,6 +19,7 @@ from finetune.engine.multilabel import mean_average_precision, sample_f1
 from finetune.errors import FinetuneError
 from finetune.reports.gallery import Tile, plot_gallery, thumbnail
 from finetune.reports.multilabel_plots import plot_label_confusion_grid, plot_pr_curves
+from finetune.options import InferenceOptions
 from finetune.run import EvalFiles
 
 if TYPE_CHECKING:  # scoring a CSV needs no model
@@ -139,22 +140,24 @@ def multilabel_summary_lines(metrics: dict, classes: Sequence[str]) -> list[str]
 
 
 def evaluate_multilabel_samples(loaded: "LoadedModel", samples: Sequence[Sample], files: EvalFiles,
-                                batch_size: int, num_workers: int, log: Callable[[str], None],
-                                tta: Sequence[str], thresholds: np.ndarray, skipped: Optional[list] = None,
-                                precision: str = "fp32", raw_probs: Optional[np.ndarray] = None) -> dict:
+                                inference: InferenceOptions, log: Callable[[str], None], thresholds: np.ndarray,
+                                skipped: Optional[list] = None, raw_probs: Optional[np.ndarray] = None) -> dict:
     """Predict multi-label samples (or take `raw_probs`, already computed), cut them at `thresholds`, write the
     bundle into `files`, log the summary; the metrics.
 
     Each image is decoded once, here: one that fails is left out of the metrics and appended to `skipped`.
-    `precision` bf16 runs the model under bf16 autocast.
+    `inference.precision` bf16 runs the model under bf16 autocast.
     """
     from finetune.data.images import SkippedImage
     from finetune.data.multilabel import multi_hot
     from finetune.inference import predict_probs
 
+    from finetune.tta import parse_tta
+
     failed: dict[Path, str] = {}
-    probs = raw_probs if raw_probs is not None else predict_probs(loaded, samples, batch_size, num_workers, tta=tta,
-                                                                  precision=precision, unreadable=failed)
+    probs = raw_probs if raw_probs is not None else predict_probs(
+        loaded, samples, inference.batch_size, inference.num_workers, tta=parse_tta(inference.tta),
+        precision=inference.precision, unreadable=failed)
     if failed:
         probs = probs[np.array([s.path not in failed for s in samples])]
         samples = [s for s in samples if s.path not in failed]

@@ -13,38 +13,27 @@ import numpy as np
 from finetune.data.multilabel import split_labels
 from finetune.data.sources import sort_class_names
 from finetune.errors import FinetuneError
-from finetune.multilabel_eval import SEPARATOR, write_multilabel_evaluation
+from finetune.multilabel_eval import write_multilabel_evaluation
 from finetune.run import EvalFiles
 from finetune.scoring import read_matching
-from finetune.submission import VALUE_KINDS, SubmissionPlan, AtomicCSV, stream_rows
+from finetune.options import SubmissionOptions
+from finetune.submission import SubmissionFiles, SubmissionPlan, stream_rows
 
 __all__ = ["write_multilabel_rows", "score_multilabel_csv"]
 
 
-def write_multilabel_rows(
-    plan: SubmissionPlan,
-    batches: Iterable[np.ndarray],
-    classes: Sequence[str],
-    thresholds: np.ndarray,
-    out: Path,
-    value: str = "name",
-    sep: str = SEPARATOR,
-    probs_out: Optional[Path] = None,
-) -> int:
-    """Write `Id,<labels>` rows (each class whose probability reaches its threshold, joined by `sep`).
+def write_multilabel_rows(plan: SubmissionPlan, batches: Iterable[np.ndarray], classes: Sequence[str],
+                          thresholds: np.ndarray, files: SubmissionFiles, options: SubmissionOptions) -> int:
+    """Write `Id,<labels>` rows (each class whose probability reaches its threshold, joined by `label_sep`).
 
     With a per-class sample submission (`plan.label_column` None) the rows hold the probabilities.
     `batches` yields (B, C) sigmoid probabilities in `plan` order; returns the number of rows written.
     """
-    if value not in VALUE_KINDS:
-        raise FinetuneError(f"--value must be one of {', '.join(VALUE_KINDS)}, got {value!r}")
+    sep = options.label_sep
     if not sep:
         raise FinetuneError("--label-sep must not be empty (Kaggle's multi-label format uses a space)")
-    names = list(classes) if value == "name" else [str(i) for i in range(len(classes))]
-    files = {"sub": AtomicCSV(out)}
-    if probs_out is not None:
-        files["probs"] = AtomicCSV(probs_out)
-    return stream_rows(plan, batches, classes, files,
+    names = list(classes) if options.value == "name" else [str(i) for i in range(len(classes))]
+    return stream_rows(plan, batches, classes, files.writers(),
                        lambda p: [sep.join(names[k] for k in np.flatnonzero(p >= thresholds))])
 
 

@@ -14,10 +14,12 @@ from typing import Optional, Union
 from finetune.errors import FinetuneError
 from finetune.recipe import PRECISIONS
 
-__all__ = ["ID_FORMATS", "VALUE_KINDS", "InferenceOptions", "SubmissionOptions"]
+__all__ = ["ID_FORMATS", "VALUE_KINDS", "PSEUDO_FORMATS", "InferenceOptions", "SubmissionOptions",
+           "PseudoLabelOptions"]
 
 VALUE_KINDS = ("name", "index")  # what a submission's label cell holds
 ID_FORMATS = ("stem", "name", "index")  # how a submission names an image
+PSEUDO_FORMATS = ("folder", "csv")  # how pseudo-labels are written
 
 
 def _one_of(flag: str, value: object, choices: tuple) -> None:
@@ -103,3 +105,33 @@ class SubmissionOptions:
             raise FinetuneError(f"--threshold is a probability between 0 and 1, got {self.threshold}")
         if self.reject_below is not None and not 0.0 < self.reject_below <= 1.0:
             raise FinetuneError(f"--reject-below is a probability between 0 and 1 (e.g. 0.8), got {self.reject_below}")
+
+
+@dataclass
+class PseudoLabelOptions:
+    """Which confident predictions become pseudo-labels, and how they are written.
+
+    Attributes:
+        threshold: keep images whose calibrated top probability is at least this (a multi-label model: every
+            class decided at least this surely, either way).
+        max_per_class: keep at most this many per class, the most confident (keeps classes balanced).
+        format: folder: copies in OUT/<class>/, ready for `finetune train`; csv: a path,label,probability
+            manifest that `data.layout: csv` reads (the only format for several labels per image).
+        link: format folder: symlink instead of copying.
+        truth: CSV of the true labels (file stem or name, label): adds the pseudo-labels' accuracy.
+        force: format csv: replace an existing OUT file.
+    """
+
+    threshold: float = 0.9
+    max_per_class: Optional[int] = None
+    format: str = field(default="folder", metadata={"choices": PSEUDO_FORMATS})
+    link: bool = False
+    truth: Optional[Union[str, Path]] = None
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        _one_of("--format", self.format, PSEUDO_FORMATS)
+        if not 0.0 < self.threshold <= 1.0:
+            raise FinetuneError(f"--threshold is a probability in (0, 1], e.g. 0.9; got {self.threshold}")
+        if self.max_per_class is not None:
+            _at_least("--max-per-class", self.max_per_class, 1, "300")

@@ -27,17 +27,17 @@ from finetune.errors import FinetuneError
 from finetune.engine import distributed
 from finetune.inference import LoadedModel, load_model, resolve_device, sharded_probs
 from finetune.opening import open_training
-from finetune.options import InferenceOptions
+from finetune.options import PSEUDO_FORMATS, InferenceOptions, PseudoLabelOptions
 from finetune.recipe import Recipe, load_recipe
 from finetune.run import RunDir, check_output
 from finetune.tasks import Task, task_named, task_of_model
-from finetune.tasks.single_label import check_selection, select_confident
+from finetune.tasks.single_label import select_confident
 
 __all__ = ["FORMATS", "PseudoLabels", "SemiResult", "select_confident", "pseudo_label", "read_truth",
            "semi_requested", "train_semi"]
 
 Log = Callable[[str], None]
-FORMATS = ("folder", "csv")
+FORMATS = PSEUDO_FORMATS
 
 
 @dataclass
@@ -174,55 +174,42 @@ def pseudo_label(
     checkpoint: Union[str, Path],
     images: Union[str, Path],
     out: Union[str, Path],
-    threshold: float = 0.9,
-    max_per_class: Optional[int] = None,
-    format: str = "folder",
-    link: bool = False,
-    truth: Optional[Union[str, Path]] = None,
+    options: Optional[PseudoLabelOptions] = None,
     inference: Optional[InferenceOptions] = None,
-    force: bool = False,
     log: Log = print,
 ) -> PseudoLabels:
-    """Label the images under `images` (any depth) whose calibrated top probability reaches `threshold`.
+    """Label the images under `images` (any depth) that the model predicts confidently (self-training).
+
+    Under torchrun each process scores its share of the pool and one process writes.
 
     Args:
         checkpoint: a run's best checkpoint (its fitted temperature calibrates the threshold).
         images: folder of unlabeled images (sub-folders included).
-        out: folder to create (format folder: OUT/<class>/) or CSV file (format csv), which `data.layout: csv`
-            reads.
-        threshold: keep images whose calibrated top probability is at least this.
-        max_per_class: keep at most this many per class, the most confident (keeps classes balanced).
-        format: folder: copies in OUT/<class>/, ready for `finetune train`; csv: a path,label,probability
-            manifest.
-        link: format folder: symlink instead of copying.
-        truth: CSV of the true labels (file stem or name, class): adds the pseudo-labels' accuracy.
+        out: folder to create (format folder: OUT/<class>/) or CSV file (format csv).
+        options: the threshold, the per-class cap, the output format, links, the truth CSV, overwriting.
         inference: batching, workers and device (precision and tta are not used here).
-        force: format csv: replace an existing OUT file.
         log: where progress lines go.
     """
-    inference = inference or InferenceOptions()
-    batch_size, num_workers, device = inference.batch_size, inference.num_workers, inference.device
-    if format not in FORMATS:
-        raise FinetuneError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
-    check_selection(threshold, max_per_class)  # bad settings fail before the model loads
+    options, inference = options or PseudoLabelOptions(), inference or InferenceOptions()
     folder, out = Path(images).expanduser(), Path(out).expanduser()
-    if format == "folder" and out.resolve().is_relative_to(folder.resolve()):
+    if options.format == "folder" and out.resolve().is_relative_to(folder.resolve()):
         raise FinetuneError(f"--out {out} is inside --images {folder}: the copies would join the unlabeled pool; "
                             "choose a folder outside it")
-    loaded = load_model(checkpoint, distributed.setup(resolve_device(device)))
-    if format == "folder" and not task_of_model(loaded).fits_class_folders:
+    loaded = load_model(checkpoint, distributed.setup(resolve_device(inference.device)))
+    if options.format == "folder" and not task_of_model(loaded).fits_class_folders:
         raise FinetuneError("a class folder holds one label per image and this checkpoint gives several; write its "
                             "pseudo-labels as a manifest with --format csv (data.layout: csv reads it)")
     pool, skipped = _pool(folder, log)
-    labels = _label_pool(loaded, pool, skipped, threshold, max_per_class, truth, batch_size, num_workers)
-    if loaded.temperature == 1.0:
+    labels = _label_pool(loaded, pool, skipped, options.threshold, options.max_per_class, options.truth,
+                         inference.batch_size, inference.num_workers)
+    if loaded.temperature == 1.0 and task_of_model(loaded).activation == "softmax":
         log("note: this checkpoint holds no fitted temperature (trained before calibration existed, or its "
             "validation had no mistake): the threshold applies to uncalibrated probabilities")
     if distributed.is_main():  # under torchrun: one process writes
-        if format == "folder":
-            _write_folder(labels, folder, out, link)
+        if options.format == "folder":
+            _write_folder(labels, folder, out, options.link)
         else:
-            _write_csv(labels, out, force)
+            _write_csv(labels, out, options.force)
     distributed.barrier()
     log(labels.describe())
     log(f"wrote {out}")

@@ -19,7 +19,7 @@ import numpy as np
 
 from finetune.engine.checkpoint import replace_atomically
 from finetune.errors import FinetuneError
-from finetune.options import ID_FORMATS, VALUE_KINDS
+from finetune.options import ID_FORMATS, VALUE_KINDS, SubmissionOptions
 
 __all__ = [
     "AtomicCSV",
@@ -31,6 +31,8 @@ __all__ = [
     "plan_submission",
     "read_sample_submission",
     "write_rows",
+    "SubmissionFiles",
+    "stream_rows",
 ]
 
 
@@ -172,51 +174,62 @@ def _fmt(p: float) -> str:
     return f"{p:.6g}"
 
 
-def write_rows(
-    plan: SubmissionPlan,
-    batches: Iterable[np.ndarray],
-    classes: Sequence[str],
-    out: Path,
-    value: str = "name",
-    probs_out: Optional[Path] = None,
-    topk: int = 0,
-    topk_out: Optional[Path] = None,
-    reject_below: Optional[float] = None,
-    reject_label: str = "unknown",
-) -> int:
+@dataclass(frozen=True)
+class SubmissionFiles:
+    """Every file a prediction writes, named after `out`: the submission and its optional side files."""
+
+    out: Path
+    probs: Optional[Path] = None  # OUT_probs.csv: every class's probability
+    topk: Optional[Path] = None  # OUT_topK.csv: the K likeliest classes
+
+    @classmethod
+    def beside(cls, out: Path, probs: bool = False, topk: int = 0) -> "SubmissionFiles":
+        """The files a submission `out` asks for, next to it."""
+        return cls(out, out.with_name(out.stem + "_probs.csv") if probs else None,
+                   out.with_name(f"{out.stem}_top{topk}.csv") if topk else None)
+
+    @property
+    def unreadable(self) -> Path:
+        """OUT_unreadable.csv: the images that did not decode (each still has its row)."""
+        return self.out.with_name(self.out.stem + "_unreadable.csv")
+
+    def writers(self) -> dict[str, "AtomicCSV"]:
+        """Open the submission (`sub`) and the probability file (`probs`), each on a temporary file."""
+        files = {"sub": AtomicCSV(self.out)}
+        if self.probs is not None:
+            files["probs"] = AtomicCSV(self.probs)
+        return files
+
+
+def write_rows(plan: SubmissionPlan, batches: Iterable[np.ndarray], classes: Sequence[str], files: SubmissionFiles,
+               options: SubmissionOptions) -> int:
     """Write submission rows (and optional probability / top-k files) as probability batches arrive.
 
     `batches` yields (B, C) arrays in `plan` order; returns the number of rows written. With
-    `reject_below`, an image whose top probability is below it gets `reject_label` in the submission.
+    `options.reject_below`, an image whose top probability is below it gets `options.reject_label`.
     """
-    if reject_below is not None and not 0.0 < reject_below <= 1.0:
-        raise FinetuneError(f"--reject-below is a probability between 0 and 1 (e.g. 0.8), got {reject_below}")
+    reject_below, topk = options.reject_below, options.topk
     if reject_below is not None and plan.label_column is None:
         raise FinetuneError("--reject-below needs a label column; this sample submission has one column per class")
-    if value not in VALUE_KINDS:
-        raise FinetuneError(f"--value must be one of {', '.join(VALUE_KINDS)}, got {value!r}")
     if topk and not 1 <= topk <= len(classes):
         raise FinetuneError(f"--topk must be between 1 and the number of classes ({len(classes)}), got {topk}")
-    files = {"sub": AtomicCSV(out)}
-    if probs_out is not None:
-        files["probs"] = AtomicCSV(probs_out)
-    if topk and topk_out is not None:
-        files["topk"] = AtomicCSV(topk_out)
-    if "topk" in files:
-        files["topk"].writer.writerow(
+    writers = files.writers()
+    if topk and files.topk is not None:
+        writers["topk"] = AtomicCSV(files.topk)
+        writers["topk"].writer.writerow(
             [plan.id_column] + [f"{kind}_{r}" for r in range(1, topk + 1) for kind in ("class", "score")])
 
     def label(p: np.ndarray) -> list:
         k = int(p.argmax())
         if reject_below is not None and p[k] < reject_below:
-            return [reject_label]
-        return [classes[k] if value == "name" else k]
+            return [options.reject_label]
+        return [classes[k] if options.value == "name" else k]
 
     def extra(key: str, i: str, p: np.ndarray) -> None:
         best = np.argsort(-p, kind="stable")[:topk]
-        files[key].writer.writerow([i] + [x for c in best for x in (classes[c], _fmt(p[c]))])
+        writers[key].writer.writerow([i] + [x for c in best for x in (classes[c], _fmt(p[c]))])
 
-    return stream_rows(plan, batches, classes, files, label, extra)
+    return stream_rows(plan, batches, classes, writers, label, extra)
 
 
 def stream_rows(plan: SubmissionPlan, batches: Iterable[np.ndarray], classes: Sequence[str],

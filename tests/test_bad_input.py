@@ -23,7 +23,8 @@ from finetune.data.sources import discover
 from finetune.engine.checkpoint import read_checkpoint, save_checkpoint
 from finetune.models.backbones import feature_dim
 from finetune.recipe import DataConfig, load_recipe
-from finetune.submission import SubmissionPlan, write_rows
+from finetune.options import SubmissionOptions
+from finetune.submission import SubmissionFiles, SubmissionPlan, write_rows
 from untrained import untrained_checkpoint
 
 CLASSES = sorted(COLOURS)
@@ -92,7 +93,8 @@ def test_a_failed_rename_leaves_no_temporary_file(tmp_path):
     folder.mkdir()
     plan = SubmissionPlan(["1", "2"], [tmp_path / "1.jpg", tmp_path / "2.jpg"])
     with pytest.raises(OSError):
-        write_rows(plan, [np.array([[0.9, 0.1], [0.2, 0.8]])], ["a", "b"], folder, probs_out=tmp_path / "p.csv")
+        write_rows(plan, [np.array([[0.9, 0.1], [0.2, 0.8]])], ["a", "b"], SubmissionFiles(folder, tmp_path / "p.csv"),
+                   SubmissionOptions())
     no_leftovers(tmp_path)
     assert not (tmp_path / "p.csv").exists()
 

@@ -23,7 +23,7 @@ from test_multilabel import write_multilabel_dataset
 
 from finetune import api
 from finetune.kfold import train_kfold
-from finetune.options import InferenceOptions, SubmissionOptions
+from finetune.options import InferenceOptions, PseudoLabelOptions, SubmissionOptions
 from finetune.recipe import TASKS
 from finetune.semi import pseudo_label
 
@@ -82,8 +82,8 @@ def cells(request, tmp_path_factory):
         inference = InferenceOptions(num_workers=0, precision="bf16")
         api.predict(folds.checkpoints, pool, out=tmp / "one" / "ensemble.csv", log=quiet, inference=inference,
                     submission=SubmissionOptions(probs=True))
-        pseudo_label(folds.checkpoints[0], pool, tmp / "one" / "pseudo.csv", threshold=0.6, format="csv",
-                     inference=InferenceOptions(num_workers=0), log=quiet)
+        pseudo_label(folds.checkpoints[0], pool, tmp / "one" / "pseudo.csv",
+                     PseudoLabelOptions(threshold=0.6, format="csv"), InferenceOptions(num_workers=0), log=quiet)
     finally:
         torch.set_num_threads(previous)
     two = tmp / "two"
@@ -142,7 +142,7 @@ def test_multi_label_pseudo_labels_refuse_class_folders_for_an_inherent_reason(c
 
     with pytest.raises(FinetuneError, match="one label per image.*--format csv"):
         pseudo_label(cells["folds"].checkpoints[0], cells["one"].parent / "data" / "test", tmp_path / "out",
-                     format="folder", log=lambda line: None)
+                     PseudoLabelOptions(format="folder"), log=lambda line: None)
 
 
 def _task_comparisons(path: Path) -> list[str]:

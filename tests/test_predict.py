@@ -19,7 +19,7 @@ from finetune.options import InferenceOptions, SubmissionOptions
 from finetune.data.images import load_rgb
 from finetune.data.transforms import build_eval_transform
 from finetune.engine.checkpoint import read_checkpoint, save_checkpoint
-from finetune.submission import SubmissionPlan, image_ids, write_rows
+from finetune.submission import SubmissionFiles, SubmissionPlan, image_ids, write_rows
 from finetune.tta import parse_tta
 from untrained import untrained_checkpoint
 
@@ -207,7 +207,7 @@ def test_a_failed_run_leaves_no_partial_submission(tmp_path):
         raise RuntimeError("out of memory in batch 2")
 
     with pytest.raises(RuntimeError):
-        write_rows(plan, batches(), ["a", "b"], tmp_path / "sub.csv", probs_out=tmp_path / "p.csv")
+        write_rows(plan, batches(), ["a", "b"], SubmissionFiles(tmp_path / "sub.csv", tmp_path / "p.csv"), SubmissionOptions())
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 

@@ -28,7 +28,8 @@ if TYPE_CHECKING:  # hints only: a task's methods import what they use
     from finetune.inference import LoadedModel
     from finetune.recipe import AugmentConfig, DataConfig, Recipe
     from finetune.run import EvalFiles
-    from finetune.submission import SubmissionPlan
+    from finetune.options import InferenceOptions, SubmissionOptions
+    from finetune.submission import SubmissionFiles, SubmissionPlan
 
 __all__ = ["Task", "Log"]
 
@@ -99,19 +100,22 @@ class Task(abc.ABC):
 
     # ---- outputs ----------------------------------------------------------------------------------------------
     @abc.abstractmethod
-    def evaluate(self, loaded: "LoadedModel", samples: Sequence["Sample"], files: "EvalFiles", batch_size: int,
-                 num_workers: int, log: Log, tta: Sequence[str] = (), threshold: Optional[float] = None,
-                 precision: str = "fp32", skipped: Optional[list] = None,
-                 raw_probs: Optional[np.ndarray] = None) -> dict:
-        """Score labelled samples, write the evaluation bundle into `files`, log its summary; the metrics."""
+    def evaluate(self, loaded: "LoadedModel", samples: Sequence["Sample"], files: "EvalFiles",
+                 inference: "InferenceOptions", log: Log, threshold: Optional[float] = None,
+                 skipped: Optional[list] = None, raw_probs: Optional[np.ndarray] = None) -> dict:
+        """Score labelled samples, write the evaluation bundle into `files`, log its summary; the metrics.
+
+        `raw_probs` (uncalibrated, already computed) saves running the model again; images that fail to
+        decode are left out of the metrics and appended to `skipped`.
+        """
 
     @abc.abstractmethod
-    def check_submission(self, topk: int, reject_below: Optional[float], threshold: Optional[float]) -> None:
-        """Refuse submission options that mean nothing for this task, saying why."""
+    def check_submission(self, options: "SubmissionOptions", classes: Sequence[str]) -> None:
+        """Refuse submission options that mean nothing for this task (or would mislead), saying why."""
 
     @abc.abstractmethod
-    def write_submission(self, plan: "SubmissionPlan", batches, classes: Sequence[str], decision: dict, out: Path,
-                         options, log: Log) -> int:
+    def write_submission(self, plan: "SubmissionPlan", batches, classes: Sequence[str], decision: dict,
+                         files: "SubmissionFiles", options: "SubmissionOptions", log: Log) -> int:
         """Stream the submission (and its side files) row by row; the number of rows."""
 
     @abc.abstractmethod

@@ -172,30 +172,27 @@ class MultiLabel(Task):
         cuts = [np.asarray(s, dtype=np.float64) if s is not None else np.full(classes, 0.5) for s in stored]
         return {"thresholds": np.mean(cuts, axis=0)}
 
-    def evaluate(self, loaded, samples, files, batch_size, num_workers, log, tta=(), threshold=None,
-                 precision="fp32", skipped=None, raw_probs=None) -> dict:
+    def evaluate(self, loaded, samples, files, inference, log, threshold=None, skipped=None, raw_probs=None) -> dict:
         """mAP, F1s, per-class report and confusion panels, PR curves, the worst label sets."""
         from finetune.multilabel_eval import evaluate_multilabel_samples
 
         thresholds = self.ensemble_decision([loaded], threshold)["thresholds"]
-        return evaluate_multilabel_samples(loaded, samples, files, batch_size, num_workers, log, tta, thresholds,
-                                           skipped, precision=precision, raw_probs=raw_probs)
+        return evaluate_multilabel_samples(loaded, samples, files, inference, log, thresholds, skipped, raw_probs)
 
-    def check_submission(self, topk, reject_below, threshold) -> None:
+    def check_submission(self, options, classes) -> None:
         """Top-k and rejection are about one label per image."""
-        if topk:
+        if options.topk:
             raise FinetuneError("--topk is for one label per image; a multi-label model writes every label above "
                                 "its threshold (add --probs for each class's probability)")
-        if reject_below is not None:
+        if options.reject_below is not None:
             raise FinetuneError("--reject-below is for one label per image; a multi-label model leaves out every "
                                 "label below its threshold (raise it with --threshold)")
 
-    def write_submission(self, plan, batches, classes, decision, out, options, log) -> int:
+    def write_submission(self, plan, batches, classes, decision, files, options, log) -> int:
         """`Id,Tags`: every class at or above its threshold, joined by `label_sep`."""
         from finetune.multilabel_submission import write_multilabel_rows
 
-        return write_multilabel_rows(plan, batches, classes, np.asarray(decision["thresholds"]), out, options.value,
-                                     options.label_sep, options.probs_out)
+        return write_multilabel_rows(plan, batches, classes, np.asarray(decision["thresholds"]), files, options)
 
     def score_csv(self, submission, truth, out_dir, id_column, label_column, sep):
         """Mean per-image F1 (Kaggle's Planet metric) and the multi-label bundle."""

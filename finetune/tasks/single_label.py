@@ -151,22 +151,30 @@ class SingleLabel(Task):
         """Each model's temperature is applied before averaging; the decision is the argmax."""
         return {}
 
-    def evaluate(self, loaded, samples, files, batch_size, num_workers, log, tta=(), threshold=None,
-                 precision="fp32", skipped=None, raw_probs=None) -> dict:
+    def evaluate(self, loaded, samples, files, inference, log, threshold=None, skipped=None, raw_probs=None) -> dict:
         """Confusion matrix, per-class report, top-k, calibration, gallery and Grad-CAM."""
         from finetune.evaluation import evaluate_samples
 
-        self.check_submission(0, None, threshold)
-        return evaluate_samples(loaded, samples, files, batch_size, num_workers, log, tta, raw_probs=raw_probs,
-                                precision=precision, skipped=skipped)
-
-    def check_submission(self, topk, reject_below, threshold) -> None:
-        """A per-class threshold has no meaning for one label per image."""
         if threshold is not None:
             raise FinetuneError("--threshold is for multi-label checkpoints (a cut per class); this checkpoint "
-                                "predicts one label per image: use --reject-below P to leave out unsure images")
+                                "predicts one label per image")
+        return evaluate_samples(loaded, samples, files, inference, log, raw_probs, skipped)
 
-    def write_submission(self, plan, batches, classes, decision, out, options, log) -> int:
+    def check_submission(self, options, classes) -> None:
+        """A per-class threshold has no meaning for one label per image; a reject label must not pass for a class."""
+        if options.threshold is not None:
+            raise FinetuneError("--threshold is for multi-label checkpoints (a cut per class); this checkpoint "
+                                "predicts one label per image: use --reject-below P to leave out unsure images")
+        if options.reject_below is None:
+            return
+        if options.reject_label in classes:
+            raise FinetuneError(f"--reject-label '{options.reject_label}' is one of the model's classes: rejected "
+                                "rows would read as real predictions; choose a label that is not a class")
+        if options.value == "index" and options.reject_label.lstrip("-").isdigit():
+            raise FinetuneError(f"--reject-label '{options.reject_label}' is a number, which reads as a class index "
+                                "with --value index; choose a label that is not a number")
+
+    def write_submission(self, plan, batches, classes, decision, files, options, log) -> int:
         """`Id,Category` with the argmax (or `reject_label` below `reject_below`), top-k and probability files."""
         from finetune.submission import write_rows
 
@@ -178,8 +186,7 @@ class SingleLabel(Task):
                     rejected[0] += int((probs.max(axis=1) < reject_below).sum())
                 yield probs
 
-        rows = write_rows(plan, counted(batches), classes, out, options.value, options.probs_out, options.topk,
-                          options.topk_out, reject_below, options.reject_label)
+        rows = write_rows(plan, counted(batches), classes, files, options)
         if reject_below is not None:
             log(f"{rejected[0]} of {rows} image(s) have a top probability below {reject_below:g}: "
                 f"labelled '{options.reject_label}'")
