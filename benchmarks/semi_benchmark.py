@@ -100,7 +100,7 @@ def main() -> None:
         for summary, trained in zip(result.summary["rounds"], result.rounds):
             rows.append({"seed": seed, "round": summary["round"], "pseudo_labels": summary["pseudo_labels"],
                          "pseudo_label_accuracy": summary.get("pseudo_label_accuracy"),
-                         "val_accuracy": summary["val_accuracy"], **score(trained.best_checkpoint, samples,
+                         "val_accuracy": summary["val_score"], **score(trained.best_checkpoint, samples,
                                                                            args.workers),
                          "semi_run_seconds": round(seconds, 1)})
             print(json.dumps(rows[-1]), flush=True)

@@ -48,7 +48,8 @@ class TrainResult:
     run_dir: Path
     best_checkpoint: Path
     last_checkpoint: Path
-    best_val_accuracy: float
+    monitor: str  # train.monitor: the validation metric that chose best.pt
+    best_value: float  # its value at the best epoch
     best_epoch: int
     classes: list[str]
     skipped: list[SkippedImage]
@@ -119,9 +120,11 @@ def train(
         raise
     if run.is_main:
         log(f"report: {build_report(run)}")
-    run.finish_loggers({"best_val_acc": state.best_accuracy, "best_epoch": state.best_epoch, **evaluation})
-    log(f"best validation accuracy {state.best_accuracy:.4f} (epoch {state.best_epoch}); files in {run.path}")
-    return TrainResult(run.path, state.best_path, state.last_path, state.best_accuracy, state.best_epoch,
+    monitor = recipe.train.monitor
+    best = next((float(row[monitor]) for row in state.history if row["epoch"] == state.best_epoch), float("nan"))
+    run.finish_loggers({f"best_{monitor}": best, "best_epoch": state.best_epoch, **evaluation})
+    log(f"best {monitor} {best:.4f} (epoch {state.best_epoch}); files in {run.path}")
+    return TrainResult(run.path, state.best_path, state.last_path, monitor, best, state.best_epoch,
                        dataset.classes, skipped, evaluation)
 
 

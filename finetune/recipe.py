@@ -456,9 +456,6 @@ class Recipe:
         if self.train.monitor in MULTILABEL_METRICS and self.data.task != "multilabel":
             raise FinetuneError(f"train.monitor '{self.train.monitor}' is a multi-label metric; with data.task "
                                 "'single' use val_acc or val_loss (or set data.task: multilabel)")
-        if self.semi.rounds and self.data.task == "multilabel":
-            raise FinetuneError("semi.rounds (pseudo-labelling) takes one label per image; it does not work with "
-                                "data.task: multilabel (set semi.rounds: 0)")
         if self.train.cache_features and (self.augment.mixup or self.augment.cutmix):
             raise FinetuneError("train.cache_features: true trains the head on backbone features, which "
                                 "mixup/cutmix cannot blend; set augment.mixup and augment.cutmix to 0, or "

@@ -282,7 +282,8 @@ def train_semi(
         return lambda line: log(f"[round {r}] {line}")
 
     results = [train(_round_recipe(recipe, parent, "round0", None), log=tagged(0), prepared=dataset)]
-    rows = [{"round": 0, "run_dir": str(results[0].run_dir), "val_accuracy": results[0].best_val_accuracy,
+    metric = opening.task.headline  # each round's validation score
+    rows = [{"round": 0, "run_dir": str(results[0].run_dir), "val_score": results[0].evaluation[metric],
              "train_images": len(dataset.train), "pseudo_labels": 0}]
     for r in range(1, semi.rounds + 1):
         teacher = results[-1]
@@ -295,18 +296,18 @@ def train_semi(
                                 dataset.val_source, dataset.test_dir, dataset.unlabeled_dir)
         results.append(train(_round_recipe(recipe, parent, f"round{r}", semi.student_augment), log=tagged(r),
                              prepared=student_data))
-        rows.append({"round": r, "run_dir": str(results[-1].run_dir), "val_accuracy": results[-1].best_val_accuracy,
+        rows.append({"round": r, "run_dir": str(results[-1].run_dir), "val_score": results[-1].evaluation[metric],
                      "train_images": len(student_data.train), "pseudo_labels": len(labels.kept),
                      "pseudo_labels_per_class": labels.per_class(), "pseudo_label_accuracy": labels.accuracy()})
     summary = {"unlabeled": str(folder), "pool": len(pool), "threshold": semi.threshold,
                "max_per_class": semi.max_per_class, "student_augment": semi.student_augment,
-               "classes": dataset.classes, "rounds": rows,
+               "classes": dataset.classes, "metric": metric, "rounds": rows,
                "final_checkpoint": str(results[-1].best_checkpoint)}
     parent.write_semi_summary(summary)
-    log("round  val_acc  train_images  pseudo_labels  pseudo_label_acc")
+    log(f"round  {'val ' + metric:>13}  train_images  pseudo_labels  pseudo_label_acc")
     for row in rows:
         accuracy = row.get("pseudo_label_accuracy")
-        log(f"{row['round']:>5}  {row['val_accuracy']:.4f}  {row['train_images']:>12}  {row['pseudo_labels']:>13}  "
+        log(f"{row['round']:>5}  {row['val_score']:13.4f}  {row['train_images']:>12}  {row['pseudo_labels']:>13}  "
             f"{'-' if accuracy is None else f'{accuracy:.4f}':>16}")
     log(f"summary in {parent.semi_summary}; the last student: {results[-1].best_checkpoint}")
     return SemiResult(parent.path, results, summary)
