@@ -26,7 +26,7 @@ from finetune.engine.fit import EpochHook, FitState, TrainingParts, fit
 from finetune.engine.resume import read_resume, seed_everything
 from finetune.engine.step import check_precision, compile_model, train_precision
 from finetune.errors import FinetuneError
-from finetune.inference import load_ensemble, load_model, predict_probs, resolve_device, sharded_probs
+from finetune.inference import ProbsSettings, load_ensemble, load_model, predict_probs, resolve_device, sharded_probs
 from finetune.models import build_model, format_summary, stage_summary
 from finetune.opening import open_training
 from finetune.options import InferenceOptions, SubmissionOptions
@@ -203,7 +203,7 @@ def evaluate_after_training(run: RunDir, task: Task, checkpoint: Path, val: Sequ
                             cfg: DataConfig, log: Log = print) -> dict:
     """Fit the task's decision state (temperature / thresholds) on validation, store it in best.pt, write eval/."""
     best = load_model(checkpoint, device)
-    raw = predict_probs(best, val, cfg.batch_size, cfg.num_workers, calibrated=False)
+    raw = predict_probs(best, val, ProbsSettings(cfg.batch_size, cfg.num_workers, calibrated=False))
     decision = task.fit_decision(raw, val, len(best.classes), log)
     run.store_decision(decision)
     best.apply_decision(decision)
@@ -319,8 +319,8 @@ def predict(
     if len(models) > 1 or views:
         log(f"averaging {len(models)} model(s) x {view_count(views)} view(s) per image")
     failed: dict[Path, str] = {}
-    batches = sharded_probs(models, plan.paths, batch_size, num_workers, views, {s.path for s in skipped},
-                            precision=precision, unreadable=failed)
+    batches = sharded_probs(models, plan.paths, ProbsSettings(batch_size, num_workers, views, precision),
+                            {s.path for s in skipped}, unreadable=failed)
     if not distributed.is_main():  # under torchrun: this rank scored its share; rank 0 writes every row
         deque(batches, maxlen=0)
         return out

@@ -190,15 +190,14 @@ def evaluate_samples(loaded: "LoadedModel", samples: Sequence[Sample], files: Ev
     Each image is decoded once, here: one that fails is left out of the metrics and appended to `skipped`.
     """
     from finetune.engine.temperature import apply_temperature
-    from finetune.inference import predict_probs
+    from finetune.inference import ProbsSettings, predict_probs
 
     temperature = loaded.temperature
     failed: dict[Path, str] = {}
-    raw = raw_probs if raw_probs is not None else predict_probs(loaded, samples, batch_size, num_workers, tta=tta,
-                                                                 calibrated=False, precision=precision,
-                                                                 unreadable=failed)
+    raw = raw_probs if raw_probs is not None else predict_probs(
+        loaded, samples, ProbsSettings(batch_size, num_workers, tta, precision, calibrated=False), unreadable=failed)
     if tta and temperature != 1.0:  # averaged views: rescaling the average is not the average of the rescaled
-        probs = predict_probs(loaded, samples, batch_size, num_workers, tta=tta, precision=precision)
+        probs = predict_probs(loaded, samples, ProbsSettings(batch_size, num_workers, tta, precision))
     else:
         probs = apply_temperature(raw, temperature)
     if failed:

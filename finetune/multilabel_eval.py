@@ -150,11 +150,11 @@ def evaluate_multilabel_samples(loaded: "LoadedModel", samples: Sequence[Sample]
     """
     from finetune.data.images import SkippedImage
     from finetune.data.multilabel import multi_hot
-    from finetune.inference import predict_probs
+    from finetune.inference import ProbsSettings, predict_probs
 
     failed: dict[Path, str] = {}
-    probs = raw_probs if raw_probs is not None else predict_probs(loaded, samples, batch_size, num_workers, tta=tta,
-                                                                  precision=precision, unreadable=failed)
+    probs = raw_probs if raw_probs is not None else predict_probs(
+        loaded, samples, ProbsSettings(batch_size, num_workers, tta, precision), unreadable=failed)
     if failed:
         probs = probs[np.array([s.path not in failed for s in samples])]
         samples = [s for s in samples if s.path not in failed]
