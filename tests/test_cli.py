@@ -7,7 +7,6 @@ import dataclasses
 import inspect
 import re
 import typing
-from typing import Optional
 
 import pytest
 from test_readme import COMMANDS as README_COMMANDS, cli_args
@@ -33,8 +32,8 @@ def api_defaults(name: str) -> dict[str, object]:
     function = COMMANDS[name].function()
     hints = typing.get_type_hints(function)
     for param in inspect.signature(function).parameters.values():
-        options = {Optional[InferenceOptions]: InferenceOptions,
-                   Optional[SubmissionOptions]: SubmissionOptions}.get(hints.get(param.name))
+        members = typing.get_args(hints.get(param.name))  # an options object (not a recipe, which may be a name)
+        options = None if str in members else next((t for t in members if dataclasses.is_dataclass(t)), None)
         if options is not None:
             defaults.update({f"{param.name}.{f.name}": f.default for f in dataclasses.fields(options)})
         else:
