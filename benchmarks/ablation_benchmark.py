@@ -23,7 +23,7 @@ from pathlib import Path
 
 from fastai_benchmark import run_finetune
 
-from finetune.datasets import export_fashion_mnist
+from finetune.datasets import FashionMNISTSplit, export_fashion_mnist
 
 NO_MIX = ["augment.mixup=0", "augment.cutmix=0"]
 NO_REGULARISATION = [*NO_MIX, "train.label_smoothing=0"]
@@ -134,8 +134,8 @@ def main() -> None:
     runs: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = args.out or Path(tmp)
-        export = export_fashion_mnist(work / "fashion_mnist", args.per_class, args.val_per_class, args.test_images,
-                                      reuse=True)
+        split = FashionMNISTSplit(args.per_class, args.val_per_class, args.test_images)
+        export = export_fashion_mnist(work / "fashion_mnist", split, reuse=True)
         for name in names:
             for seed in args.seeds:
                 overrides = expand([*(variants[args.base] if args.base else []), *variants[name]], args.image_size)

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from finetune.api import predict, train
-from finetune.datasets import FashionMNISTExport, export_fashion_mnist
+from finetune.datasets import FashionMNISTExport, FashionMNISTSplit, export_fashion_mnist
 from finetune.models.backbones import imagenet_classifier
 from finetune.options import InferenceOptions
 from finetune.recipe import ModelConfig
@@ -133,8 +133,8 @@ def main() -> None:
         parser.error("--epochs must be at least 2 (fastai's fine_tune: one head-only epoch, then the rest)")
     with tempfile.TemporaryDirectory() as tmp:
         work = args.out or Path(tmp)
-        export = export_fashion_mnist(work / "fashion_mnist", args.per_class, args.val_per_class, args.test_images,
-                                      reuse=True)
+        split = FashionMNISTSplit(args.per_class, args.val_per_class, args.test_images)
+        export = export_fashion_mnist(work / "fashion_mnist", split, reuse=True)
         runs = []
         for k in range(args.repeats):
             seed = args.seed + k

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from finetune.api import train
-from finetune.datasets import export_fashion_mnist
+from finetune.datasets import FashionMNISTSplit, export_fashion_mnist
 
 
 def run(root: Path, out: Path, args: argparse.Namespace, cache: str, seed: int) -> dict:
@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        export = export_fashion_mnist(Path(tmp) / "fmnist", args.per_class, 10, test_limit=10)
+        export = export_fashion_mnist(Path(tmp) / "fmnist", FashionMNISTSplit(args.per_class, 10, test_limit=10))
         results: dict[str, list[dict]] = {"false": [], "null": []}
         for k in range(args.repeats):
             for cache in ("false", "null") if k % 2 == 0 else ("null", "false"):

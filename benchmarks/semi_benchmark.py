@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from finetune.data.sources import Sample
-from finetune.datasets import export_fashion_mnist
+from finetune.datasets import FashionMNISTSplit, export_fashion_mnist
 from finetune.engine.temperature import apply_temperature
-from finetune.inference import load_model, predict_probs
+from finetune.inference import ProbsSettings, load_model, predict_probs
 from finetune.reports.calibration import calibration_bins
 from finetune.semi import train_semi
 
@@ -49,7 +49,7 @@ def score(checkpoint: Path, answers: list[tuple[Path, str]], workers: int) -> di
     loaded = load_model(checkpoint, "cpu")
     index = {c: i for i, c in enumerate(loaded.classes)}  # the model's order (sorted), not the export's
     samples = [Sample(path, index[name]) for path, name in answers]
-    raw = predict_probs(loaded, samples, 128, workers, calibrated=False)
+    raw = predict_probs(loaded, samples, ProbsSettings(128, workers, calibrated=False))
     calibrated = apply_temperature(raw, loaded.temperature)
     labels = [s.target for s in samples]
     return {"accuracy": float((raw.argmax(1) == np.array(labels)).mean()), "temperature": loaded.temperature,
@@ -85,9 +85,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     folder = Path(args.out) if args.out else RESULTS / f"semi-{time.strftime('%Y%m%d-%H%M%S')}"
     folder.mkdir(parents=True, exist_ok=True)
-    export = export_fashion_mnist(folder / "data", per_class=args.per_class, val_per_class=args.val_per_class,
-                                  test_limit=args.test_limit, unlabeled=args.unlabeled, layout="hw03-2021",
-                                  reuse=True)
+    split = FashionMNISTSplit(args.per_class, args.val_per_class, args.test_limit)
+    export = export_fashion_mnist(folder / "data", split, unlabeled=args.unlabeled, layout="hw03-2021", reuse=True)
     samples = test_answers(export)
     rows = []
     for seed in args.seeds:

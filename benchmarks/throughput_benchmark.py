@@ -35,10 +35,10 @@ from PIL import Image
 from finetune.data.loaders import eval_loader, train_loader
 from finetune.data.sources import Sample
 from finetune.demo import DEMO_RECIPE
-from finetune.engine.fit import train_one_epoch
+from finetune.engine.fit import OptimState, TrainingParts, train_one_epoch
 from finetune.engine.optim import create_optimizer, create_scheduler
 from finetune.engine.step import autocast
-from finetune.inference import LoadedModel, load_model, predict_probs
+from finetune.inference import LoadedModel, ProbsSettings, load_model, predict_probs
 from finetune.models import build_model
 from finetune.recipe import load_recipe
 from finetune.tasks.single_label import SingleLabelScorer
@@ -119,8 +119,8 @@ def main() -> None:
                 name = f"{precision}{', channels_last' if layout == torch.channels_last else ', contiguous'}"
                 if layout == torch.channels_last:  # finetune's prediction always runs channels_last
                     raw, pipeline = median_seconds(
-                        raw_forward, lambda: predict_probs(loaded, samples, args.batch_size, args.workers,
-                                                           precision=precision), repeats=args.repeats)
+                        raw_forward, lambda: predict_probs(loaded, samples, ProbsSettings(
+                            args.batch_size, args.workers, precision=precision)), repeats=args.repeats)
                     line = (f"  predict {name:<24} raw forward {n / raw:7.1f} images/s  finetune predict "
                             f"{n / pipeline:7.1f} images/s  ratio {raw / pipeline:.2f}")
                 else:
@@ -147,7 +147,8 @@ def main() -> None:
 
                 loader = train_loader(recipe, samples, pre, 10)
                 raw, ours = median_seconds(raw_steps, lambda: train_one_epoch(
-                    model, loader, criterion, optimizer, scheduler, None, device, cfg, "bench", SingleLabelScorer()), repeats=args.repeats)
+                    model, TrainingParts(loader, loader, criterion, SingleLabelScorer()),
+                    OptimState(optimizer, scheduler), device, cfg, "bench"), repeats=args.repeats)
                 print(f"  train   {precision + ', channels_last':<24} raw step    {n / raw:7.1f} images/s  "
                       f"finetune epoch   {len(loader) * args.batch_size / ours:7.1f} images/s  "
                       f"ratio {raw / ours * len(loader) * args.batch_size / n:.2f}", flush=True)
@@ -162,7 +163,7 @@ def main() -> None:
         scores = {}
         for precision in ("fp32", "bf16"):
             start = time.perf_counter()
-            probs = predict_probs(trained, test, args.batch_size, args.workers, precision=precision)
+            probs = predict_probs(trained, test, ProbsSettings(args.batch_size, args.workers, precision=precision))
             scores[precision] = (float((probs.argmax(1) == y).mean()), time.perf_counter() - start, probs.argmax(1))
         agree = float((scores["fp32"][2] == scores["bf16"][2]).mean())
         print(f"accuracy on {len(test)} images of {args.images_dir}: fp32 {scores['fp32'][0]:.4f} "

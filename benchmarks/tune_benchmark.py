@@ -20,7 +20,7 @@ from pathlib import Path
 import finetune
 from finetune.datasets import export_fashion_mnist
 from finetune.scoring import score_csv
-from finetune.tune import tune
+from finetune.tune import TrialBudget, tune
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Around the demo's hand-picked values (lr 0.002, label smoothing 0.1, 4 trainable blocks, mixup 0.2).
@@ -59,8 +59,8 @@ def main() -> None:
         log_file.flush()
 
     start = time.perf_counter()
-    study = tune("demo_fashion_mnist_lite0", space=SPACE, trials=args.trials, data=data,
-                 overrides=[f"output={out}"], startup_trials=2, log=log)
+    study = tune("demo_fashion_mnist_lite0", space=SPACE, budget=TrialBudget(args.trials, startup_trials=2), data=data,
+                 overrides=[f"output={out}"], log=log)
     study_seconds = time.perf_counter() - start
     tuned, tuned_seconds = test_accuracy(study.best_recipe, data, out / "tuned", truth, log)
     hand, hand_seconds = test_accuracy("demo_fashion_mnist_lite0", data, out / "hand_picked", truth, log)

@@ -25,9 +25,9 @@ from finetune.engine.fit import EpochHook, FitState, TrainingParts, fit
 from finetune.engine.resume import read_resume, seed_everything
 from finetune.engine.step import check_precision, compile_model, train_precision
 from finetune.errors import FinetuneError
-from finetune.inference import load_ensemble, load_model, predict_probs, resolve_device, sharded_probs
+from finetune.inference import ProbsSettings, load_ensemble, load_model, predict_probs, resolve_device, sharded_probs
 from finetune.models import build_model, format_summary, stage_summary
-from finetune.opening import open_training
+from finetune.opening import Opening, open_training
 from finetune.options import InferenceOptions, SubmissionOptions
 from finetune.recipe import DataConfig, Recipe
 from finetune.report_page import build_report
@@ -73,59 +73,67 @@ def train(
     (the best checkpoint is still evaluated) — `finetune tune` prunes trials with it.
     Under torchrun every process calls this: DDP training, `data.batch_size` per process, rank 0 writes.
     """
-    payload = None
+    payload = checkpoint = None
     if resume is not None:
-        if recipe is not None:
-            log("note: resuming uses the run's saved recipe; the recipe given is ignored (change settings with --set)")
         checkpoint = RunDir.resume_checkpoint(resume)
-        payload, recipe = read_resume(checkpoint, overrides)
-        overrides = None
+        payload, recipe, overrides = *_resumed(checkpoint, recipe, overrides, log), None
     opening = open_training(recipe, data, overrides, log, prepared)
     recipe, task, dataset, device = opening.recipe, opening.task, opening.dataset, opening.device
     log(dataset.describe())
     if payload is not None and list(payload["classes"]) != dataset.classes:
         raise FinetuneError(f"the data has classes {dataset.classes[:20]} but the run being resumed was trained on "
                             f"{list(payload['classes'])[:20]}; resume with the run's own data")
-    model, preprocessing = _build_for_training(recipe, len(dataset.classes), device, resumed=payload is not None,
-                                               log=log)
+    model, preprocessing = _build_for_training(recipe, len(dataset.classes), device, payload is not None, log)
     if not distributed.is_main():  # every rank built the same model; from here each draws its own augmentation
         seed_everything(distributed.rank_seed(recipe.train.seed))
 
-    run = RunDir.open(checkpoint) if payload is not None else RunDir.create(recipe.output, recipe.name)
-    cfg, world = recipe.data, distributed.world_size()
-    scale = (f"{world} process(es) x data.batch_size {cfg.batch_size} x train.accumulate {recipe.train.accumulate} = "
-             f"effective batch {world * cfg.batch_size * recipe.train.accumulate}, train.lr {recipe.train.lr:g}")
-    log(scale)
-    run.write_recipe(recipe, note=f"trained with {scale}")
-    run.write_data_summary(dataset.classes, dataset.train_counts, dataset.val_counts)
-    run.write_skipped(dataset.skipped, log)
+    run = RunDir.open(checkpoint) if checkpoint is not None else RunDir.create(recipe.output, recipe.name)
+    _start_run(run, opening, log)
     extras = {"task": task.name, "classes": dataset.classes, "preprocessing": preprocessing.to_dict(),
-              "recipe": recipe.to_dict(), "world_size": world}
-    log(f"training on {device} for {recipe.train.epochs} epoch(s); run folder {run.path}")
-    run.start_loggers(recipe)
+              "recipe": recipe.to_dict(), "world_size": distributed.world_size()}
 
     def on_skip(item: SkippedImage) -> None:
         log(f"warning: skipped {item.path}, which does not decode ({item.reason}); it is listed in {run.skipped}")
 
     parts = training_parts(recipe, task, dataset, preprocessing, device, on_skip)
     try:
-        state: FitState = fit(model, parts, recipe.train, run, device, extras, log=log, resume=payload,
-                              on_epoch=on_epoch)
+        state: FitState = fit(model, parts, recipe.train, run, extras, log=log, resume=payload, on_epoch=on_epoch)
         distributed.barrier()  # rank 0 has written best.pt
         skipped, unreadable = _decode_failures(run, dataset, parts, log)
         val_samples = [s for s in dataset.val if s.path not in unreadable]
-        evaluation = evaluate_after_training(run, task, state.best_path, val_samples, device, cfg, log)
+        evaluation = evaluate_after_training(run, task, state.best_path, val_samples, device, recipe.data, log)
     except BaseException:
         run.close_loggers()  # what was logged so far stays readable
         raise
     if run.is_main:
         log(f"report: {build_report(run)}")
-    monitor = recipe.train.monitor
+    monitor = recipe.train.monitor  # its value at the best epoch, as history.csv holds it
     best = next((float(row[monitor]) for row in state.history if row["epoch"] == state.best_epoch), float("nan"))
     run.finish_loggers({f"best_{monitor}": best, "best_epoch": state.best_epoch, **evaluation})
     log(f"best {monitor} {best:.4f} (epoch {state.best_epoch}); files in {run.path}")
     return TrainResult(run.path, state.best_path, state.last_path, monitor, best, state.best_epoch,
                        dataset.classes, skipped, evaluation)
+
+
+def _resumed(checkpoint: Path, recipe: object, overrides: Optional[list[str]], log: Log) -> tuple[dict, Recipe]:
+    """A run's last.pt payload and its saved recipe (with `overrides`): what resuming continues from."""
+    if recipe is not None:
+        log("note: resuming uses the run's saved recipe; the recipe given is ignored (change settings with --set)")
+    return read_resume(checkpoint, overrides)
+
+
+def _start_run(run: RunDir, opening: Opening, log: Log) -> None:
+    """The run folder's first files (recipe with the effective batch, class counts, skipped files); loggers open."""
+    recipe, dataset, world = opening.recipe, opening.dataset, distributed.world_size()
+    cfg = recipe.data
+    scale = (f"{world} process(es) x data.batch_size {cfg.batch_size} x train.accumulate {recipe.train.accumulate} = "
+             f"effective batch {world * cfg.batch_size * recipe.train.accumulate}, train.lr {recipe.train.lr:g}")
+    log(scale)
+    run.write_recipe(recipe, note=f"trained with {scale}")
+    run.write_data_summary(dataset.classes, dataset.train_counts, dataset.val_counts)
+    run.write_skipped(dataset.skipped, log)
+    log(f"training on {opening.device} for {recipe.train.epochs} epoch(s); run folder {run.path}")
+    run.start_loggers(recipe)
 
 
 def _build_for_training(recipe: Recipe, num_classes: int, device: torch.device, resumed: bool,
@@ -205,7 +213,7 @@ def evaluate_after_training(run: RunDir, task: Task, checkpoint: Path, val: Sequ
                             cfg: DataConfig, log: Log = print) -> dict:
     """Fit the task's decision state (temperature / thresholds) on validation, store it in best.pt, write eval/."""
     best = load_model(checkpoint, device)
-    raw = predict_probs(best, val, cfg.batch_size, cfg.num_workers, calibrated=False)
+    raw = predict_probs(best, val, ProbsSettings(cfg.batch_size, cfg.num_workers, calibrated=False))
     decision = task.fit_decision(raw, val, len(best.classes), log)
     run.store_decision(decision)
     best.apply_decision(decision)
@@ -299,8 +307,8 @@ def predict(
     if len(models) > 1 or views:
         log(f"averaging {len(models)} model(s) x {view_count(views)} view(s) per image")
     failed: dict[Path, str] = {}
-    batches = sharded_probs(models, plan.paths, inference.batch_size, inference.num_workers, views,
-                            {s.path for s in skipped}, precision=inference.precision, unreadable=failed)
+    batches = sharded_probs(models, plan.paths, ProbsSettings.of(inference), {s.path for s in skipped},
+                            unreadable=failed)
     if not distributed.is_main():  # under torchrun: this rank scored its share; rank 0 writes every row
         deque(batches, maxlen=0)
         return files.out

@@ -23,6 +23,7 @@ __all__ = [
     "DEBIAN_FASHION_MNIST",
     "FASHION_MNIST_CLASSES",
     "FashionMNISTExport",
+    "FashionMNISTSplit",
     "LAYOUTS",
     "MosaicExport",
     "describe",
@@ -51,6 +52,22 @@ Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 # The demo's few-shot size, shared by `finetune datasets fashion-mnist`, `finetune demo` and their CLI help.
 DEFAULT_PER_CLASS = 100
 DEFAULT_VAL_PER_CLASS = 20
+
+
+@dataclass(frozen=True)
+class FashionMNISTSplit:
+    """How many Fashion-MNIST images an export draws for each split.
+
+    Attributes:
+        per_class: training images per class.
+        val_per_class: validation images per class.
+        test_limit: first K test images (None: all 10 000).
+    """
+
+    per_class: int = DEFAULT_PER_CLASS
+    val_per_class: int = DEFAULT_VAL_PER_CLASS
+    test_limit: Optional[int] = None
+
 
 @dataclass
 class FashionMNISTExport:
@@ -170,11 +187,43 @@ def _write_split(root: Path, images: np.ndarray, labels: np.ndarray, indices: li
         Image.fromarray(images[i]).save(root / FASHION_MNIST_CLASSES[labels[i]] / f"{i:05d}.png")
 
 
+def _check_settings(split: FashionMNISTSplit, unlabeled: int, layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise FinetuneError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if unlabeled < 0:
+        raise FinetuneError("--unlabeled must be 0 or more")
+    if split.per_class < 1 or split.val_per_class < 1:
+        raise FinetuneError("--per-class and --val-per-class must be at least 1")
+    if split.test_limit is not None and split.test_limit < 1:
+        raise FinetuneError("--test-limit must be at least 1 (or left out for all 10 000 test images)")
+
+
+def _write_test(test_dir: Path, truth_csv: Path, images: np.ndarray, labels: np.ndarray, count: int) -> None:
+    """The first `count` test images as test/00001.png..., unlabeled; their answers in `truth_csv` (outside it)."""
+    test_dir.mkdir(parents=True, exist_ok=True)
+    with truth_csv.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["Id", "Category"])
+        for i in range(count):
+            image_id = f"{i + 1:05d}"
+            Image.fromarray(images[i]).save(test_dir / f"{image_id}.png")
+            writer.writerow([image_id, FASHION_MNIST_CLASSES[labels[i]]])
+
+
+def _earlier_export(manifest: Path, settings: dict) -> Optional[dict]:
+    """The manifest of an export made with the same settings, or None."""
+    if not manifest.is_file():
+        return None
+    try:
+        done = json.loads(manifest.read_text())
+    except ValueError:
+        return None  # a damaged manifest: not reusable, and the folder is not empty (the caller refuses it)
+    return done if done.get("settings") == settings else None
+
+
 def export_fashion_mnist(
     out_dir: Union[str, Path],
-    per_class: int = DEFAULT_PER_CLASS,
-    val_per_class: int = DEFAULT_VAL_PER_CLASS,
-    test_limit: Optional[int] = None,
+    split: Optional[FashionMNISTSplit] = None,
     seed: int = 0,
     source: Optional[Union[str, Path]] = None,
     reuse: bool = False,
@@ -183,56 +232,40 @@ def export_fashion_mnist(
 ) -> FashionMNISTExport:
     """Write a Fashion-MNIST folder data set (train/, val/, unlabeled test/, test_truth.csv) into `out_dir`.
 
-    `per_class` / `val_per_class` images per class are drawn (seeded, disjoint) from the 60 000 training
-    images; test/ holds the first `test_limit` of the 10 000 test images (all by default). `unlabeled`
-    more training images (disjoint from both) form a pool without labels, their answers kept apart in
-    unlabeled_truth.csv. `layout` hw03-2021 writes HW03's 2021 tree: training/labeled/<class>/,
+    `split.per_class` / `split.val_per_class` images per class are drawn (seeded, disjoint) from the 60 000
+    training images; test/ holds the first `split.test_limit` of the 10 000 test images (all by default).
+    `unlabeled` more training images (disjoint from both) form a pool without labels, their answers kept
+    apart in unlabeled_truth.csv. `layout` hw03-2021 writes HW03's 2021 tree: training/labeled/<class>/,
     training/unlabeled/00/, validation/<class>/, testing/00/. With `reuse`, an existing export made
     with the same settings is returned as it is.
     """
-    if layout not in LAYOUTS:
-        raise FinetuneError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    if unlabeled < 0:
-        raise FinetuneError("--unlabeled must be 0 or more")
-    if per_class < 1 or val_per_class < 1:
-        raise FinetuneError("--per-class and --val-per-class must be at least 1")
-    if test_limit is not None and test_limit < 1:
-        raise FinetuneError("--test-limit must be at least 1 (or left out for all 10 000 test images)")
+    split = split or FashionMNISTSplit()
+    _check_settings(split, unlabeled, layout)
     root = Path(out_dir).expanduser()
     train_dir, val_dir, test_dir, pool_dir, pool_truth = _paths(root, layout)
     truth_csv = root / "test_truth.csv"
-    settings = {"per_class": per_class, "val_per_class": val_per_class, "test_limit": test_limit, "seed": seed}
+    settings = {"per_class": split.per_class, "val_per_class": split.val_per_class, "test_limit": split.test_limit,
+                "seed": seed}
     if unlabeled or layout != "folders":  # older exports' manifests stay reusable
         settings.update(unlabeled=unlabeled, layout=layout)
     pool_paths = (pool_dir, pool_truth) if unlabeled else (None, None)
     manifest = root / _MANIFEST
-    if reuse and manifest.is_file():
-        try:
-            done = json.loads(manifest.read_text())
-        except ValueError:
-            done = {}  # a damaged manifest: not reusable, and the folder is not empty (error below)
-        if done.get("settings") == settings:
-            return FashionMNISTExport(root, train_dir, val_dir, test_dir, truth_csv, list(FASHION_MNIST_CLASSES),
-                                      done["counts"], done["source"], True, *pool_paths)
+    done = _earlier_export(manifest, settings) if reuse else None
+    if done is not None:
+        return FashionMNISTExport(root, train_dir, val_dir, test_dir, truth_csv, list(FASHION_MNIST_CLASSES),
+                                  done["counts"], done["source"], True, *pool_paths)
     if root.exists() and any(root.iterdir()):
         raise FinetuneError(f"{root} already exists and is not empty; choose another --out or delete it")
 
     (train_x, train_y, test_x, test_y), origin = load_fashion_mnist(source)
-    train_idx, val_idx = _pick(train_y, per_class, val_per_class, np.random.default_rng(seed))
+    train_idx, val_idx = _pick(train_y, split.per_class, split.val_per_class, np.random.default_rng(seed))
     _write_split(train_dir, train_x, train_y, train_idx)
     _write_split(val_dir, train_x, train_y, val_idx)
     pool_idx = _pick_unlabeled(unlabeled, train_y, train_idx + val_idx, np.random.default_rng(seed + 1))
     if unlabeled:
         _write_pool(pool_dir, pool_truth, train_x, train_y, pool_idx)
-    count = len(test_x) if test_limit is None else min(test_limit, len(test_x))
-    test_dir.mkdir(parents=True, exist_ok=True)
-    with truth_csv.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["Id", "Category"])
-        for i in range(count):
-            image_id = f"{i + 1:05d}"
-            Image.fromarray(test_x[i]).save(test_dir / f"{image_id}.png")
-            writer.writerow([image_id, FASHION_MNIST_CLASSES[test_y[i]]])
+    count = len(test_x) if split.test_limit is None else min(split.test_limit, len(test_x))
+    _write_test(test_dir, truth_csv, test_x, test_y, count)
     counts = {"train": len(train_idx), "val": len(val_idx), "test": count}
     if unlabeled:
         counts["unlabeled"] = len(pool_idx)

@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 from finetune.api import TrainResult, predict, train
-from finetune.datasets import (DEFAULT_PER_CLASS, DEFAULT_VAL_PER_CLASS, FashionMNISTExport, describe,
-                               export_fashion_mnist)
+from finetune.datasets import FashionMNISTExport, FashionMNISTSplit, describe, export_fashion_mnist
 from finetune.evaluation import format_report
 from finetune.options import InferenceOptions
 from finetune.recipe import load_recipe
@@ -43,9 +42,7 @@ class DemoResult:
 
 def run_demo(
     out: Union[str, Path] = "demo",
-    per_class: int = DEFAULT_PER_CLASS,
-    val_per_class: int = DEFAULT_VAL_PER_CLASS,
-    test_limit: Optional[int] = None,
+    split: Optional[FashionMNISTSplit] = None,
     epochs: Optional[int] = None,
     recipe: Optional[Union[str, Path]] = None,
     overrides: Optional[list[str]] = None,
@@ -56,9 +53,7 @@ def run_demo(
 
     Args:
         out: folder for the data set and runs.
-        per_class: training images per class.
-        val_per_class: validation images per class.
-        test_limit: first K test images (None: all 10 000).
+        split: images per class for training and validation, and how many test images (FashionMNISTSplit).
         epochs: override the recipe's train.epochs.
         recipe: another recipe: a YAML path or a shipped recipe's name (None: demo_fashion_mnist_lite0).
         overrides: override a recipe value, e.g. data.image_size=64 (repeatable).
@@ -66,13 +61,14 @@ def run_demo(
         log: where progress lines go.
     """
     start = time.perf_counter()
+    split = split or FashionMNISTSplit()
     out = Path(out).expanduser().resolve()
     recipe_path = find_recipe(recipe) if recipe else DEMO_RECIPE
     settings = [f"output={out / 'runs'}"] + ([f"train.epochs={epochs}"] if epochs is not None else [])
     demo_recipe = load_recipe(recipe_path, settings + list(overrides or []))
 
-    folder = out / f"fashion_mnist_{per_class}x{val_per_class}_test{test_limit or 'all'}"
-    export = export_fashion_mnist(folder, per_class, val_per_class, test_limit, reuse=True)
+    folder = out / f"fashion_mnist_{split.per_class}x{split.val_per_class}_test{split.test_limit or 'all'}"
+    export = export_fashion_mnist(folder, split, reuse=True)
     log(describe(export))
 
     trained = train(demo_recipe, data=export.root, log=log)

@@ -3,6 +3,7 @@ calibration (ECE + reliability diagram), the misclassified gallery and Grad-CAM 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
@@ -17,7 +18,6 @@ from finetune.reports.gallery import Tile, plot_gallery, thumbnail, worst_mistak
 from finetune.reports.plots import BARS, plot_class_recall, plot_confused_pairs, plot_confusion_matrix
 from finetune.options import InferenceOptions
 from finetune.run import EvalFiles
-from finetune.tta import parse_tta
 
 if TYPE_CHECKING:  # scoring a CSV needs no model: inference (and timm) load only when a model is evaluated
     from finetune.inference import LoadedModel
@@ -100,14 +100,14 @@ def write_evaluation(
     probs: Optional[np.ndarray] = None,
     paths: Optional[Sequence[Path]] = None,
     model: Optional["LoadedModel"] = None,
-    uncalibrated: Optional[np.ndarray] = None,
-    temperature: Optional[float] = None,
+    calibration: Optional[tuple[Optional[np.ndarray], float]] = None,
 ) -> dict:
     """Write the evaluation bundle into `files` and return the metrics.
 
     With `probs`: top-k accuracy and calibration; with `probs` and `paths`: the misclassified
-    gallery; with `model` as well: Grad-CAM overlays of the worst mistakes. `uncalibrated` (the
-    probabilities before temperature scaling) adds the ECE before it, beside the ECE of `probs`.
+    gallery; with `model` as well: Grad-CAM overlays of the worst mistakes. `calibration` is
+    (the probabilities before temperature scaling or None, the temperature): it adds the ECE
+    before scaling beside the ECE of `probs`.
     """
     files.prepare()
     labels = list(range(len(classes)))
@@ -120,45 +120,51 @@ def write_evaluation(
     confused = most_confused(matrix, classes)
     summary: dict = {"images": int(len(y_true)), "classes": len(classes), "accuracy": report["accuracy"],
                      "macro_f1": float(report["macro avg"]["f1-score"])}
+    uncalibrated, temperature = calibration if calibration is not None else (None, None)
     if probs is not None and len(y_true):
-        summary["top_k"] = top_k_accuracies(y_true, probs)
-        bins = calibration_bins(probs, y_true)
-        summary["ece"] = bins.ece
-        summary["calibration_bins"] = bins.to_dict()
-        before = calibration_bins(uncalibrated, y_true) if uncalibrated is not None else None
-        if temperature is not None:
-            summary["temperature"] = float(temperature)
-        if before is not None:
-            summary["ece_uncalibrated"] = before.ece
-        summary["coverage"] = accuracy_coverage(probs, y_true).to_dict()
+        summary.update(_probability_metrics(y_true, probs, uncalibrated, temperature))
     if files.writes:
-        plot_confusion_matrix(matrix, classes, files.confusion_png)
-        plot_confused_pairs(most_confused(matrix, classes, BARS), files.most_confused_png)
-        plot_class_recall(matrix, classes, files.class_recall_png)
-        files.write_csv(files.confusion_csv, [["true\\predicted", *classes],
-                                              *([name, *row.tolist()] for name, row in zip(classes, matrix))])
-        files.write_csv(files.most_confused, [["true", "predicted", "count"], *confused])
-        files.write_json(files.report_json, report)
+        _write_tables(files, classes, matrix, confused, report)
         if paths is not None:
             files.write_csv(files.predictions, [["path", "true", "predicted", "confidence", "correct"], *(
                 [str(path), classes[y_true[i]], classes[y_pred[i]],
                  float(probs[i, y_pred[i]]) if probs is not None else "", int(y_true[i] == y_pred[i])]
                 for i, path in enumerate(paths))])
         if "calibration_bins" in summary:
-            plot_reliability(bins, files.reliability, before, temperature)
+            before = calibration_bins(uncalibrated, y_true) if uncalibrated is not None else None
+            plot_reliability(calibration_bins(probs, y_true), files.reliability, before, temperature)
             plot_coverage(accuracy_coverage(probs, y_true), files.coverage_png)
             if paths is not None:
                 worst = _write_gallery(y_true, y_pred, probs, classes, paths, files.misclassified)
                 if model is not None and worst:
                     summary["gradcam"] = _write_gradcam(model, worst, y_true, y_pred, classes, paths, files.gradcam)
         files.write_json(files.metrics, summary)
-    return {
-        **summary,
-        "report": report,
-        "most_confused": confused,
-        "confusion_matrix": matrix.tolist(),
-        "out_dir": str(files.folder),
-    }
+    return {**summary, "report": report, "most_confused": confused, "confusion_matrix": matrix.tolist(),
+            "out_dir": str(files.folder)}
+
+
+def _probability_metrics(y_true: np.ndarray, probs: np.ndarray, uncalibrated: Optional[np.ndarray],
+                         temperature: Optional[float]) -> dict:
+    """Top-k accuracy, ECE (before and after temperature scaling) and the accuracy-coverage points."""
+    bins = calibration_bins(probs, y_true)
+    metrics: dict = {"top_k": top_k_accuracies(y_true, probs), "ece": bins.ece, "calibration_bins": bins.to_dict()}
+    if temperature is not None:
+        metrics["temperature"] = float(temperature)
+    if uncalibrated is not None:
+        metrics["ece_uncalibrated"] = calibration_bins(uncalibrated, y_true).ece
+    metrics["coverage"] = accuracy_coverage(probs, y_true).to_dict()
+    return metrics
+
+
+def _write_tables(files: EvalFiles, classes: Sequence[str], matrix: np.ndarray, confused: list, report: dict) -> None:
+    """The confusion matrix (PNG and CSV), the most confused pairs, per-class recall and the per-class report."""
+    plot_confusion_matrix(matrix, classes, files.confusion_png)
+    plot_confused_pairs(most_confused(matrix, classes, BARS), files.most_confused_png)
+    plot_class_recall(matrix, classes, files.class_recall_png)
+    files.write_csv(files.confusion_csv, [["true\\predicted", *classes],
+                                          *([name, *row.tolist()] for name, row in zip(classes, matrix))])
+    files.write_csv(files.most_confused, [["true", "predicted", "count"], *confused])
+    files.write_json(files.report_json, report)
 
 
 def summary_lines(metrics: dict, classes: Sequence[str]) -> list[str]:
@@ -191,16 +197,14 @@ def evaluate_samples(loaded: "LoadedModel", samples: Sequence[Sample], files: Ev
     Each image is decoded once, here: one that fails is left out of the metrics and appended to `skipped`.
     """
     from finetune.engine.temperature import apply_temperature
-    from finetune.inference import predict_probs
+    from finetune.inference import ProbsSettings, predict_probs
 
-    temperature, tta = loaded.temperature, parse_tta(inference.tta)
-    batch_size, num_workers, precision = inference.batch_size, inference.num_workers, inference.precision
+    temperature, settings = loaded.temperature, ProbsSettings.of(inference)
     failed: dict[Path, str] = {}
-    raw = raw_probs if raw_probs is not None else predict_probs(loaded, samples, batch_size, num_workers, tta=tta,
-                                                                 calibrated=False, precision=precision,
-                                                                 unreadable=failed)
-    if tta and temperature != 1.0:  # averaged views: rescaling the average is not the average of the rescaled
-        probs = predict_probs(loaded, samples, batch_size, num_workers, tta=tta, precision=precision)
+    raw = raw_probs if raw_probs is not None else predict_probs(loaded, samples, replace(settings, calibrated=False),
+                                                                unreadable=failed)
+    if settings.tta and temperature != 1.0:  # averaged views: rescaling the average is not the average of the rescaled
+        probs = predict_probs(loaded, samples, settings)
     else:
         probs = apply_temperature(raw, temperature)
     if failed:
@@ -212,7 +216,7 @@ def evaluate_samples(loaded: "LoadedModel", samples: Sequence[Sample], files: Ev
             raise FinetuneError("none of the labelled images could be decoded; see the list of skipped images")
     metrics = write_evaluation([s.target for s in samples], probs.argmax(1), loaded.classes, files, probs,
                                [s.path for s in samples], model=loaded,
-                               uncalibrated=raw if temperature != 1.0 else None, temperature=temperature)
+                               calibration=(raw if temperature != 1.0 else None, temperature))
     for line in summary_lines(metrics, loaded.classes):
         log(line)
     log(f"evaluation written to {files.folder}")

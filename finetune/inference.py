@@ -20,11 +20,12 @@ from finetune.engine.step import autocast, check_precision
 from finetune.errors import FinetuneError
 from finetune.models import Classifier, build_model
 from finetune.models.fusion import fused_copy
+from finetune.options import InferenceOptions
 from finetune.recipe import TASK_ACTIVATIONS, Recipe
-from finetune.tta import ViewTransform, average_views
+from finetune.tta import ViewTransform, average_views, parse_tta
 
-__all__ = ["LoadedModel", "check_finite_weights", "load_model", "load_ensemble", "predict_probs", "stream_probs",
-           "sharded_probs", "resolve_device"]
+__all__ = ["LoadedModel", "ProbsSettings", "check_finite_weights", "load_model", "load_ensemble", "predict_probs",
+           "stream_probs", "sharded_probs", "resolve_device"]
 
 
 @dataclass
@@ -47,6 +48,22 @@ class LoadedModel:
         """Take a freshly fitted decision state (temperature / thresholds), as best.pt now holds it."""
         self.checkpoint.update(decision)
         self.temperature = float(decision.get("temperature", self.temperature))
+
+
+@dataclass(frozen=True)
+class ProbsSettings:
+    """How images are scored: batching, loading, test-time views, autocast precision, and calibration."""
+
+    batch_size: int = 64
+    num_workers: int = 2  # data-loading processes (0: the main process; always 0 for a single batch)
+    tta: Sequence[str] = ()  # test-time views averaged per image (finetune.tta), e.g. ("flip",)
+    precision: str = "fp32"  # bf16 (or fp16 on CUDA) runs the models under autocast; probabilities stay float32
+    calibrated: bool = True  # apply each checkpoint's fitted temperature (False: the raw softmax)
+
+    @classmethod
+    def of(cls, options: InferenceOptions, calibrated: bool = True) -> "ProbsSettings":
+        """The settings a user's InferenceOptions ask for (its TTA spec parsed into views)."""
+        return cls(options.batch_size, options.num_workers, parse_tta(options.tta), options.precision, calibrated)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -145,27 +162,22 @@ class _ViewsDataset(Dataset):
 def stream_probs(
     models: Sequence[LoadedModel],
     paths: Sequence[Path],
-    batch_size: int = 64,
-    num_workers: int = 2,
-    tta: Sequence[str] = (),
+    settings: ProbsSettings = ProbsSettings(),
     blank: AbstractSet[Path] = frozenset(),
-    calibrated: bool = True,
-    precision: str = "fp32",
     unreadable: Optional[dict[Path, str]] = None,
 ) -> Iterator[np.ndarray]:
     """Yield class probabilities batch by batch, in `paths` order, averaged over models and TTA views.
 
     Paths in `blank` (known unreadable) are scored as a mean-colour image so every path gets a row;
     so is an image that fails to decode here, which is added to `unreadable` (path: reason) if given.
-    `calibrated` applies each checkpoint's fitted temperature (False: the raw softmax).
-    `precision` bf16 (or fp16 on CUDA) runs the models under autocast; probabilities stay float32.
     """
+    batch_size, tta = settings.batch_size, settings.tta
     groups: dict[Preprocessing, list[LoadedModel]] = {}
     for loaded in models:
         groups.setdefault(loaded.preprocessing, []).append(loaded)
     transforms = [ViewTransform(pre, tta) for pre in groups]
     loader = make_loader(_ViewsDataset(paths, transforms, blank), batch_size,
-                         num_workers if len(paths) > batch_size else 0)
+                         settings.num_workers if len(paths) > batch_size else 0)
     start = 0
     for *batch, reasons in loader:
         for offset, reason in enumerate(reasons):
@@ -178,8 +190,8 @@ def stream_probs(
                 loaded.model.eval()
                 device = next(loaded.model.parameters()).device
                 activation = TASK_ACTIVATIONS[loaded.task_name]
-                temperature = loaded.temperature if calibrated else 1.0
-                with autocast(device, check_precision(precision, device, "--precision")):
+                temperature = loaded.temperature if settings.calibrated else 1.0
+                with autocast(device, check_precision(settings.precision, device, "--precision")):
                     probs = average_views(loaded.model, [v.to(device) for v in views], tta, activation,
                                           temperature).cpu()
                 total = probs if total is None else total + probs
@@ -189,12 +201,8 @@ def stream_probs(
 def sharded_probs(
     models: Sequence[LoadedModel],
     paths: Sequence[Path],
-    batch_size: int = 64,
-    num_workers: int = 2,
-    tta: Sequence[str] = (),
+    settings: ProbsSettings = ProbsSettings(),
     blank: AbstractSet[Path] = frozenset(),
-    calibrated: bool = True,
-    precision: str = "fp32",
     unreadable: Optional[dict[Path, str]] = None,
 ) -> Iterator[np.ndarray]:
     """`stream_probs` of every path; under torchrun each rank scores a contiguous share and all ranks get every row.
@@ -204,12 +212,11 @@ def sharded_probs(
     rank's decode failures. A collective call: every rank must consume it.
     """
     if not distributed.active():
-        yield from stream_probs(models, paths, batch_size, num_workers, tta, blank, calibrated, precision, unreadable)
+        yield from stream_probs(models, paths, settings, blank, unreadable)
         return
     start, stop = distributed.shard_bounds(len(paths))
     failed: dict[Path, str] = {}
-    chunks = list(stream_probs(models, list(paths)[start:stop], batch_size, num_workers, tta, blank, calibrated,
-                               precision, failed))
+    chunks = list(stream_probs(models, list(paths)[start:stop], settings, blank, failed))
     part = np.concatenate(chunks) if chunks else np.zeros((0, len(models[0].classes)), dtype=np.float32)
     parts = distributed.gather_objects((part, failed))
     if unreadable is not None:
@@ -222,12 +229,8 @@ def sharded_probs(
 def predict_probs(
     loaded: Union[LoadedModel, Sequence[LoadedModel]],
     samples: Sequence[Sample],
-    batch_size: int = 64,
-    num_workers: int = 2,
+    settings: ProbsSettings = ProbsSettings(),
     device: Optional[torch.device] = None,
-    tta: Sequence[str] = (),
-    calibrated: bool = True,
-    precision: str = "fp32",
     unreadable: Optional[dict[Path, str]] = None,
 ) -> np.ndarray:
     """Class probabilities (N, C) for `samples`, in order (one model or an ensemble); calibrated unless asked.
@@ -238,6 +241,5 @@ def predict_probs(
     if device is not None:
         for m in models:
             m.model.to(device)
-    chunks = list(sharded_probs(models, [s.path for s in samples], batch_size, num_workers, tta,
-                                calibrated=calibrated, precision=precision, unreadable=unreadable))
+    chunks = list(sharded_probs(models, [s.path for s in samples], settings, unreadable=unreadable))
     return np.concatenate(chunks) if chunks else np.zeros((0, len(models[0].classes)), dtype=np.float32)

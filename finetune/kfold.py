@@ -13,7 +13,7 @@ from finetune.api import TrainResult, train
 from finetune.data.prepare import Prepared
 from finetune.data.sources import Sample
 from finetune.engine import distributed
-from finetune.opening import open_training
+from finetune.opening import Opening, open_training
 from finetune.recipe import Recipe
 from finetune.report_page import build_report
 from finetune.run import RunDir
@@ -53,6 +53,30 @@ def _command(checkpoints: list[Path], test_dir: Optional[Path], out: Path) -> st
                      "--out", shlex.quote(str(out))])
 
 
+def _train_folds(opening: Opening, plan: list, parent: RunDir, log: Log) -> tuple[list[TrainResult], list[dict]]:
+    """Train this process's folds (all of them in one process); every fold's result and summary row, in order."""
+    recipe, task, dataset, folds = opening.recipe, opening.task, opening.dataset, len(plan)
+    world, rank = distributed.world_size(), distributed.rank()
+    if world > 1:
+        log(f"{world} processes train the folds side by side (fold i on process (i-1) mod {world}); "
+            "this log shows process 0's folds")
+    done: list[tuple[int, TrainResult, dict]] = []
+    for i, (train_samples, val_samples) in enumerate(plan, 1):
+        if (i - 1) % world != rank:
+            continue
+        fold_recipe = recipe.derive(name=f"fold{i}", output=str(parent.path))
+        fold_data = Prepared(dataset.classes, train_samples, val_samples, dataset.skipped, f"fold {i} of {folds}",
+                             dataset.test_dir)
+        with distributed.independent():  # this fold is this process's alone: no DDP, it writes its own folder
+            result = train(fold_recipe, log=lambda line, i=i: log(f"[fold {i}/{folds}] {line}"), prepared=fold_data)
+        done.append((i, result, {"fold": i, "run_dir": str(result.run_dir), "report": str(RunDir(result.run_dir).report),
+                     "best_checkpoint": str(result.best_checkpoint),
+                     "score": float(result.evaluation[task.headline]), "best_epoch": result.best_epoch,
+                     "train_images": len(train_samples), "val_images": len(val_samples)}))
+    gathered = sorted((item for part in distributed.gather_objects(done) for item in part), key=lambda item: item[0])
+    return [result for _, result, _ in gathered], [row for _, _, row in gathered]
+
+
 def train_kfold(
     recipe: Union[Recipe, str, Path, None],
     folds: int,
@@ -77,34 +101,13 @@ def train_kfold(
     log(f"{folds}-fold {task.split_kind} cross-validation on {len(samples)} images (train+val merged); folds in "
         f"{parent.path}")
 
-    world, rank = distributed.world_size(), distributed.rank()
-    if world > 1:
-        log(f"{world} processes train the folds side by side (fold i on process (i-1) mod {world}); "
-            "this log shows process 0's folds")
-    done: list[tuple[int, TrainResult, dict]] = []
-    for i, (train_samples, val_samples) in enumerate(plan, 1):
-        if (i - 1) % world != rank:
-            continue
-        fold_recipe = recipe.derive(name=f"fold{i}", output=str(parent.path))
-        fold_data = Prepared(dataset.classes, train_samples, val_samples, dataset.skipped, f"fold {i} of {folds}",
-                             dataset.test_dir)
-        with distributed.independent():  # this fold is this process's alone: no DDP, it writes its own folder
-            result = train(fold_recipe, log=lambda line, i=i: log(f"[fold {i}/{folds}] {line}"), prepared=fold_data)
-        done.append((i, result, {"fold": i, "run_dir": str(result.run_dir), "report": str(RunDir(result.run_dir).report),
-                     "best_checkpoint": str(result.best_checkpoint),
-                     "score": float(result.evaluation[task.headline]), "best_epoch": result.best_epoch,
-                     "train_images": len(train_samples), "val_images": len(val_samples)}))
-    gathered = sorted((item for part in distributed.gather_objects(done) for item in part), key=lambda item: item[0])
-    results = [result for _, result, _ in gathered]
-    rows = [row for _, _, row in gathered]
-
+    results, rows = _train_folds(opening, plan, parent, log)
     scores = np.array([r["score"] for r in rows])
     # Every image is validated once, so the image-weighted mean of per-image metrics is the out-of-fold score.
     oof = float(sum(r["score"] * r["val_images"] for r in rows) / sum(r["val_images"] for r in rows))
     command = _command([r.best_checkpoint for r in results], dataset.test_dir, parent.submission)
     summary = {"folds": rows, "metric": task.headline, "mean": float(scores.mean()), "std": float(scores.std()),
-               "std_ddof": 0,
-               "oof_score": oof, "images": len(samples), "classes": dataset.classes,
+               "std_ddof": 0, "oof_score": oof, "images": len(samples), "classes": dataset.classes,
                "skipped_images": len(dataset.skipped), "predict_command": command}
     parent.write_cv_summary(summary)
     parent.write_oof_predictions([RunDir(r.run_dir).eval.predictions for r in results])

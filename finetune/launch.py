@@ -7,13 +7,14 @@ reads on the command line is the documentation here.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
 from finetune.datasets import DEFAULT_PER_CLASS, DEFAULT_VAL_PER_CLASS
 from finetune.errors import FinetuneError
 
-__all__ = ["RECIPE_ACTIONS", "train_command", "inspect_backbone", "recipes_command",
+__all__ = ["RECIPE_ACTIONS", "StageFreezing", "train_command", "inspect_backbone", "recipes_command",
            "fashion_mnist_command", "fashion_mnist_multilabel_command", "report_command"]
 
 RECIPE_ACTIONS = ("show", "copy")
@@ -75,11 +76,24 @@ def train_command(
     return 0
 
 
+@dataclass(frozen=True)
+class StageFreezing:
+    """Which backbone stages train, as model.trainable, model.trainable_last and model.freeze_to say.
+
+    Attributes:
+        trainable: stages left trainable (none: head only).
+        trainable_last: train the last N stages.
+        freeze_to: freeze every stage up to and including this one.
+    """
+
+    trainable: Optional[list[str]] = None
+    trainable_last: Optional[int] = None
+    freeze_to: Optional[str] = None
+
+
 def inspect_backbone(
     backbone: str,
-    trainable: Optional[list[str]] = None,
-    trainable_last: Optional[int] = None,
-    freeze_to: Optional[str] = None,
+    freezing: Optional[StageFreezing] = None,
     pool: str = "avg",
     layer_decay: Optional[float] = None,
     hidden: Optional[list[int]] = None,
@@ -90,9 +104,7 @@ def inspect_backbone(
 
     Args:
         backbone: timm name, tv/<torchvision name>, or lenet / nin / hw03net.
-        trainable: stages left trainable (none: head only).
-        trainable_last: train the last N stages.
-        freeze_to: freeze every stage up to and including this one.
+        freezing: the stages left trainable (StageFreezing).
         pool: global pool of the head.
         layer_decay: show each stage's learning-rate multiplier for train.layer_decay.
         hidden: head hidden widths.
@@ -103,8 +115,9 @@ def inspect_backbone(
     from finetune.models import build_model, format_summary, stage_summary
     from finetune.recipe import HeadConfig, ModelConfig, TrainConfig
 
-    cfg = ModelConfig(backbone=backbone, trainable=trainable, trainable_last=trainable_last, freeze_to=freeze_to,
-                      head=HeadConfig(hidden=list(hidden or []), pool=pool))
+    freezing = freezing or StageFreezing()
+    cfg = ModelConfig(backbone=backbone, trainable=freezing.trainable, trainable_last=freezing.trainable_last,
+                      freeze_to=freezing.freeze_to, head=HeadConfig(hidden=list(hidden or []), pool=pool))
     model, pre = build_model(cfg, num_classes, image_size)
     multipliers = stage_lr_multipliers(model, TrainConfig(layer_decay=layer_decay)) if layer_decay is not None else None
     return "\n".join([f"{backbone}: input {pre.size}px, mean {pre.mean}, std {pre.std}, {pre.interpolation}",
@@ -160,10 +173,10 @@ def fashion_mnist_command(
         layout: folders: train/ val/ test/; hw03-2021: training/labeled/<class>/, training/unlabeled/00/,
             validation/<class>/, testing/00/.
     """
-    from finetune.datasets import describe, export_fashion_mnist
+    from finetune.datasets import FashionMNISTSplit, describe, export_fashion_mnist
 
-    export = export_fashion_mnist(out, per_class=per_class, val_per_class=val_per_class, test_limit=test_limit,
-                                  seed=seed, source=source, unlabeled=unlabeled, layout=layout)
+    export = export_fashion_mnist(out, FashionMNISTSplit(per_class, val_per_class, test_limit), seed=seed,
+                                  source=source, unlabeled=unlabeled, layout=layout)
     return f"{describe(export)}\ntrain on it with: finetune train RECIPE --data {export.root}"
 
 

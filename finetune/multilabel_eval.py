@@ -150,14 +150,11 @@ def evaluate_multilabel_samples(loaded: "LoadedModel", samples: Sequence[Sample]
     """
     from finetune.data.images import SkippedImage
     from finetune.data.multilabel import multi_hot
-    from finetune.inference import predict_probs
-
-    from finetune.tta import parse_tta
+    from finetune.inference import ProbsSettings, predict_probs
 
     failed: dict[Path, str] = {}
-    probs = raw_probs if raw_probs is not None else predict_probs(
-        loaded, samples, inference.batch_size, inference.num_workers, tta=parse_tta(inference.tta),
-        precision=inference.precision, unreadable=failed)
+    probs = raw_probs if raw_probs is not None else predict_probs(loaded, samples, ProbsSettings.of(inference),
+                                                                  unreadable=failed)
     if failed:
         probs = probs[np.array([s.path not in failed for s in samples])]
         samples = [s for s in samples if s.path not in failed]

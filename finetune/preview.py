@@ -13,7 +13,7 @@ from finetune.data.images import load_rgb
 from finetune.data.loaders import train_loader, train_transform
 from finetune.data.prepare import Prepared
 from finetune.engine import distributed
-from finetune.engine.lr_find import LrFindResult, lr_range_test
+from finetune.engine.lr_find import LrFindResult, LrSweep, lr_range_test
 from finetune.engine.resume import seed_everything
 from finetune.errors import FinetuneError
 from finetune.models import build_model
@@ -151,7 +151,7 @@ def lr_find(
         loader = train_loader(recipe, dataset.train, preprocessing, task.targets(len(dataset.classes)))
         log(f"lr range test: up to {steps} batches of {recipe.data.batch_size} on {device}")
         criterion = task.criterion(recipe, dataset.train, len(dataset.classes), device)
-        result = lr_range_test(model, loader, criterion, recipe.train, device, steps=steps)
+        result = lr_range_test(model, loader, criterion, recipe.train, device, LrSweep(steps=steps))
         path = plot_lr_find(result, path)
     result = distributed.broadcast_object(result)
     steepest = f"; steepest descent at {result.steepest:.1e}" if result.steepest is not None else ""

@@ -25,7 +25,7 @@ from finetune.data.prepare import Prepared
 from finetune.data.sources import Sample
 from finetune.errors import FinetuneError
 from finetune.engine import distributed
-from finetune.inference import LoadedModel, load_model, resolve_device, sharded_probs
+from finetune.inference import LoadedModel, ProbsSettings, load_model, resolve_device, sharded_probs
 from finetune.opening import open_training
 from finetune.options import PSEUDO_FORMATS, InferenceOptions, PseudoLabelOptions
 from finetune.recipe import Recipe, load_recipe
@@ -128,7 +128,7 @@ def _label_pool(loaded: LoadedModel, pool: list[Path], skipped: list[SkippedImag
                 max_per_class: Optional[int], truth_csv: Optional[Union[str, Path]], batch_size: int,
                 num_workers: int) -> PseudoLabels:
     # Under torchrun each process scores its share of the pool; every process gets every row.
-    chunks = list(sharded_probs([loaded], pool, batch_size, num_workers))
+    chunks = list(sharded_probs([loaded], pool, ProbsSettings(batch_size, num_workers)))
     probs = np.concatenate(chunks) if chunks else np.zeros((0, len(loaded.classes)), dtype=np.float32)
     task = task_of_model(loaded)
     truth = read_truth(truth_csv, pool, loaded.classes, task) if truth_csv else {}

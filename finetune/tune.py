@@ -27,7 +27,7 @@ from finetune.reports.tuning_plots import plot_history, plot_importance
 from finetune.run import RunDir, StudyDir
 from finetune.runs_table import read_run
 
-__all__ = ["TuneResult", "SPACE_KINDS", "load_space", "tune"]
+__all__ = ["TuneResult", "TrialBudget", "SPACE_KINDS", "load_space", "tune"]
 
 Log = Callable[[str], None]
 
@@ -231,89 +231,55 @@ def _finish(optuna, study, folder: StudyDir, recipe: Recipe, space: dict, folds:
                       Path(run) if run else None, command, finished)
 
 
-def tune(
-    recipe: Union[Recipe, str, Path, None] = None,
-    space: Union[str, Path, dict, None] = None,
-    trials: int = 20,
-    data: Optional[Union[str, Path]] = None,
-    overrides: Optional[list[str]] = None,
-    folds: Optional[int] = None,
-    resume: Optional[Union[str, Path]] = None,
-    startup_trials: int = 3,
-    log: Log = print,
-) -> TuneResult:
-    """Search `space` (recipe keys → ranges) for the recipe with the best validation metric over `trials` trials.
+@dataclass(frozen=True)
+class TrialBudget:
+    """How many trials a study runs, and how many of them run in full before pruning starts.
 
-    The study folder is `<output>/<name>-tune`; `resume` (a study folder) continues one until it has
-    `trials` finished trials, never repeating those done. `folds` scores each trial by k-fold
-    cross-validation accuracy instead of the validation split (no pruning then). The median pruner
-    starts pruning once `startup_trials` trials have finished.
-
-    Args:
-        recipe: a YAML path, or the name of a shipped recipe (`finetune recipes` lists them); not needed with
-            resume.
-        space: a YAML file of recipe keys and their ranges, e.g. train.lr: {log_uniform: [1e-4, 1e-2]},
-            augment.preset: {choice: [light, medium]}, model.trainable_last: {int: [1, 4]}.
+    Attributes:
         trials: finished trials the study should have.
-        data: dataset folder (overrides data.root).
-        overrides: override a recipe value, e.g. train.epochs=5 (repeatable).
-        folds: score each trial by K-fold cross-validation accuracy instead of the validation split.
-        resume: continue an interrupted study folder (its saved recipe, space and finished trials).
         startup_trials: trials run in full before the median pruner may stop one.
-        log: where progress lines go.
     """
-    if recipe is None and resume is None:
-        raise FinetuneError("give a recipe to tune and --space SPACE.yaml, or --resume STUDY_DIR to continue a study")
-    optuna = _import_optuna()
-    if trials < 1:
-        raise FinetuneError(f"--trials must be at least 1, got {trials}")
-    if resume is not None:
-        folder = StudyDir.open(resume)
-        base = load_recipe(folder.base_recipe, overrides)
-        if data is not None:
-            base.data.root = str(Path(data).expanduser().resolve())
-        searched = load_space(space if space is not None else folder.space, base)
-        previous = _load(folder, optuna)
-        stored = previous.user_attrs.get("folds") if previous is not None else None
-        if folds is not None and folds != stored:
-            raise FinetuneError(f"the study was scored with --folds {stored}; resume it with the same setting")
-        folds = stored
-    else:
+
+    trials: int = 20
+    startup_trials: int = 3
+
+
+def _open_study(optuna, recipe: Union[Recipe, str, Path, None], space: Union[str, Path, dict, None],
+                data: Optional[Union[str, Path]], overrides: Optional[list[str]], folds: Optional[int],
+                resume: Optional[Union[str, Path]]) -> tuple[Recipe, dict, Optional[StudyDir], Optional[int]]:
+    """(base recipe, checked search space, the study folder when resuming, folds): a resumed study keeps its own."""
+    if resume is None:
         if space is None:
             raise FinetuneError("give the search space: --space SPACE.yaml (recipe keys mapped to ranges, e.g. "
                                 "train.lr: {log_uniform: [1e-4, 1e-2]})")
         base = resolve_recipe(recipe, overrides, data)
-        searched = load_space(space, base)
-        folder = None
-    check_backbone_name(base.model.backbone)
-    check_loggers(base.train.loggers)
-    dataset = prepare_data(base, log)  # scanned once; every trial trains on the same split
-    log(dataset.describe())
-    if folder is None:
-        folder = StudyDir.create(base.output, f"{base.name}-tune")
-        folder.write_recipe(folder.base_recipe, base)
-        folder.write_text(folder.space, yaml.safe_dump(searched, sort_keys=False))
+        return base, load_space(space, base), None, folds
+    folder = StudyDir.open(resume)
+    base = load_recipe(folder.base_recipe, overrides)
+    if data is not None:
+        base.data.root = str(Path(data).expanduser().resolve())
+    searched = load_space(space if space is not None else folder.space, base)
+    previous = _load(folder, optuna)
+    stored = previous.user_attrs.get("folds") if previous is not None else None
+    if folds is not None and folds != stored:
+        raise FinetuneError(f"the study was scored with --folds {stored}; resume it with the same setting")
+    return base, searched, folder, stored
 
-    maximize = _better(base.train.monitor, folds)
+
+def _create_study(optuna, folder: StudyDir, base: Recipe, maximize: bool, startup_trials: int):
+    """The study in the folder's SQLite storage (loaded if it is there), with the TPE sampler and median pruner."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # finetune logs each trial itself
-    study = optuna.create_study(
+    return optuna.create_study(
         study_name="finetune", storage=folder.storage_url, load_if_exists=True,
         direction="maximize" if maximize else "minimize",
         # A resumed session seeds past the trials already drawn, so it does not replay their values.
         sampler=optuna.samplers.TPESampler(seed=base.train.seed + _trial_count(folder, optuna)),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=0),
     )
-    if resume is not None:
-        _recover_interrupted(optuna, study, log)
-    else:
-        study.set_user_attr("folds", folds)
-    from optuna.trial import TrialState
 
-    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
-    remaining = trials - done
-    log(f"study {folder.path}: {done} trial(s) finished, {max(remaining, 0)} to run "
-        f"({'maximise' if maximize else 'minimise'} {'cv accuracy' if folds else base.train.monitor})")
-    objective = _objective(optuna, folder, base, searched, dataset, folds, log)
+
+def _run_trials(study, objective: Callable, remaining: int, folder: StudyDir, trials: int, log: Log) -> None:
+    """Run the remaining trials; an interrupted trial is marked so that resuming runs its parameters again."""
 
     def guarded(trial) -> float:
         try:
@@ -330,6 +296,67 @@ def tune(
             log(f"interrupted; continue with: finetune tune --resume {shlex.quote(str(folder.path))} "
                 f"--trials {trials}")
             raise
+
+
+def tune(
+    recipe: Union[Recipe, str, Path, None] = None,
+    space: Union[str, Path, dict, None] = None,
+    budget: Optional[TrialBudget] = None,
+    data: Optional[Union[str, Path]] = None,
+    overrides: Optional[list[str]] = None,
+    folds: Optional[int] = None,
+    resume: Optional[Union[str, Path]] = None,
+    log: Log = print,
+) -> TuneResult:
+    """Search `space` (recipe keys → ranges) over `budget.trials` trials for the recipe with the best validation metric.
+
+    The study folder is `<output>/<name>-tune`; `resume` (a study folder) continues one until it has
+    `budget.trials` finished trials, never repeating those done. `folds` scores each trial by k-fold
+    cross-validation accuracy instead of the validation split (no pruning then). The median pruner
+    starts pruning once `budget.startup_trials` trials have finished.
+
+    Args:
+        recipe: a YAML path, or the name of a shipped recipe (`finetune recipes` lists them); not needed with
+            resume.
+        space: a YAML file of recipe keys and their ranges, e.g. train.lr: {log_uniform: [1e-4, 1e-2]},
+            augment.preset: {choice: [light, medium]}, model.trainable_last: {int: [1, 4]}.
+        budget: how many trials, and how many run before pruning starts (TrialBudget).
+        data: dataset folder (overrides data.root).
+        overrides: override a recipe value, e.g. train.epochs=5 (repeatable).
+        folds: score each trial by K-fold cross-validation accuracy instead of the validation split.
+        resume: continue an interrupted study folder (its saved recipe, space and finished trials).
+        log: where progress lines go.
+    """
+    if recipe is None and resume is None:
+        raise FinetuneError("give a recipe to tune and --space SPACE.yaml, or --resume STUDY_DIR to continue a study")
+    budget = budget or TrialBudget()
+    optuna = _import_optuna()
+    if budget.trials < 1:
+        raise FinetuneError(f"--trials must be at least 1, got {budget.trials}")
+    base, searched, folder, folds = _open_study(optuna, recipe, space, data, overrides, folds, resume)
+    check_backbone_name(base.model.backbone)
+    check_loggers(base.train.loggers)
+    dataset = prepare_data(base, log)  # scanned once; every trial trains on the same split
+    log(dataset.describe())
+    if folder is None:
+        folder = StudyDir.create(base.output, f"{base.name}-tune")
+        folder.write_recipe(folder.base_recipe, base)
+        folder.write_text(folder.space, yaml.safe_dump(searched, sort_keys=False))
+
+    maximize = _better(base.train.monitor, folds)
+    study = _create_study(optuna, folder, base, maximize, budget.startup_trials)
+    if resume is not None:
+        _recover_interrupted(optuna, study, log)
+    else:
+        study.set_user_attr("folds", folds)
+    from optuna.trial import TrialState
+
+    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    remaining = budget.trials - done
+    log(f"study {folder.path}: {done} trial(s) finished, {max(remaining, 0)} to run "
+        f"({'maximise' if maximize else 'minimise'} {'cv accuracy' if folds else base.train.monitor})")
+    objective = _objective(optuna, folder, base, searched, dataset, folds, log)
+    _run_trials(study, objective, remaining, folder, budget.trials, log)
     return _finish(optuna, study, folder, base, searched, folds, log)
 
 

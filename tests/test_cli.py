@@ -32,10 +32,8 @@ def api_defaults(name: str) -> dict[str, object]:
     function = COMMANDS[name].function()
     hints = typing.get_type_hints(function)
     for param in inspect.signature(function).parameters.values():
-        args = typing.get_args(hints.get(param.name))
-        kinds = [k for k in args if dataclasses.is_dataclass(k)]
-        # an options object (not a recipe, which also takes a name): its fields are flags of their own
-        options = kinds[0] if kinds and str not in args else None
+        members = typing.get_args(hints.get(param.name))  # an options object (not a recipe, which may be a name)
+        options = None if str in members else next((t for t in members if dataclasses.is_dataclass(t)), None)
         if options is not None:
             defaults.update({f"{param.name}.{f.name}": f.default for f in dataclasses.fields(options)})
         else:

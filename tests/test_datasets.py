@@ -12,7 +12,7 @@ from PIL import Image
 
 from finetune import datasets
 from finetune.cli import main
-from finetune.datasets import FASHION_MNIST_CLASSES, export_fashion_mnist
+from finetune.datasets import FASHION_MNIST_CLASSES, FashionMNISTSplit, export_fashion_mnist
 from finetune.errors import FinetuneError
 
 
@@ -41,7 +41,7 @@ def _label_of(path: Path) -> int:
 
 
 def test_export_writes_class_folders_unlabeled_test_and_separate_answers(tmp_path: Path, fake_source: Path):
-    export = export_fashion_mnist(tmp_path / "fm", per_class=3, val_per_class=2, test_limit=25, source=fake_source)
+    export = export_fashion_mnist(tmp_path / "fm", FashionMNISTSplit(3, 2, test_limit=25), source=fake_source)
     assert sorted(p.name for p in export.train_dir.iterdir()) == sorted(FASHION_MNIST_CLASSES)
     for split, per_class in ((export.train_dir, 3), (export.val_dir, 2)):
         for label, name in enumerate(FASHION_MNIST_CLASSES):
@@ -62,18 +62,18 @@ def test_export_writes_class_folders_unlabeled_test_and_separate_answers(tmp_pat
 
 
 def test_export_reuses_matching_export_and_refuses_to_overwrite(tmp_path: Path, fake_source: Path):
-    export_fashion_mnist(tmp_path / "fm", per_class=2, val_per_class=1, test_limit=5, source=fake_source)
-    again = export_fashion_mnist(tmp_path / "fm", per_class=2, val_per_class=1, test_limit=5, source=fake_source,
+    export_fashion_mnist(tmp_path / "fm", FashionMNISTSplit(2, 1, test_limit=5), source=fake_source)
+    again = export_fashion_mnist(tmp_path / "fm", FashionMNISTSplit(2, 1, test_limit=5), source=fake_source,
                                  reuse=True)
     assert again.reused
     with pytest.raises(FinetuneError, match="not empty"):
-        export_fashion_mnist(tmp_path / "fm", per_class=4, val_per_class=1, test_limit=5, source=fake_source,
+        export_fashion_mnist(tmp_path / "fm", FashionMNISTSplit(4, 1, test_limit=5), source=fake_source,
                              reuse=True)
 
 
 def test_export_asks_for_fewer_images_than_a_class_has(tmp_path: Path, fake_source: Path):
     with pytest.raises(FinetuneError, match="lower --per-class"):
-        export_fashion_mnist(tmp_path / "fm", per_class=7, val_per_class=2, source=fake_source)
+        export_fashion_mnist(tmp_path / "fm", FashionMNISTSplit(7, 2), source=fake_source)
 
 
 def test_no_local_files_and_no_download_gives_a_clear_error(tmp_path: Path, monkeypatch):

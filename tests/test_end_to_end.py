@@ -15,7 +15,7 @@ from finetune.cli import main
 from finetune.data.loaders import ImageDataset, make_loader
 from finetune.data.sources import discover
 from finetune.data.transforms import build_train_transform
-from finetune.engine.fit import train_one_epoch
+from finetune.engine.fit import OptimState, TrainingParts, train_one_epoch
 from finetune.models import build_model
 from finetune.recipe import load_recipe
 from finetune.tasks.single_label import SingleLabelScorer
@@ -150,8 +150,8 @@ def test_freezing_keeps_frozen_weights_and_bn_statistics(tmp_path):
     loader = make_loader(ImageDataset(splits.train, build_train_transform(pre, "light")), 8, 0, shuffle=True)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    train_one_epoch(model, loader, torch.nn.CrossEntropyLoss(), optimizer, scheduler, None, torch.device("cpu"),
-                    recipe.train, "test", SingleLabelScorer())
+    parts = TrainingParts(loader, loader, torch.nn.CrossEntropyLoss(), SingleLabelScorer())
+    train_one_epoch(model, parts, OptimState(optimizer, scheduler), torch.device("cpu"), recipe.train, "test")
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     frozen = {k for k in before if not k.startswith(("backbone.layer4.", "head."))}

@@ -194,11 +194,11 @@ def test_predict_on_testing_gives_hw03_ids_calibrated_probs_and_rejects(trained_
     top = np.array([[float(r[c]) for c in ("00", "01", "02")] for r in probs])
     # The probabilities written are the calibrated ones: softmax(z / T), not softmax(z).
     from finetune.data.sources import Sample
-    from finetune.inference import load_model, predict_probs
+    from finetune.inference import ProbsSettings, load_model, predict_probs
 
     loaded = load_model(best)
-    raw = predict_probs(loaded, [Sample(p) for p in sorted((root / "testing" / "00").iterdir())], 8, 0,
-                        calibrated=False)
+    raw = predict_probs(loaded, [Sample(p) for p in sorted((root / "testing" / "00").iterdir())],
+                        ProbsSettings(8, 0, calibrated=False))
     np.testing.assert_allclose(top, apply_temperature(raw, loaded.temperature), atol=2e-5)
     cut = float(np.median(top.max(axis=1)))
     rejected = tmp_path / "rejected.csv"

@@ -16,10 +16,10 @@ from finetune import load_model, train
 from finetune.cli import main
 from finetune.data.sources import discover
 from finetune.engine.ema import WeightEma
-from finetune.engine.fit import EpochStats, Monitor, train_one_epoch
-from finetune.engine.lr_find import lr_range_test
+from finetune.engine.fit import EpochStats, Monitor, OptimState, TrainingParts, train_one_epoch
+from finetune.engine.lr_find import LrSweep, lr_range_test
 from finetune.errors import FinetuneError
-from finetune.inference import predict_probs
+from finetune.inference import ProbsSettings, predict_probs
 from finetune.recipe import TrainConfig, load_recipe
 from finetune.tasks.single_label import SingleLabelScorer
 
@@ -55,8 +55,8 @@ def _linear_run(batch_size: int, accumulate: int, ema: bool = False):
     average = WeightEma(model, 0.9) if ema else None
     loader = DataLoader(TensorDataset(images, labels), batch_size=batch_size)
     cfg = TrainConfig(accumulate=accumulate, amp=False, channels_last=False)
-    train_one_epoch(model, loader, nn.CrossEntropyLoss(), optimizer, scheduler, None, torch.device("cpu"), cfg, "t",
-                    SingleLabelScorer(), ema=average)
+    parts = TrainingParts(loader, loader, nn.CrossEntropyLoss(), SingleLabelScorer())
+    train_one_epoch(model, parts, OptimState(optimizer, scheduler, ema=average), torch.device("cpu"), cfg, "t")
     return model, scheduler.last_epoch, average
 
 
@@ -97,7 +97,8 @@ def test_ema_weights_are_evaluated_and_saved_and_early_stopping_ends_the_run(fol
     labels = torch.tensor([s.target for s in val])
     for checkpoint, row in ((result.last_checkpoint, rows[-1]), (result.best_checkpoint, rows[result.best_epoch - 1])):
         # The saved weights are the ones that were validated: same loss and accuracy as history.csv.
-        probs = torch.from_numpy(predict_probs(load_model(checkpoint), val, batch_size=16, num_workers=0))
+        settings = ProbsSettings(batch_size=16, num_workers=0)
+        probs = torch.from_numpy(predict_probs(load_model(checkpoint), val, settings))
         loss = nn.functional.nll_loss(probs.log(), labels).item()
         assert loss == pytest.approx(float(row["val_loss"]), abs=1e-4), checkpoint.name
         assert (probs.argmax(1) == labels).float().mean().item() == pytest.approx(float(row["val_acc"]))
@@ -152,7 +153,8 @@ def test_lr_range_test_restores_the_weights():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     loader = DataLoader(TensorDataset(torch.randn(16, 3, 8, 8), torch.arange(16) % 3), batch_size=4, shuffle=True)
     cfg = TrainConfig(lr=1e-3, amp=False, channels_last=False)
-    result = lr_range_test(model, loader, nn.CrossEntropyLoss(), cfg, torch.device("cpu"), steps=40, end_lr=100.0)
+    result = lr_range_test(model, loader, nn.CrossEntropyLoss(), cfg, torch.device("cpu"),
+                           LrSweep(end_lr=100.0, steps=40))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert result.diverged and len(result.lrs) < 40  # lr 100 blows the loss up: the sweep stops early
     assert result.lrs == sorted(result.lrs) and result.lrs[0] == pytest.approx(1e-7)

@@ -16,7 +16,7 @@ from finetune.cli import main  # noqa: E402
 from finetune.errors import FinetuneError  # noqa: E402
 from finetune.recipe import Recipe, load_recipe  # noqa: E402
 from finetune.run import RunDir, StudyDir  # noqa: E402
-from finetune.tune import load_space, tune  # noqa: E402
+from finetune.tune import TrialBudget, load_space, tune  # noqa: E402
 from tests.conftest import QUICK_CPU  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -48,8 +48,8 @@ def test_a_study_prunes_resumes_without_repeating_trials_and_its_best_recipe_tra
     from optuna.trial import TrialState
 
     overrides = tiny_overrides + ["train.epochs=3", "train.warmup_epochs=0"]
-    first = tune(QUICK_CPU, space=SPACE, trials=4, data=folder_dataset, overrides=overrides, startup_trials=1,
-                 log=_quiet)
+    first = tune(QUICK_CPU, space=SPACE, budget=TrialBudget(4, startup_trials=1), data=folder_dataset,
+                 overrides=overrides, log=_quiet)
     study_dir = StudyDir(first.study_dir)
     assert first.finished_trials == 4 and study_dir.storage.is_file()
     finished_runs = {p.name: p.joinpath("history.csv").stat().st_mtime_ns for p in study_dir.path.glob("trial[0-9]*")}
@@ -71,7 +71,7 @@ def test_a_study_prunes_resumes_without_repeating_trials_and_its_best_recipe_tra
 
     monkeypatch.setattr(tune_module, "train", interrupted_train)
     with pytest.raises(KeyboardInterrupt):
-        tune(resume=study_dir.path, trials=6, log=_quiet)
+        tune(resume=study_dir.path, budget=TrialBudget(6), log=_quiet)
     assert calls == ["trial004"]
 
     # Resume: only the two missing trials run — the interrupted parameters first — and no finished one again.
@@ -81,7 +81,7 @@ def test_a_study_prunes_resumes_without_repeating_trials_and_its_best_recipe_tra
 
     monkeypatch.setattr(tune_module, "train", counted_train)
     lines: list[str] = []
-    result = tune(resume=study_dir.path, trials=6, log=lines.append)
+    result = tune(resume=study_dir.path, budget=TrialBudget(6), log=lines.append)
     assert calls == ["trial004", "trial005", "trial006"]
     assert any("trial 4 was interrupted" in line for line in lines)
     assert {p.name: p.joinpath("history.csv").stat().st_mtime_ns for p in study_dir.path.glob("trial[0-9]*")
@@ -118,7 +118,7 @@ def test_tune_from_the_command_line_needs_a_space(folder_dataset: Path, capsys: 
 
 def test_folds_score_each_trial_by_cross_validation(folder_dataset: Path, tiny_overrides: list[str]) -> None:
     overrides = tiny_overrides + ["train.epochs=1", "train.warmup_epochs=0"]
-    result = tune(QUICK_CPU, space={"train.lr": {"choice": [0.01]}}, trials=1, data=folder_dataset,
+    result = tune(QUICK_CPU, space={"train.lr": {"choice": [0.01]}}, budget=TrialBudget(1), data=folder_dataset,
                   overrides=overrides, folds=2, log=_quiet)
     trial = result.study_dir / "trial000"
     summary = RunDir(trial).read_cv_summary()
@@ -127,4 +127,4 @@ def test_folds_score_each_trial_by_cross_validation(folder_dataset: Path, tiny_o
     rows = list(csv.DictReader(StudyDir(result.study_dir).trials.open()))
     assert rows[0]["status"] == "cross-validated"
     with pytest.raises(FinetuneError, match="--folds 2"):
-        tune(resume=result.study_dir, trials=2, folds=3, log=_quiet)
+        tune(resume=result.study_dir, budget=TrialBudget(2), folds=3, log=_quiet)

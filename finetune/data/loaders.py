@@ -256,19 +256,18 @@ def train_reader(recipe: Recipe, preprocessing: Preprocessing, paths: Sequence[P
 
 def train_loader(recipe: Recipe, samples: Sequence[Sample], preprocessing: Preprocessing,
                  targets: Union[int, Targets], rank: int = 0, world: int = 1, seed: Optional[int] = None,
-                 read: Optional[Reader] = None,
                  on_skip: Optional[Callable[[SkippedImage], None]] = None) -> DataLoader:
     """Augmented training batches for one rank (of `world`): shuffled, or class-balanced with `data.balance: sampler`.
 
     `data.batch_size` is per process. `seed` (default train.seed) seeds this rank's augmentation and workers;
-    the sample order comes from train.seed alone (`train_sampler`). `read` decodes (default: `train_reader`);
-    `on_skip` hears of each image that fails to decode. `targets` (a class count, or the task's Targets)
-    says how samples become loss targets.
+    the sample order comes from train.seed alone (`train_sampler`). Images decode through `train_reader`
+    (data.cache); `on_skip` hears of each image that fails to decode. `targets` (a class count, or the task's
+    Targets) says how samples become loss targets.
     """
     cfg, targets = recipe.data, as_targets(targets)
     seed = recipe.train.seed if seed is None else seed
     sampler = train_sampler(recipe, samples, targets, rank, world)
-    read = read or train_reader(recipe, preprocessing, [s.path for s in samples])
+    read = train_reader(recipe, preprocessing, [s.path for s in samples])
     dataset = ImageDataset(samples, train_transform(recipe, preprocessing, seed), read, targets.encode)
     return make_loader(dataset, cfg.batch_size, cfg.num_workers, seed=seed, sampler=sampler,
                        drop_last=len(sampler) > cfg.batch_size, on_skip=on_skip)

@@ -22,11 +22,11 @@ from finetune.engine.optim import base_lr, create_optimizer, create_scheduler, s
 from finetune.engine.resume import capture_all_ranks, check_resumable, restore_this_rank
 from finetune.engine.step import autocast, grad_scaler, optimizer_step, to_device, train_precision
 from finetune.errors import FinetuneError
-from finetune.models.unfreezing import plan_unfreezing
+from finetune.models.unfreezing import UnfreezePlan, plan_unfreezing
 from finetune.recipe import TrainConfig, is_better, worst_value
 
 __all__ = ["EpochStats", "FitState", "Monitor", "RunFolder", "EpochHook", "EpochScorer", "Mixer", "TrainingParts",
-           "train_one_epoch", "validate", "fit", "HISTORY_COLUMNS"]
+           "OptimState", "train_one_epoch", "validate", "fit", "HISTORY_COLUMNS"]
 
 # With discriminative rates (layer_decay, lr_mult, fine_tune) each stage's rate follows as lr_<stage>.
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
@@ -132,40 +132,48 @@ class Monitor:
                 "best_accuracy": self.best_accuracy, "bad_epochs": self.bad_epochs}
 
 
+@dataclass
+class OptimState:
+    """What an optimiser step moves besides the weights: the optimiser, its schedule, the fp16 loss scaler, the EMA."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: Optional[torch.amp.GradScaler] = None
+    ema: Optional[WeightEma] = None
+
+
 def train_one_epoch(
     model: nn.Module,
-    loader: DataLoader,
-    criterion: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    scaler: Optional[torch.amp.GradScaler],
+    parts: TrainingParts,
+    optim: OptimState,
     device: torch.device,
     cfg: TrainConfig,
     description: str,
-    scorer: EpochScorer,
-    mixer: Optional[Mixer] = None,
-    ema: Optional[WeightEma] = None,
     on_step: Optional[Callable[[float], None]] = None,
+    loader: Optional[DataLoader] = None,
 ) -> EpochStats:
     """One pass over the training data; optimiser, schedule and EMA step every cfg.accumulate batches.
 
-    `on_step` gets the mean loss of the batches behind each optimiser step (the live loggers' per-step curve).
+    The loss, mixer and scorer come from `parts`; the batches from `loader` (default `parts.train_loader`;
+    the feature cache's when only the head trains). `on_step` gets the mean loss of the batches behind each
+    optimiser step (the live loggers' per-step curve).
     Under DDP `model` is the wrapper: batches that only accumulate skip the gradient all-reduce, and the
     returned loss and accuracy are over every rank's samples.
     """
+    loader = parts.train_loader if loader is None else loader
     model.train()
     precision = train_precision(cfg, device)
     total_loss, correct, seen = 0.0, 0, 0
     batches = len(loader)
     group_loss = 0.0
-    optimizer.zero_grad(set_to_none=True)
+    optim.optimizer.zero_grad(set_to_none=True)
     progress = tqdm(loader, desc=description, leave=False, disable=None if distributed.is_main() else True,
                     dynamic_ncols=True)
     for index, (images, labels) in enumerate(progress):
         images, labels = to_device(images, labels, device, cfg.channels_last)
         targets = labels
-        if mixer is not None:
-            images, targets = mixer(images, labels)
+        if parts.mixer is not None:
+            images, targets = parts.mixer(images, labels)
         # Each batch contributes loss/group so an accumulated step uses the mean gradient of its group
         # (the last group of an epoch may be shorter).
         group_start = index - index % cfg.accumulate
@@ -174,34 +182,43 @@ def train_one_epoch(
         # DDP decides in the forward pass whether this backward all-reduces: not until the group's last batch.
         with distributed.sync_context(model, stepping), autocast(device, precision):
             logits = model(images)
-            loss = criterion(logits, targets)
+            loss = parts.criterion(logits, targets)
         value = loss.item()
         if not math.isfinite(value):
-            # Stepping on a NaN/inf loss turns every weight into NaN; a checkpoint of those predicts nothing.
-            raise FinetuneError(
-                f"{description}, batch {index + 1}/{batches}: the loss is {value} (training diverged); lower "
-                f"train.lr (now {optimizer.param_groups[0]['lr']:.3g}) or set train.grad_clip, e.g. 1.0. The last "
-                "good checkpoints are kept"
-            )
+            raise _diverged(f"{description}, batch {index + 1}/{batches}", value, optim.optimizer)
         scaled = loss / group
-        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        (optim.scaler.scale(scaled) if optim.scaler is not None else scaled).backward()
         group_loss += scaled.item()
         if stepping:
-            optimizer_step(model, optimizer, scaler, cfg.grad_clip)
-            scheduler.step()
-            if ema is not None:
-                ema.update(distributed.unwrap(model))
+            _step(model, optim, cfg)
             if on_step is not None:
                 on_step(group_loss)
             group_loss = 0.0
         batch = labels.shape[0]
         total_loss += value * batch
         # With mixed targets, a prediction counts as right when it names the label with the larger share.
-        correct += scorer.correct(logits, targets)
+        correct += parts.scorer.correct(logits, targets)
         seen += batch
         progress.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
     total_loss, correct, seen = distributed.reduce_sums([total_loss, correct, seen])
     return EpochStats(total_loss / max(seen, 1), correct / max(seen, 1))
+
+
+def _diverged(where: str, value: float, optimizer: torch.optim.Optimizer) -> FinetuneError:
+    # Stepping on a NaN/inf loss turns every weight into NaN; a checkpoint of those predicts nothing.
+    return FinetuneError(
+        f"{where}: the loss is {value} (training diverged); lower "
+        f"train.lr (now {optimizer.param_groups[0]['lr']:.3g}) or set train.grad_clip, e.g. 1.0. The last "
+        "good checkpoints are kept"
+    )
+
+
+def _step(model: nn.Module, optim: OptimState, cfg: TrainConfig) -> None:
+    """One optimiser step on the accumulated gradients, then the schedule's step and the EMA's update."""
+    optimizer_step(model, optim.optimizer, optim.scaler, cfg.grad_clip)
+    optim.scheduler.step()
+    if optim.ema is not None:
+        optim.ema.update(distributed.unwrap(model))
 
 
 @torch.no_grad()
@@ -234,34 +251,181 @@ def validate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device:
     return EpochStats(total_loss / max(seen, 1), correct / max(seen, 1), extra)
 
 
-def _restore(
-    resume: dict,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    scaler: Optional[torch.amp.GradScaler],
-    ema: Optional[WeightEma],
-    monitor: Monitor,
-    train_loader: DataLoader,
-    log: Callable[[str], None],
-) -> tuple[int, list[dict]]:
-    """Load a last.pt payload into the training objects; returns (next epoch, history so far)."""
-    state = resume["resume"]
-    if (state["ema_updates"] is not None) != (ema is not None):
+@dataclass
+class _Loop:
+    """One `fit` call: what it was given and what it builds once (optimisation state, unfreezing plan, monitor)."""
+
+    model: nn.Module
+    parts: TrainingParts
+    cfg: TrainConfig
+    run: RunFolder
+    device: torch.device
+    log: Callable[[str], None]
+    unfreezing: UnfreezePlan
+    optim: OptimState
+    monitor: Monitor
+    steps_per_epoch: int
+    first_epoch: int = 1
+    history: list[dict] = field(default_factory=list)
+    per_stage: bool = False  # one lr column per stage
+    train_model: Optional[nn.Module] = None  # the model, or the DDP wrapper it trains through
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What is validated and saved: the EMA's averaged copy when train.ema is on, else the model."""
+        return self.optim.ema.module if self.optim.ema is not None else self.model
+
+
+def _prepare(model: nn.Module, parts: TrainingParts, cfg: TrainConfig, run: RunFolder, device: torch.device,
+             log: Callable[[str], None], resume: Optional[dict]) -> _Loop:
+    """The optimiser, schedule, scaler, EMA and monitor for this run, restored from a last.pt payload if given."""
+    steps_per_epoch = math.ceil(len(parts.train_loader) / cfg.accumulate)
+    # Parameters that a later epoch unfreezes join the optimizer now; frozen, they get no gradient.
+    unfreezing = plan_unfreezing(model, cfg)
+    optimizer = create_optimizer(model, cfg, unfreezing.ever_trainable)
+    scheduler = create_scheduler(optimizer, cfg, steps_per_epoch)
+    scaler = grad_scaler(cfg, device)
+    ema = WeightEma(model, cfg.ema_decay) if cfg.ema else None
+    loop = _Loop(model, parts, cfg, run, device, log, unfreezing, OptimState(optimizer, scheduler, scaler, ema),
+                 Monitor(cfg.monitor), steps_per_epoch, train_model=model)
+    if resume is not None:
+        check_resumable(resume, cfg)
+        _restore(loop, resume)
+        # Rows the crash left after the last checkpoint would otherwise appear twice.
+        run.rewrite_history(loop.history)
+        log(f"resuming {run.path} at epoch {loop.first_epoch}/{cfg.epochs}")
+    # One lr column per stage when the stages' multipliers differ: fixed for the run, so the header stays valid.
+    loop.per_stage = len({group.get("lr_mult", 1.0) for group in optimizer.param_groups}) > 1
+    return loop
+
+
+def _restore(loop: _Loop, resume: dict) -> None:
+    """Load a last.pt payload into the training objects; sets the next epoch and the history so far."""
+    state, optim = resume["resume"], loop.optim
+    if (state["ema_updates"] is not None) != (optim.ema is not None):
         raise FinetuneError("train.ema differs from the run being resumed; resume with the run's own setting")
     live = state["model_state"] if state["model_state"] is not None else resume["model_state"]
-    model.load_state_dict(live)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if scaler is not None and state["scaler"] is not None:
-        scaler.load_state_dict(state["scaler"])
-    if ema is not None:
-        ema.load_state_dict({"model": resume["model_state"], "updates": state["ema_updates"]})
+    loop.model.load_state_dict(live)
+    optim.optimizer.load_state_dict(state["optimizer"])
+    optim.scheduler.load_state_dict(state["scheduler"])
+    if optim.scaler is not None and state["scaler"] is not None:
+        optim.scaler.load_state_dict(state["scaler"])
+    if optim.ema is not None:
+        optim.ema.load_state_dict({"model": resume["model_state"], "updates": state["ema_updates"]})
     for key, value in state["monitor"].items():
         if key != "metric":
-            setattr(monitor, key, value)
-    restore_this_rank(state, train_loader, log)
-    return int(resume["epoch"]) + 1, [dict(row) for row in state["history"]]
+            setattr(loop.monitor, key, value)
+    restore_this_rank(state, loop.parts.train_loader, loop.log)
+    loop.first_epoch, loop.history = int(resume["epoch"]) + 1, [dict(row) for row in state["history"]]
+
+
+def _unfreeze(loop: _Loop, epoch: int) -> None:
+    """Apply the epoch's unfreezing; rebuild the DDP wrapper, which tracks only what was trainable when built."""
+    trainable_now = loop.unfreezing.apply(loop.model, epoch)
+    if trainable_now:
+        loop.log(f"epoch {epoch}: trainable stages now {', '.join(trainable_now)}")
+    if trainable_now or loop.train_model is loop.model:
+        loop.train_model = distributed.wrap(loop.model, loop.device)
+
+
+def _passes(loop: _Loop, epoch: int) -> tuple[EpochStats, EpochStats]:
+    """The epoch's training pass and validation pass (on cached backbone features when only the head trains)."""
+    model, parts, cfg, device, optimizer = loop.model, loop.parts, loop.cfg, loop.device, loop.optim.optimizer
+    steps = itertools.count((epoch - 1) * loop.steps_per_epoch + 1)  # optimiser steps since the run began
+
+    def on_step(loss: float) -> None:
+        loop.run.log_step({"step": next(steps), "train_loss": loss, "lr": base_lr(optimizer)})
+
+    cached = parts.feature_cache is not None and head_only(loop.unfreezing.trainable_at(epoch))
+    epoch_loaders, epoch_cfg = (parts.train_loader, parts.val_loader), cfg
+    if cached:
+        epoch_loaders = parts.feature_cache.loaders(model, device, cfg, loop.log)
+        epoch_cfg = replace(cfg, channels_last=False)  # feature batches are (N, C), not images
+    if hasattr(epoch_loaders[0].sampler, "set_epoch"):
+        # The epoch's order: the same on every rank, and on resume.
+        epoch_loaders[0].sampler.set_epoch(epoch)
+    eval_model = loop.eval_model
+    with features_in(*{id(m): m for m in (model, eval_model)}.values()) if cached else nullcontext():
+        train = train_one_epoch(loop.train_model, parts, loop.optim, device, epoch_cfg, f"epoch {epoch}/{cfg.epochs}",
+                                on_step, loader=epoch_loaders[0])
+        distributed.sync_buffers(model, eval_model)  # BN statistics as rank 0 has them, before validating
+        val = validate(eval_model, epoch_loaders[1], parts.criterion, device, epoch_cfg, parts.scorer)
+    return train, val
+
+
+def _history_row(loop: _Loop, epoch: int, train: EpochStats, val: EpochStats, lr: float, rates: dict,
+                 start: float) -> dict:
+    """The epoch's history row, appended to the run's history; refused when validation shows the run diverged."""
+    if not math.isfinite(val.loss):  # the epoch's last step broke the weights: save nothing of them
+        raise FinetuneError(
+            f"epoch {epoch}/{loop.cfg.epochs}: the validation loss is {val.loss} (training diverged in the "
+            f"epoch's last step); lower train.lr (now {lr:.3g}) or set train.grad_clip, e.g. 1.0"
+        )
+    row = {
+        "epoch": epoch,
+        "train_loss": round(train.loss, 6),
+        "train_acc": round(train.accuracy, 6),
+        "val_loss": round(val.loss, 6),
+        "val_acc": round(val.accuracy, 6),
+        **{name: round(value, 6) for name, value in val.extra.items()},
+        "lr": f"{lr:.6g}",
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    if loop.per_stage:
+        row.update({f"lr_{stage}": f"{rate:.6g}" for stage, rate in rates.items()})
+    loop.history.append(row)
+    return row
+
+
+def _save_checkpoints(loop: _Loop, epoch: int, val: EpochStats, checkpoint_extras: dict) -> None:
+    """best.pt when the monitored metric improved; last.pt always, with everything a resume needs."""
+    optim = loop.optim
+    payload = {
+        **checkpoint_extras,
+        "model_state": loop.eval_model.state_dict(),
+        "epoch": epoch,
+        "metrics": {"val_acc": val.accuracy, "val_loss": val.loss, **val.extra, "ema": optim.ema is not None},
+    }
+    if loop.monitor.update(epoch, val):
+        loop.run.save_checkpoint(loop.run.best, payload)
+    loop.run.save_checkpoint(loop.run.last, {**payload, "resume": {
+        "model_state": loop.model.state_dict() if optim.ema is not None else None,  # else it is model_state
+        "optimizer": optim.optimizer.state_dict(),
+        "scheduler": optim.scheduler.state_dict(),
+        "scaler": optim.scaler.state_dict() if optim.scaler is not None else None,
+        "ema_updates": optim.ema.updates if optim.ema is not None else None,
+        "monitor": loop.monitor.state_dict(),
+        "history": loop.history,
+        **capture_all_ranks(loop.parts.train_loader),
+    }})
+
+
+def _record(loop: _Loop, epoch: int, row: dict, train: EpochStats, val: EpochStats, lr: float) -> None:
+    """The curves, then the history row, then the console line."""
+    loop.run.plot_curves(loop.history)
+    # The row goes in last: a row in history.csv means its epoch's checkpoint and curves are on disk.
+    loop.run.append_history(row)
+    loop.log(
+        f"epoch {epoch}/{loop.cfg.epochs}  train loss {train.loss:.4f} acc {train.accuracy:.4f}  "
+        f"val loss {val.loss:.4f} acc {val.accuracy:.4f}"
+        + "".join(f" {name[4:]} {value:.4f}" for name, value in val.extra.items())
+        + f"  lr {lr:.2e}  {row['seconds']:.1f}s"
+    )
+
+
+def _stops(loop: _Loop, epoch: int, row: dict, on_epoch: Optional[EpochHook]) -> bool:
+    """True when patience ran out or the caller's hook asked to stop."""
+    cfg, monitor = loop.cfg, loop.monitor
+    # Every rank saw the same reduced metrics; rank 0's decision is still the one all ranks follow.
+    if distributed.broadcast_object(monitor.exhausted(cfg.patience)):
+        loop.log(f"early stop: {cfg.monitor} has not improved for {cfg.patience} epoch(s); "
+                 f"best {monitor.best:.4f} at epoch {monitor.best_epoch}")
+        return True
+    if distributed.broadcast_object(on_epoch is not None and on_epoch(row)):
+        loop.log(f"stopped after epoch {epoch} by the caller (e.g. a tuning trial pruned); "
+                 f"best {monitor.best:.4f} at epoch {monitor.best_epoch}")
+        return True
+    return False
 
 
 def fit(
@@ -269,7 +433,6 @@ def fit(
     parts: TrainingParts,
     cfg: TrainConfig,
     run: RunFolder,
-    device: torch.device,
     checkpoint_extras: dict,
     log: Callable[[str], None] = print,
     resume: Optional[dict] = None,
@@ -284,114 +447,22 @@ def fit(
     Under torchrun every rank runs this with its own loaders' shares; `model` stays the plain model
     (what is saved) and trains through a DDP wrapper, rebuilt when the trainable set changes.
     With `parts.feature_cache`, epochs that train the head only run it on backbone features computed once.
+    The model trains on the device it is on.
     """
-    train_loader, val_loader, criterion = parts.train_loader, parts.val_loader, parts.criterion
-    scorer, mixer, feature_cache = parts.scorer, parts.mixer, parts.feature_cache
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.accumulate)
-    # Parameters that a later epoch unfreezes join the optimizer now; frozen, they get no gradient.
-    unfreezing = plan_unfreezing(model, cfg)
-    optimizer = create_optimizer(model, cfg, unfreezing.ever_trainable)
-    scheduler = create_scheduler(optimizer, cfg, steps_per_epoch)
-    scaler = grad_scaler(cfg, device)
-    ema = WeightEma(model, cfg.ema_decay) if cfg.ema else None
-    eval_model = ema.module if ema is not None else model
-    monitor = Monitor(cfg.monitor)
-    first_epoch, history = 1, []
-    if resume is not None:
-        check_resumable(resume, cfg)
-        first_epoch, history = _restore(resume, model, optimizer, scheduler, scaler, ema, monitor,
-                                          train_loader, log)
-        # Rows the crash left after the last checkpoint would otherwise appear twice.
-        run.rewrite_history(history)
-        log(f"resuming {run.path} at epoch {first_epoch}/{cfg.epochs}")
-    epoch, saved_epoch = first_epoch, first_epoch - 1
-    # One lr column per stage when the stages' multipliers differ: fixed for the run, so the header stays valid.
-    per_stage = len({group.get("lr_mult", 1.0) for group in optimizer.param_groups}) > 1
-    train_model = model
+    device = next(model.parameters()).device
+    loop = _prepare(model, parts, cfg, run, device, log, resume)
+    epoch, saved_epoch = loop.first_epoch, loop.first_epoch - 1
     try:
-        for epoch in range(first_epoch, cfg.epochs + 1):
+        for epoch in range(loop.first_epoch, cfg.epochs + 1):
             start = time.perf_counter()
-            trainable_now = unfreezing.apply(model, epoch)
-            if trainable_now:
-                log(f"epoch {epoch}: trainable stages now {', '.join(trainable_now)}")
-            if trainable_now or train_model is model:
-                train_model = distributed.wrap(model, device)  # DDP tracks only what was trainable when built
-            lr = base_lr(optimizer)
-            rates = stage_lrs(optimizer)
-            steps = itertools.count((epoch - 1) * steps_per_epoch + 1)  # optimiser steps since the run began
-
-            def on_step(loss: float) -> None:
-                run.log_step({"step": next(steps), "train_loss": loss, "lr": base_lr(optimizer)})
-
-            cached = feature_cache is not None and head_only(unfreezing.trainable_at(epoch))
-            epoch_loaders, epoch_cfg = (train_loader, val_loader), cfg
-            if cached:
-                epoch_loaders = feature_cache.loaders(model, device, cfg, log)
-                epoch_cfg = replace(cfg, channels_last=False)  # feature batches are (N, C), not images
-            if hasattr(epoch_loaders[0].sampler, "set_epoch"):
-                # The epoch's order: the same on every rank, and on resume.
-                epoch_loaders[0].sampler.set_epoch(epoch)
-            with features_in(*{id(m): m for m in (model, eval_model)}.values()) if cached else nullcontext():
-                train = train_one_epoch(
-                    train_model, epoch_loaders[0], criterion, optimizer, scheduler, scaler, device, epoch_cfg,
-                    f"epoch {epoch}/{cfg.epochs}", scorer, mixer, ema, on_step,
-                )
-                distributed.sync_buffers(model, eval_model)  # BN statistics as rank 0 has them, before validating
-                val = validate(eval_model, epoch_loaders[1], criterion, device, epoch_cfg, scorer)
-            if not math.isfinite(val.loss):  # the epoch's last step broke the weights: save nothing of them
-                raise FinetuneError(
-                    f"epoch {epoch}/{cfg.epochs}: the validation loss is {val.loss} (training diverged in the "
-                    f"epoch's last step); lower train.lr (now {lr:.3g}) or set train.grad_clip, e.g. 1.0"
-                )
-            row = {
-                "epoch": epoch,
-                "train_loss": round(train.loss, 6),
-                "train_acc": round(train.accuracy, 6),
-                "val_loss": round(val.loss, 6),
-                "val_acc": round(val.accuracy, 6),
-                **{name: round(value, 6) for name, value in val.extra.items()},
-                "lr": f"{lr:.6g}",
-                "seconds": round(time.perf_counter() - start, 2),
-            }
-            if per_stage:
-                row.update({f"lr_{stage}": f"{rate:.6g}" for stage, rate in rates.items()})
-            history.append(row)
-            payload = {
-                **checkpoint_extras,
-                "model_state": eval_model.state_dict(),
-                "epoch": epoch,
-                "metrics": {"val_acc": val.accuracy, "val_loss": val.loss, **val.extra, "ema": ema is not None},
-            }
-            if monitor.update(epoch, val):
-                run.save_checkpoint(run.best, payload)
-            run.save_checkpoint(run.last, {**payload, "resume": {
-                "model_state": model.state_dict() if ema is not None else None,  # else it is model_state
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "ema_updates": ema.updates if ema is not None else None,
-                "monitor": monitor.state_dict(),
-                "history": history,
-                **capture_all_ranks(train_loader),
-            }})
+            _unfreeze(loop, epoch)
+            lr, rates = base_lr(loop.optim.optimizer), stage_lrs(loop.optim.optimizer)
+            train, val = _passes(loop, epoch)
+            row = _history_row(loop, epoch, train, val, lr, rates, start)
+            _save_checkpoints(loop, epoch, val, checkpoint_extras)
             saved_epoch = epoch
-            run.plot_curves(history)
-            # The row goes in last: a row in history.csv means its epoch's checkpoint and curves are on disk.
-            run.append_history(row)
-            log(
-                f"epoch {epoch}/{cfg.epochs}  train loss {train.loss:.4f} acc {train.accuracy:.4f}  "
-                f"val loss {val.loss:.4f} acc {val.accuracy:.4f}"
-                + "".join(f" {name[4:]} {value:.4f}" for name, value in val.extra.items())
-                + f"  lr {lr:.2e}  {row['seconds']:.1f}s"
-            )
-            # Every rank saw the same reduced metrics; rank 0's decision is still the one all ranks follow.
-            if distributed.broadcast_object(monitor.exhausted(cfg.patience)):
-                log(f"early stop: {cfg.monitor} has not improved for {cfg.patience} epoch(s); "
-                    f"best {monitor.best:.4f} at epoch {monitor.best_epoch}")
-                break
-            if distributed.broadcast_object(on_epoch is not None and on_epoch(row)):
-                log(f"stopped after epoch {epoch} by the caller (e.g. a tuning trial pruned); "
-                    f"best {monitor.best:.4f} at epoch {monitor.best_epoch}")
+            _record(loop, epoch, row, train, val, lr)
+            if _stops(loop, epoch, row, on_epoch):
                 break
     except (torch.OutOfMemoryError, MemoryError) as err:
         raise FinetuneError(
@@ -405,4 +476,4 @@ def fit(
         else:
             log("interrupted before the first epoch finished; nothing was saved to resume from")
         raise
-    return FitState(run.best, run.last, monitor.best_accuracy, monitor.best_epoch, history)
+    return FitState(run.best, run.last, loop.monitor.best_accuracy, loop.monitor.best_epoch, loop.history)

@@ -17,7 +17,7 @@ from finetune.engine.step import autocast, grad_scaler, optimizer_step, to_devic
 from finetune.errors import FinetuneError
 from finetune.recipe import TrainConfig
 
-__all__ = ["LrFindResult", "lr_range_test", "suggest_lr"]
+__all__ = ["LrFindResult", "LrSweep", "lr_range_test", "suggest_lr"]
 
 
 @dataclass
@@ -30,6 +30,17 @@ class LrFindResult:
     suggestion: float  # what lr-find prints for train.lr: a tenth of the rate with the lowest smoothed loss
     steepest: Optional[float]  # middle of the window where the smoothed loss falls fastest (None: none falls)
     diverged: bool
+
+
+@dataclass(frozen=True)
+class LrSweep:
+    """How the rate rises: from start_lr to end_lr over `steps` batches; when the smoothed loss counts as diverged."""
+
+    start_lr: float = 1e-7
+    end_lr: float = 10.0
+    steps: int = 100
+    smoothing: float = 0.98  # of the loss's exponential moving average
+    diverge_factor: float = 4.0  # stop once the smoothed loss exceeds this times its minimum
 
 
 def _batches(loader: DataLoader) -> Iterator:
@@ -66,17 +77,14 @@ def lr_range_test(
     criterion: nn.Module,
     cfg: TrainConfig,
     device: torch.device,
-    start_lr: float = 1e-7,
-    end_lr: float = 10.0,
-    steps: int = 100,
-    smoothing: float = 0.98,
-    diverge_factor: float = 4.0,
+    sweep: LrSweep = LrSweep(),
 ) -> LrFindResult:
-    """Train `steps` batches with the rate rising from start_lr to end_lr; the weights are restored after.
+    """Train sweep.steps batches, the rate rising from sweep.start_lr to sweep.end_lr; the weights are restored after.
 
-    Stops early once the smoothed loss exceeds `diverge_factor` times its minimum (or is not finite).
+    Stops early once the smoothed loss exceeds sweep.diverge_factor times its minimum (or is not finite).
     Rates are those of `train.lr`; parameter groups with their own rates are scaled alongside.
     """
+    start_lr, end_lr, steps, smoothing = sweep.start_lr, sweep.end_lr, sweep.steps, sweep.smoothing
     saved = copy.deepcopy(model.state_dict())
     optimizer = create_optimizer(model, cfg)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
@@ -107,7 +115,7 @@ def lr_range_test(
             losses.append(smoothed)
             raw.append(value)
             lowest = min(lowest, smoothed)
-            if step > 0 and smoothed > diverge_factor * lowest:
+            if step > 0 and smoothed > sweep.diverge_factor * lowest:
                 diverged = True
                 break
     finally:
