@@ -19,9 +19,8 @@ import yaml
 from finetune.api import train
 from finetune.errors import FinetuneError
 from finetune.kfold import train_kfold
-from finetune.opening import prepare_data
-from finetune.loggers import check_loggers
-from finetune.models.backbones import check_backbone_name
+from finetune.engine import distributed
+from finetune.opening import open_training
 from finetune.recipe import Recipe, load_recipe, lower_is_better, resolve_recipe
 from finetune.reports.tuning_plots import plot_history, plot_importance
 from finetune.run import RunDir, StudyDir
@@ -124,6 +123,7 @@ def _objective(optuna, study: StudyDir, recipe: Recipe, space: dict, dataset, fo
         trial_recipe = recipe.derive(name=study.trial_name(trial.number), output=str(study.path), settings=params)
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
         log(f"trial {trial.number}: {shown}")
+        distributed.broadcast_object(("trial", trial_recipe))  # the other processes train it with this one
         prefixed = (lambda line: log(f"[trial {trial.number}] {line}"))
         if folds is not None:
             result = train_kfold(trial_recipe, folds, log=prefixed, prepared=dataset)
@@ -278,6 +278,22 @@ def _create_study(optuna, folder: StudyDir, base: Recipe, maximize: bool, startu
     )
 
 
+def _follow_trials(dataset, folds: Optional[int], log: Log) -> TuneResult:
+    """Under torchrun, every process but the main one: train each trial the main process draws, with it (DDP, or
+    folds side by side), until it sends the study's result. Optuna and its storage are the main process's alone."""
+    while True:
+        kind, value = distributed.broadcast_object(None)
+        if kind == "done":
+            return value
+        try:
+            if folds is not None:
+                train_kfold(value, folds, log=log, prepared=dataset)
+            else:  # the main process's pruning decision reaches this run through fit's stop broadcast
+                train(value, log=log, prepared=dataset)
+        except FinetuneError:
+            pass  # the main process met the same error: the study records the trial as failed and goes on
+
+
 def _run_trials(study, objective: Callable, remaining: int, folder: StudyDir, trials: int, log: Log) -> None:
     """Run the remaining trials; an interrupted trial is marked so that resuming runs its parameters again."""
 
@@ -334,18 +350,30 @@ def tune(
     if budget.trials < 1:
         raise FinetuneError(f"--trials must be at least 1, got {budget.trials}")
     base, searched, folder, folds = _open_study(optuna, recipe, space, data, overrides, folds, resume)
-    check_backbone_name(base.model.backbone)
-    check_loggers(base.train.loggers)
-    dataset = prepare_data(base, log)  # scanned once; every trial trains on the same split
+    # Under torchrun every trial trains on all processes (DDP; with folds, folds side by side).
+    opening = open_training(base, log=log)
+    dataset = opening.dataset  # scanned once; every trial trains on the same split
     log(dataset.describe())
     if folder is None:
         folder = StudyDir.create(base.output, f"{base.name}-tune")
         folder.write_recipe(folder.base_recipe, base)
         folder.write_text(folder.space, yaml.safe_dump(searched, sort_keys=False))
+    if not distributed.is_main():
+        return _follow_trials(dataset, folds, log)
+    result = None
+    try:
+        result = _search(optuna, base, searched, folder, dataset, folds, resume is not None, budget, log)
+    finally:  # the other processes stop following, with the result (None after an error here)
+        distributed.broadcast_object(("done", result))
+    return result
 
+
+def _search(optuna, base: Recipe, searched: dict, folder: StudyDir, dataset, folds: Optional[int], resumed: bool,
+            budget: TrialBudget, log: Log) -> TuneResult:
+    """The main process's part: the Optuna study over the remaining trials, then the best recipe and figures."""
     maximize = _better(base.train.monitor, folds)
     study = _create_study(optuna, folder, base, maximize, budget.startup_trials)
-    if resume is not None:
+    if resumed:
         _recover_interrupted(optuna, study, log)
     else:
         study.set_user_attr("folds", folds)

@@ -21,6 +21,16 @@ def test_every_recipe_in_the_checkout_ships_with_the_package() -> None:
     assert all(recipe.purpose for recipe in shipped.values())
 
 
+def test_every_sub_package_is_listed_for_the_wheel() -> None:
+    """pyproject.toml lists the packages by hand: a new folder left out would be missing from the wheel."""
+    import tomllib
+
+    package = RECIPES.parent / "finetune"
+    listed = set(tomllib.loads((RECIPES.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {".".join(path.parent.relative_to(package.parent).parts) for path in package.rglob("__init__.py")}
+    assert folders - listed == set(), "add these to [tool.setuptools] packages in pyproject.toml"
+
+
 def test_a_recipe_is_a_path_or_a_shipped_name_and_a_path_wins(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)

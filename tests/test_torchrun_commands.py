@@ -10,7 +10,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import QUICK_CPU, write_folder_dataset
 from test_composition import BASE, TASK_SETTINGS
@@ -23,15 +22,7 @@ from finetune.semi import train_semi
 SEMI = ["semi.rounds=1", "semi.threshold=0.6", "semi.max_per_class=4", "train.epochs=1"]
 
 
-@pytest.fixture
-def single_threaded():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def test_lr_find_under_two_processes_suggests_what_one_does_and_plots_once(tmp_path, single_threaded):
+def test_lr_find_under_two_processes_suggests_what_one_does_and_plots_once(tmp_path, one_torch_thread):
     data = write_folder_dataset(tmp_path / "data", per_class=8, val_per_class=2, test=0)
     settings = BASE + ["data.batch_size=8"]
     one = lr_find(QUICK_CPU, data=data, overrides=settings, out=tmp_path / "one.png", steps=6, log=lambda line: None)
@@ -44,7 +35,7 @@ def test_lr_find_under_two_processes_suggests_what_one_does_and_plots_once(tmp_p
 
 
 @pytest.mark.parametrize("task", list(TASK_SETTINGS))
-def test_semi_rounds_under_two_processes_match_one(task, tmp_path, single_threaded):
+def test_semi_rounds_under_two_processes_match_one(task, tmp_path, one_torch_thread):
     if task == "single":
         data = write_folder_dataset(tmp_path / "data", per_class=8, val_per_class=3, test=12)
     else:
@@ -64,3 +55,26 @@ def test_semi_rounds_under_two_processes_match_one(task, tmp_path, single_thread
     labelled = [[row[:2] for row in csv.reader((Path(s["rounds"][0]["run_dir"]) / "pseudo_labels.csv").open())]
                 for s in (one, two)]
     assert labelled[0] == labelled[1]  # the same images with the same labels
+
+
+def test_tune_under_two_processes_trains_each_trial_on_both_and_matches_one(tmp_path, one_torch_thread):
+    import yaml
+
+    from finetune.tune import TrialBudget, tune
+
+    data = write_folder_dataset(tmp_path / "data", per_class=8, val_per_class=3, test=0)
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"train.lr": {"log_uniform": [1.0e-3, 1.0e-1]}}))
+    settings = BASE + ["train.epochs=1", "name=study"]
+    one = tune(QUICK_CPU, space=space, budget=TrialBudget(2), data=data, log=lambda line: None,
+               overrides=settings + ["data.batch_size=16", f"output={tmp_path / 'one'}"])
+    done = _finetune("tune", QUICK_CPU, "--space", str(space), "--trials", "2", "--data", str(data),
+                     *_sets(settings + ["data.batch_size=8", f"output={tmp_path / 'two'}"]))
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = tmp_path / "two" / "study-tune"
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["study-tune"]  # one study folder
+    assert sorted(p.name for p in two.glob("trial*")) == ["trial000", "trial001"]  # each trial once, shared
+    rows = [list(csv.DictReader((folder / "trials.csv").open())) for folder in (one.study_dir, two)]
+    assert [r["train.lr"] for r in rows[0]] == [r["train.lr"] for r in rows[1]]  # the same draws
+    assert [float(r["value"]) for r in rows[0]] == pytest.approx([float(r["value"]) for r in rows[1]], abs=1e-4)
+    assert done.stdout.count("trial 0:") == 1  # the main process alone logs
