@@ -82,7 +82,7 @@ def run_demo(
     seconds = time.perf_counter() - start
     log("\n".join([
         (f"demo finished in {seconds / 60:.1f} min: test accuracy {metrics['accuracy']:.4f} on "
-         f"{export.counts['test']} images (validation {trained.monitor} {trained.best_value:.4f})"),
+         f"{export.counts['test']} images (validation accuracy {trained.evaluation['accuracy']:.4f})"),
         f"  data set          {export.root}",
         f"  run folder        {run.path}  ({', '.join(p.name for p in (run.recipe, run.history, run.curves, run.best))}, "
         f"{run.eval.folder.name}/)",
