@@ -21,11 +21,11 @@ from conftest import QUICK_CPU, write_folder_dataset
 from test_distributed import _finetune, _sets
 from test_multilabel import write_multilabel_dataset
 
-from finetune import api
-from finetune.kfold import train_kfold
-from finetune.options import InferenceOptions, PseudoLabelOptions, SubmissionOptions
-from finetune.recipe import TASKS
-from finetune.semi import pseudo_label
+from finetune.workflows import api
+from finetune.workflows.kfold import train_kfold
+from finetune.config.options import InferenceOptions, PseudoLabelOptions, SubmissionOptions
+from finetune.config.recipe import TASKS
+from finetune.workflows.semi import pseudo_label
 
 PACKAGE = Path(__file__).resolve().parents[1] / "finetune"
 BASE = ["model.backbone=test_convnext", "data.image_size=32", "data.num_workers=0", "train.epochs=2",
