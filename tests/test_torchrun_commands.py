@@ -73,7 +73,7 @@ def test_tune_under_two_processes_trains_each_trial_on_both_and_matches_one(tmp_
     assert done.returncode == 0, done.stderr[-3000:]
     two = tmp_path / "two" / "study-tune"
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["study-tune"]  # one study folder
-    assert sorted(p.name for p in two.glob("trial*")) == ["trial000", "trial001"]  # each trial once, shared
+    assert sorted(p.name for p in two.glob("trial[0-9]*")) == ["trial000", "trial001"]  # each trial once, shared
     rows = [list(csv.DictReader((folder / "trials.csv").open())) for folder in (one.study_dir, two)]
     assert [r["train.lr"] for r in rows[0]] == [r["train.lr"] for r in rows[1]]  # the same draws
     assert [float(r["value"]) for r in rows[0]] == pytest.approx([float(r["value"]) for r in rows[1]], abs=1e-4)
