@@ -23,7 +23,7 @@ from pathlib import Path
 
 from fastai_benchmark import run_finetune
 
-from finetune.datasets import FashionMNISTSplit, export_fashion_mnist
+from finetune.workflows.datasets import FashionMNISTSplit, export_fashion_mnist
 
 NO_MIX = ["augment.mixup=0", "augment.cutmix=0"]
 NO_REGULARISATION = [*NO_MIX, "train.label_smoothing=0"]

@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from finetune.demo import DEMO_RECIPE
+from finetune.workflows.demo import DEMO_RECIPE
 from finetune.engine.step import compile_model
 from finetune.models import build_model
-from finetune.recipe import load_recipe
+from finetune.config.recipe import load_recipe
 
 DEMO_TRAIN_IMAGES = 900
 

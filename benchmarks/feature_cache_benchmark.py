@@ -19,8 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from finetune.api import train
-from finetune.datasets import FashionMNISTSplit, export_fashion_mnist
+from finetune.workflows.api import train
+from finetune.workflows.datasets import FashionMNISTSplit, export_fashion_mnist
 
 
 def run(root: Path, out: Path, args: argparse.Namespace, cache: str, seed: int) -> dict:

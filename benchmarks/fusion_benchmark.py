@@ -14,10 +14,10 @@ import argparse
 import torch
 from throughput_benchmark import median_seconds
 
-from finetune.demo import DEMO_RECIPE
+from finetune.workflows.demo import DEMO_RECIPE
 from finetune.models import build_model
 from finetune.models.fusion import fused_copy
-from finetune.recipe import load_recipe
+from finetune.config.recipe import load_recipe
 
 
 def main() -> None:

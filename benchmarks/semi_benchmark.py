@@ -28,11 +28,11 @@ import numpy as np
 import torch
 
 from finetune.data.sources import Sample
-from finetune.datasets import FashionMNISTSplit, export_fashion_mnist
+from finetune.workflows.datasets import FashionMNISTSplit, export_fashion_mnist
 from finetune.engine.temperature import apply_temperature
-from finetune.inference import ProbsSettings, load_model, predict_probs
-from finetune.reports.calibration import calibration_bins
-from finetune.semi import train_semi
+from finetune.inference.predict import ProbsSettings, load_model, predict_probs
+from finetune.outputs.figures.calibration import calibration_bins
+from finetune.workflows.semi import train_semi
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RECIPE = "demo_fashion_mnist_lite0"

@@ -34,13 +34,13 @@ from PIL import Image
 
 from finetune.data.loaders import eval_loader, train_loader
 from finetune.data.sources import Sample
-from finetune.demo import DEMO_RECIPE
+from finetune.workflows.demo import DEMO_RECIPE
 from finetune.engine.fit import OptimState, TrainingParts, train_one_epoch
 from finetune.engine.optim import create_optimizer, create_scheduler
 from finetune.engine.step import autocast
-from finetune.inference import LoadedModel, ProbsSettings, load_model, predict_probs
+from finetune.inference.predict import LoadedModel, ProbsSettings, load_model, predict_probs
 from finetune.models import build_model
-from finetune.recipe import load_recipe
+from finetune.config.recipe import load_recipe
 from finetune.tasks.single_label import SingleLabelScorer
 
 

@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import finetune
-from finetune.datasets import export_fashion_mnist
-from finetune.scoring import score_csv
-from finetune.tune import TrialBudget, tune
+from finetune.workflows.datasets import export_fashion_mnist
+from finetune.outputs.scoring import score_csv
+from finetune.workflows.tune import TrialBudget, tune
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Around the demo's hand-picked values (lr 0.002, label smoothing 0.1, 4 trainable blocks, mixup 0.2).

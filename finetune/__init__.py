@@ -5,7 +5,7 @@
     finetune.evaluate(result.best_checkpoint, "~/food11/validation")
     finetune.predict(result.best_checkpoint, "~/food11/test", out="submission.csv")
 
-The API functions load on first use, so `import finetune.recipe` (or `finetune.models`) does not
+The API functions load on first use, so `import finetune.config.recipe` (or `finetune.models`) does not
 pull in the whole toolkit.
 """
 
@@ -15,8 +15,8 @@ import importlib
 from typing import Any
 
 from finetune.errors import FinetuneError
-from finetune.options import InferenceOptions, SubmissionOptions
-from finetune.recipe import Recipe, load_recipe
+from finetune.config.options import InferenceOptions, SubmissionOptions
+from finetune.config.recipe import Recipe, load_recipe
 from finetune.version import __version__
 
 __all__ = [
@@ -38,15 +38,15 @@ __all__ = [
 ]
 
 _LAZY = {
-    "TrainResult": "finetune.api",
-    "train": "finetune.api",
-    "evaluate": "finetune.api",
-    "predict": "finetune.api",
-    "report": "finetune.api",
-    "pseudo_label": "finetune.semi",
-    "train_semi": "finetune.semi",
-    "LoadedModel": "finetune.inference",
-    "load_model": "finetune.inference",
+    "TrainResult": "finetune.workflows.api",
+    "train": "finetune.workflows.api",
+    "evaluate": "finetune.workflows.api",
+    "predict": "finetune.workflows.api",
+    "report": "finetune.workflows.api",
+    "pseudo_label": "finetune.workflows.semi",
+    "train_semi": "finetune.workflows.semi",
+    "LoadedModel": "finetune.inference.predict",
+    "load_model": "finetune.inference.predict",
 }
 
 

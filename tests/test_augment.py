@@ -15,8 +15,8 @@ from finetune.data.sources import Sample
 from finetune.data.preprocessing import Preprocessing
 from finetune.data.transforms import PRESETS, build_eval_transform, build_train_transform
 from finetune.errors import FinetuneError
-from finetune.recipe import AugmentConfig, load_recipe
-from finetune.reports.augment_grid import denormalise
+from finetune.config.recipe import AugmentConfig, load_recipe
+from finetune.outputs.figures.augment_grid import denormalise
 
 PRE = Preprocessing(size=32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 

@@ -18,13 +18,13 @@ from PIL import Image
 
 from conftest import COLOURS, QUICK_CPU, TINY_OVERRIDES, make_image, write_folder_dataset
 from finetune.cli import main
-from finetune.opening import prepare_data
+from finetune.workflows.opening import prepare_data
 from finetune.data.sources import discover
 from finetune.engine.checkpoint import read_checkpoint, save_checkpoint
 from finetune.models.backbones import feature_dim
-from finetune.recipe import DataConfig, load_recipe
-from finetune.options import SubmissionOptions
-from finetune.submission import SubmissionFiles, SubmissionPlan, write_rows
+from finetune.config.recipe import DataConfig, load_recipe
+from finetune.config.options import SubmissionOptions
+from finetune.outputs.submission import SubmissionFiles, SubmissionPlan, write_rows
 from untrained import untrained_checkpoint
 
 CLASSES = sorted(COLOURS)

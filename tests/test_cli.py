@@ -12,8 +12,8 @@ import pytest
 from test_readme import COMMANDS as README_COMMANDS, cli_args
 
 from finetune.cli import COMMANDS, build_parser, main
-from finetune.options import ID_FORMATS, VALUE_KINDS, InferenceOptions, SubmissionOptions
-from finetune.recipe import PRECISIONS
+from finetune.config.options import ID_FORMATS, VALUE_KINDS, InferenceOptions, SubmissionOptions
+from finetune.config.recipe import PRECISIONS
 from finetune.signature_cli import doc_entries
 
 

@@ -21,11 +21,11 @@ from conftest import QUICK_CPU, write_folder_dataset
 from test_distributed import _finetune, _sets
 from test_multilabel import write_multilabel_dataset
 
-from finetune import api
-from finetune.kfold import train_kfold
-from finetune.options import InferenceOptions, PseudoLabelOptions, SubmissionOptions
-from finetune.recipe import TASKS
-from finetune.semi import pseudo_label
+from finetune.workflows import api
+from finetune.workflows.kfold import train_kfold
+from finetune.config.options import InferenceOptions, PseudoLabelOptions, SubmissionOptions
+from finetune.config.recipe import TASKS
+from finetune.workflows.semi import pseudo_label
 
 PACKAGE = Path(__file__).resolve().parents[1] / "finetune"
 BASE = ["model.backbone=test_convnext", "data.image_size=32", "data.num_workers=0", "train.epochs=2",
@@ -158,7 +158,7 @@ def _task_comparisons(path: Path) -> list[str]:
 
 
 def test_only_the_task_implementations_and_the_recipe_schema_ask_which_task_it_is():
-    allowed = {PACKAGE / "recipe.py", *(PACKAGE / "tasks").glob("*.py")}
+    allowed = {PACKAGE / "config" / "recipe.py", *(PACKAGE / "tasks").glob("*.py")}
     found = [hit for path in sorted(PACKAGE.rglob("*.py")) if path not in allowed for hit in _task_comparisons(path)]
     assert not found, f"modules branching on the task name (ask the Task instead): {found}"
     probe = Path(__file__).with_name("_task_probe.py")  # the check itself finds a planted comparison

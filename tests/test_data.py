@@ -11,7 +11,7 @@ from conftest import make_image, write_folder_dataset, write_hw03_dataset
 from finetune.data.images import check_images, list_images, load_rgb
 from finetune.data.sources import discover
 from finetune.errors import FinetuneError
-from finetune.recipe import DataConfig
+from finetune.config.recipe import DataConfig
 
 
 def test_folder_layout_with_val_folder(tmp_path):

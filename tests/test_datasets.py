@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from finetune import datasets
+from finetune.workflows import datasets
 from finetune.cli import main
-from finetune.datasets import FASHION_MNIST_CLASSES, FashionMNISTSplit, export_fashion_mnist
+from finetune.workflows.datasets import FASHION_MNIST_CLASSES, FashionMNISTSplit, export_fashion_mnist
 from finetune.errors import FinetuneError
 
 
@@ -102,8 +102,8 @@ def test_cli_datasets_command(tmp_path: Path, fake_source: Path, capsys):
 
 
 def test_export_in_the_hw03_2021_layout_with_an_unlabeled_pool(tmp_path: Path, fake_source: Path):
-    from finetune.opening import prepare_data as prepare
-    from finetune.recipe import DataConfig, Recipe
+    from finetune.workflows.opening import prepare_data as prepare
+    from finetune.config.recipe import DataConfig, Recipe
 
     assert main(["datasets", "fashion-mnist", "--out", str(tmp_path / "fm"), "--per-class", "2",
                  "--val-per-class", "1", "--test-limit", "5", "--unlabeled", "40", "--layout", "hw03-2021",

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from finetune.cli import main
-from finetune.datasets import DEBIAN_FASHION_MNIST
-from finetune.demo import DEMO_RECIPE
-from finetune.recipe import load_recipe
+from finetune.workflows.datasets import DEBIAN_FASHION_MNIST
+from finetune.workflows.demo import DEMO_RECIPE
+from finetune.config.recipe import load_recipe
 
 
 def test_demo_recipe_loads_and_uses_the_packaged_weights():

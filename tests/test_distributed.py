@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from conftest import QUICK_CPU, write_folder_dataset
-from finetune import api
+from finetune.workflows import api
 from finetune.engine.distributed import shard_bounds
-from finetune.options import InferenceOptions, SubmissionOptions
+from finetune.config.options import InferenceOptions, SubmissionOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 2
@@ -139,8 +139,8 @@ def test_evaluate_and_predict_on_two_processes_equal_one_on_odd_counts(runs):
     # One torchrun start for both (each start costs seconds): the API calls that the CLI commands make.
     script = tmp / "eval_and_predict.py"
     script.write_text(
-        "from finetune import api\nfrom finetune.engine.distributed import cleanup\n"
-        "from finetune.options import InferenceOptions, SubmissionOptions\n"
+        "from finetune.workflows import api\nfrom finetune.engine.distributed import cleanup\n"
+        "from finetune.config.options import InferenceOptions, SubmissionOptions\n"
         f"api.evaluate({best!r}, {str(data / 'val')!r}, out={str(tmp / 'eval_two')!r}, "
         "inference=InferenceOptions(num_workers=0))\n"
         f"api.predict({best!r}, {str(data / 'test')!r}, out={str(tmp / 'sub_two.csv')!r}, "
@@ -223,7 +223,7 @@ def test_resume_on_another_world_size_says_so(runs, tmp_path, capsys):
 
 
 def test_folds_side_by_side_on_two_processes_equal_folds_one_after_another(runs, tmp_path):
-    from finetune.kfold import train_kfold
+    from finetune.workflows.kfold import train_kfold
 
     overrides = OVERRIDES + ["data.batch_size=8"]
     torch.set_num_threads(1)
@@ -244,7 +244,7 @@ def test_sync_bn_replaces_every_batchnorm_and_refuses_the_cpu():
     from finetune.engine.distributed import convert_sync_bn
     from finetune.errors import FinetuneError
     from finetune.models import build_model
-    from finetune.recipe import ModelConfig
+    from finetune.config.recipe import ModelConfig
 
     model, _ = build_model(ModelConfig(backbone="test_resnet", pretrained=False), 3, 32)
     count = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())

@@ -17,7 +17,7 @@ from finetune.data.sources import discover
 from finetune.data.transforms import build_train_transform
 from finetune.engine.fit import OptimState, TrainingParts, train_one_epoch
 from finetune.models import build_model
-from finetune.recipe import load_recipe
+from finetune.config.recipe import load_recipe
 from finetune.tasks.single_label import SingleLabelScorer
 
 

@@ -16,18 +16,18 @@ from torch import nn
 from conftest import COLOURS, TINY_OVERRIDES, make_image, write_folder_dataset
 from finetune import FinetuneError, evaluate, load_model, train
 from finetune.cli import main
-from finetune.options import InferenceOptions
+from finetune.config.options import InferenceOptions
 from finetune.data.prepare import labelled
 from finetune.data.preprocessing import Preprocessing
-from finetune.evaluation import top_k_accuracies, write_evaluation
-from finetune.run import EvalFiles
-from finetune.gradcam import grad_cam
-from finetune.inference import LoadedModel
+from finetune.outputs.evaluation import top_k_accuracies, write_evaluation
+from finetune.outputs.run_dir import EvalFiles
+from finetune.inference.gradcam import grad_cam
+from finetune.inference.predict import LoadedModel
 from finetune.models import Classifier
-from finetune.recipe import Recipe
-from finetune.reports.calibration import calibration_bins
-from finetune.reports.gallery import worst_mistakes
-from finetune.scoring import score_csv
+from finetune.config.recipe import Recipe
+from finetune.outputs.figures.calibration import calibration_bins
+from finetune.outputs.figures.gallery import worst_mistakes
+from finetune.outputs.scoring import score_csv
 from untrained import untrained_checkpoint
 
 quiet = lambda line: None  # noqa: E731

@@ -11,7 +11,7 @@ import torch
 
 from finetune import FinetuneError, load_model
 from finetune.cli import main
-from finetune.export import export_model
+from finetune.inference.export import export_model
 from untrained import untrained_checkpoint
 
 quiet = lambda line: None  # noqa: E731

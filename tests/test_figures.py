@@ -15,11 +15,11 @@ from PIL import Image
 
 from finetune.engine.fit import HISTORY_COLUMNS
 from finetune.engine.lr_find import LrFindResult, suggest_lr
-from finetune.reports.augment_grid import save_augment_grid
-from finetune.reports.calibration import calibration_bins, plot_reliability
-from finetune.reports.gallery import Tile, plot_gallery
-from finetune.reports.lr_plot import plot_lr_find
-from finetune.reports.plots import plot_confusion_matrix, plot_curves
+from finetune.outputs.figures.augment_grid import save_augment_grid
+from finetune.outputs.figures.calibration import calibration_bins, plot_reliability
+from finetune.outputs.figures.gallery import Tile, plot_gallery
+from finetune.outputs.figures.lr_plot import plot_lr_find
+from finetune.outputs.figures.plots import plot_confusion_matrix, plot_curves
 
 TESTS = Path(__file__).resolve().parent
 FIGURE_MODULES = ["plots", "calibration", "gallery", "lr_plot", "augment_grid"]
@@ -140,7 +140,7 @@ def test_figures_leave_the_matplotlib_backend_alone(tmp_path):
         import matplotlib
         before = matplotlib.get_backend()
         assert before == "svg", before
-        import {", ".join(f"finetune.reports.{name}" for name in FIGURE_MODULES)}
+        import {", ".join(f"finetune.outputs.figures.{name}" for name in FIGURE_MODULES)}
         assert "matplotlib.pyplot" not in sys.modules, "importing the figure modules imported pyplot"
         assert matplotlib.get_backend() == matplotlib.rcParams["backend"] == "svg", matplotlib.get_backend()
         sys.path.insert(0, {str(TESTS)!r})

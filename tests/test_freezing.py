@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from finetune.api import train
+from finetune.workflows.api import train
 from finetune.cli import main
 from finetune.engine.checkpoint import read_checkpoint
 from finetune.engine.optim import create_optimizer, create_scheduler
@@ -16,7 +16,7 @@ from finetune.errors import FinetuneError
 from finetune.engine.optim import stage_lr_multipliers
 from finetune.models import build_model, plan_unfreezing, resolve_trainable
 from finetune.models.freezing import select_parameters, stage_parameters
-from finetune.recipe import HeadConfig, ModelConfig, Recipe, TrainConfig, load_recipe
+from finetune.config.recipe import HeadConfig, ModelConfig, Recipe, TrainConfig, load_recipe
 
 STAGES = ["stem", "layer1", "layer2", "layer3", "layer4"]
 

@@ -13,7 +13,7 @@ from conftest import QUICK_CPU, TINY_OVERRIDES, write_folder_dataset
 from finetune import FinetuneError
 from finetune.cli import main
 from finetune.data.sources import Sample
-from finetune.kfold import fold_splits, train_kfold
+from finetune.workflows.kfold import fold_splits, train_kfold
 
 quiet = lambda line: None  # noqa: E731
 

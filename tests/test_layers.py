@@ -1,10 +1,10 @@
 """The package's shape: imports flow downwards, run-folder names have one owner, light modules stay light.
 
-Layers, top to bottom (a module may import its own layer or any layer below, never one above):
+Layers, top to bottom (a module may import its own layer or any layer below, never one above), one folder each
+(the run folder's owner, its loggers and the figures sit in a layer of their own below the rest of outputs/):
 
-    cli, signature_cli → api, launch, kfold, demo, preview, tune, runs_table → evaluation, inference, submission, scoring,
-    score_report, tta, gradcam, export, datasets, report_page → run, loggers → reports (figures) → engine → models → data → options,
-    recipe, recipe_library, errors, version
+    cli, signature_cli → workflows/ → tasks/ → outputs/ (bundles, submissions, scoring, report page) → inference/ →
+    outputs/run_dir, loggers, figures/ → engine/ → models/ → data/ → config/, errors, version
 
 Imports inside `if TYPE_CHECKING:` are type hints only and do not count; imports inside functions do.
 """
@@ -22,19 +22,19 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "finetune"
 
 LAYERS: list[tuple[str, ...]] = [
-    ("cli", "__main__", "signature_cli"),
-    ("finetune", "api", "kfold", "demo", "preview", "tune", "runs_table", "semi", "launch", "opening"),
-    ("evaluation", "inference", "submission", "scoring", "tta", "gradcam", "export", "datasets", "report_page",
-     "multilabel_eval", "multilabel_submission", "score_report", "tasks"),
-    ("run", "loggers"),
-    ("reports",),
+    ("cli", "__main__", "signature_cli", "finetune"),
+    ("workflows",),
+    ("tasks",),
+    ("outputs",),
+    ("inference",),
+    ("outputs.run_dir", "outputs.loggers", "outputs.figures"),
     ("engine",),
     ("models",),
     ("data",),
-    ("options", "recipe", "recipe_library", "errors", "version"),
+    ("config", "errors", "version"),
 ]
 
-# Every file a run folder holds; only finetune/run.py may spell them out.
+# Every file a run folder holds; only finetune/outputs/run_dir.py may spell them out.
 RUN_FOLDER_FILES = [
     "recipe.yaml", "classes.txt", "class_counts.csv", "skipped_images.csv", "history.csv", "curves.png", "best.pt",
     "last.pt", "report.html", "cv_summary.json", "oof_predictions.csv", "confusion_matrix.png",
@@ -58,10 +58,11 @@ MODULE_NAMES = {_module_name(p) for p in PACKAGE.rglob("*.py")}
 
 def _layer(module: str) -> int:
     parts = module.split(".")
-    key = parts[1] if len(parts) > 1 else parts[0]
-    for depth, names in enumerate(LAYERS):
-        if key in names:
-            return depth
+    keys = [".".join(parts[1:3]), parts[1]] if len(parts) > 1 else [parts[0]]  # the most specific entry wins
+    for key in keys:
+        for depth, names in enumerate(LAYERS):
+            if key in names:
+                return depth
     raise AssertionError(f"{module} is in no layer: add it to LAYERS in {Path(__file__).name} and to the README")
 
 
@@ -141,8 +142,8 @@ def test_run_folder_file_names_live_in_run_py_only() -> None:
             for name in RUN_FOLDER_FILES:
                 if name in text:
                     owners[name].add(module)
-    elsewhere = {name: sorted(mods) for name, mods in owners.items() if mods != {"finetune.run"}}
-    assert not elsewhere, f"run-folder names spelled outside finetune/run.py (or not at all): {elsewhere}"
+    elsewhere = {name: sorted(mods) for name, mods in owners.items() if mods != {"finetune.outputs.run_dir"}}
+    assert not elsewhere, f"run-folder names spelled outside finetune/outputs/run_dir.py (or not at all): {elsewhere}"
 
 
 def _fresh_import(statement: str) -> set[str]:
@@ -158,16 +159,16 @@ def test_building_models_loads_neither_albumentations_nor_opencv() -> None:
 
 
 def test_scoring_two_csvs_loads_no_model_code() -> None:
-    loaded = _fresh_import("import finetune.scoring")
-    assert "finetune.evaluation" in loaded
-    assert not {"timm", "finetune.inference", "finetune.gradcam", "finetune.models"} & loaded
+    loaded = _fresh_import("import finetune.outputs.scoring")
+    assert "finetune.outputs.evaluation" in loaded
+    assert not {"timm", "finetune.inference.predict", "finetune.inference.gradcam", "finetune.models"} & loaded
 
 
 def test_importing_the_package_is_light_and_the_api_still_resolves() -> None:
     loaded = _fresh_import("import finetune")
-    assert "finetune.api" not in loaded and "torch" not in loaded
+    assert "finetune.workflows.api" not in loaded and "torch" not in loaded
     import finetune
-    from finetune.api import evaluate, predict
+    from finetune.workflows.api import evaluate, predict
 
     assert finetune.evaluate is evaluate and finetune.predict is predict
 
@@ -177,22 +178,22 @@ def test_modules_are_not_shadowed_by_api_functions() -> None:
 
     import finetune
 
-    assert importlib.import_module("finetune.evaluation").__name__ == "finetune.evaluation"
-    with mock.patch("finetune.submission.write_rows") as patched:
-        import finetune.submission
+    assert importlib.import_module("finetune.outputs.evaluation").__name__ == "finetune.outputs.evaluation"
+    with mock.patch("finetune.outputs.submission.write_rows") as patched:
+        import finetune.outputs.submission
 
-        assert finetune.submission.write_rows is patched
+        assert finetune.outputs.submission.write_rows is patched
     assert callable(finetune.evaluate) and callable(finetune.predict)
 
 
 def test_recipe_presets_are_the_ones_transforms_build() -> None:
     from finetune.data.transforms import PRESETS
-    from finetune.recipe import PRESETS as NAMES
+    from finetune.config.recipe import PRESETS as NAMES
 
     assert set(NAMES) == set(PRESETS)
 
 
-@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("finetune.report")))
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith(("finetune.outputs.figures", "finetune.outputs.report_page"))))
 def test_figure_modules_leave_the_matplotlib_backend_alone(module: str) -> None:
     loaded = _fresh_import(f"import {module}")
     assert "matplotlib.pyplot" not in loaded
@@ -233,7 +234,7 @@ def test_no_private_name_is_used_across_modules() -> None:
 
 def test_the_private_name_check_can_fail(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
-    module.write_text("from finetune.data import sources\nfrom finetune.submission import _Hidden\nsources._helper()\n")
+    module.write_text("from finetune.data import sources\nfrom finetune.outputs.submission import _Hidden\nsources._helper()\n")
     assert len(_private_uses(module)) == 2
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from finetune.api import train
+from finetune.workflows.api import train
 from finetune.errors import FinetuneError
-from finetune.recipe import Recipe
-from finetune.run import RunDir
+from finetune.config.recipe import Recipe
+from finetune.outputs.run_dir import RunDir
 from tests.conftest import QUICK_CPU
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -14,7 +14,7 @@ from finetune.models.classics import LeNet
 from finetune.models.freezing import BN_TYPES, stage_parameters
 from finetune.models.fusion import fuse_conv_bn, fused_copy
 from finetune.models.classics import GrayscaleInput
-from finetune.recipe import HeadConfig, ModelConfig, TrainConfig
+from finetune.config.recipe import HeadConfig, ModelConfig, TrainConfig
 
 NUM_CLASSES = 11
 BATCH = 4

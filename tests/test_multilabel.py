@@ -13,14 +13,14 @@ import torch
 from conftest import COLOURS, QUICK_CPU, TINY_OVERRIDES
 from finetune import evaluate, train
 from finetune.cli import main
-from finetune.options import InferenceOptions
+from finetune.config.options import InferenceOptions
 from finetune.data.multilabel import (MultiHotMixer, multi_hot, multilabel_split, read_multilabel_manifest,
                                       split_labels)
 from finetune.data.sources import Sample
 from finetune.engine.checkpoint import read_checkpoint
 from finetune.engine.multilabel import BinaryLoss, best_thresholds, mean_average_precision, sample_f1
 from finetune.errors import FinetuneError
-from finetune.recipe import DataConfig, load_recipe
+from finetune.config.recipe import DataConfig, load_recipe
 
 NAMES = list(COLOURS)  # red, green, blue
 
@@ -103,7 +103,7 @@ def test_manifest_errors_and_the_single_label_task_names_data_task(tmp_path):
     with pytest.raises(FinetuneError, match="data.task: multilabel"):
         main_recipe = load_recipe(None, ["data.layout=csv", "data.csv=labels.csv", "data.csv_image_dir=images",
                                          f"data.root={root}"])
-        from finetune.opening import prepare_data as prepare
+        from finetune.workflows.opening import prepare_data as prepare
 
         prepare(main_recipe, log=lambda _: None)
     _write_manifest(root, [["image_name", "tags"], ["0001", "red"], ["0001", "blue"]])
@@ -239,7 +239,7 @@ def test_train_predict_evaluate_and_score_end_to_end(tmp_path, one_torch_thread,
 
 
 def test_score_is_the_mean_f1_per_image(tmp_path):
-    from finetune.multilabel_submission import score_multilabel_csv
+    from finetune.outputs.multilabel_submission import score_multilabel_csv
 
     truth, sub = tmp_path / "truth.csv", tmp_path / "sub.csv"
     truth.write_text("Id,Tags\n1,a b\n2,c\n3,\n4,a\n")

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from finetune.datasets import DEBIAN_FASHION_MNIST
+from finetune.workflows.datasets import DEBIAN_FASHION_MNIST
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

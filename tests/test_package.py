@@ -11,8 +11,8 @@ from conftest import RECIPES
 
 from finetune import FinetuneError
 from finetune.cli import main
-from finetune.recipe import load_recipe
-from finetune.recipe_library import find_recipe, shipped_recipes
+from finetune.config.recipe import load_recipe
+from finetune.config.recipe_library import find_recipe, shipped_recipes
 
 
 def test_every_recipe_in_the_checkout_ships_with_the_package() -> None:
@@ -68,9 +68,9 @@ def test_python_dash_m_finetune_prints_versions_and_device(tmp_path: Path) -> No
 def test_missing_optional_packages_name_their_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     import builtins
 
-    from finetune.export import _onnx_modules
+    from finetune.inference.export import _onnx_modules
     from finetune.models.weights import resolve_weights_path
-    from finetune.tune import _import_optuna
+    from finetune.workflows.tune import _import_optuna
 
     real_import = builtins.__import__
 

@@ -15,12 +15,12 @@ from PIL import Image
 from conftest import TINY_OVERRIDES, write_folder_dataset
 from finetune import FinetuneError, load_model, predict, train
 from finetune.cli import main
-from finetune.options import InferenceOptions, SubmissionOptions
+from finetune.config.options import InferenceOptions, SubmissionOptions
 from finetune.data.images import load_rgb
 from finetune.data.transforms import build_eval_transform
 from finetune.engine.checkpoint import read_checkpoint, save_checkpoint
-from finetune.submission import SubmissionFiles, SubmissionPlan, image_ids, write_rows
-from finetune.tta import parse_tta
+from finetune.outputs.submission import SubmissionFiles, SubmissionPlan, image_ids, write_rows
+from finetune.inference.tta import parse_tta
 from untrained import untrained_checkpoint
 
 quiet = lambda line: None  # noqa: E731

@@ -17,7 +17,7 @@ import pytest
 from conftest import REPO
 
 from finetune.cli import main
-from finetune.recipe import load_recipe
+from finetune.config.recipe import load_recipe
 
 README = REPO / "README.md"
 RECIPE_COMMANDS = ("train", "augment", "lr-find", "tune")

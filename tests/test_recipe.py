@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from finetune.errors import FinetuneError
-from finetune.recipe import Recipe, load_recipe
+from finetune.config.recipe import Recipe, load_recipe
 
 
 def write(tmp_path: Path, text: str) -> Path:

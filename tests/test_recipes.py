@@ -29,13 +29,13 @@ from conftest import RECIPES, write_folder_dataset, write_hw03_dataset
 from torch import nn
 
 from finetune.cli import build_parser
-from finetune.recipe_library import find_recipe, shipped_recipes
+from finetune.config.recipe_library import find_recipe, shipped_recipes
 from finetune.data.loaders import ImageDataset, make_loader
 from finetune.data.sources import discover
 from finetune.data.transforms import build_train_transform
 from finetune.engine.optim import create_optimizer, create_scheduler
 from finetune.models import build_model, plan_unfreezing
-from finetune.recipe import load_recipe
+from finetune.config.recipe import load_recipe
 
 RECIPE_FILES = sorted(RECIPES.glob("*.yaml"))
 HEADER_KEY = re.compile(r"^# (command|hardware|result): (.+)$")

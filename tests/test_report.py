@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import COLOURS, TINY_OVERRIDES, make_image, write_folder_dataset
 from finetune import FinetuneError, train
 from finetune.cli import main
-from finetune.api import report
+from finetune.workflows.api import report
 
 quiet = lambda line: None  # noqa: E731
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)

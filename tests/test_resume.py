@@ -17,7 +17,7 @@ import yaml
 from conftest import TINY_OVERRIDES, write_folder_dataset
 from finetune import FinetuneError, load_model, train
 from finetune.cli import main
-from finetune.recipe import apply_overrides
+from finetune.config.recipe import apply_overrides
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -10,9 +10,9 @@ import pytest
 
 from finetune import FinetuneError, Recipe
 from finetune.data.images import SkippedImage
-from finetune.evaluation import write_evaluation
-from finetune.report_page import build_report
-from finetune.run import EvalFiles, RunDir
+from finetune.outputs.evaluation import write_evaluation
+from finetune.outputs.report_page import build_report
+from finetune.outputs.run_dir import EvalFiles, RunDir
 
 
 def _fill(run: RunDir) -> None:

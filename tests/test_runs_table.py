@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.api import train
+from finetune.workflows.api import train
 from finetune.cli import main
 from tests.conftest import QUICK_CPU
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import COLOURS, make_image
-from finetune.opening import prepare_data
+from finetune.workflows.opening import prepare_data
 from finetune.errors import FinetuneError
-from finetune.recipe import DataConfig, Recipe
+from finetune.config.recipe import DataConfig, Recipe
 
 
 def write_hw03_2021(root: Path, per_class: int = 8, val_per_class: int = 3, unlabeled: int = 12,
@@ -93,7 +93,7 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("scale", [4.0, 0.3])  # over-confident, then under-confident (label smoothing, mixup)
 def test_fitted_temperature_lowers_nll_and_ece_of_misscaled_logits(scale: float) -> None:
     from finetune.engine.temperature import apply_temperature, fit_temperature, nll
-    from finetune.reports.calibration import calibration_bins
+    from finetune.outputs.figures.calibration import calibration_bins
 
     rng = np.random.default_rng(0)
     logits = rng.normal(0, 2, (4000, 5))
@@ -112,7 +112,7 @@ def test_fitted_temperature_lowers_nll_and_ece_of_misscaled_logits(scale: float)
 
 
 def test_accuracy_coverage_and_threshold_for_target() -> None:
-    from finetune.reports.calibration import accuracy_coverage
+    from finetune.outputs.figures.calibration import accuracy_coverage
 
     # Confidences 0.9, 0.8, 0.7, 0.6 (two classes); the two most confident right, then wrong, then right.
     probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
@@ -148,7 +148,7 @@ def test_training_stores_a_temperature_and_evaluation_reports_ece_before_and_aft
     import json
 
     from finetune.engine.checkpoint import read_checkpoint
-    from finetune.run import RunDir
+    from finetune.outputs.run_dir import RunDir
 
     _, best = trained_2021
     temperature = read_checkpoint(best)["temperature"]
@@ -165,7 +165,7 @@ def test_training_stores_a_temperature_and_evaluation_reports_ece_before_and_aft
 
 def test_old_checkpoints_without_temperature_predict_uncalibrated(trained_2021, tmp_path: Path) -> None:
     from finetune.engine.checkpoint import read_checkpoint, save_checkpoint
-    from finetune.inference import load_model
+    from finetune.inference.predict import load_model
 
     _, best = trained_2021
     payload = read_checkpoint(best)
@@ -194,7 +194,7 @@ def test_predict_on_testing_gives_hw03_ids_calibrated_probs_and_rejects(trained_
     top = np.array([[float(r[c]) for c in ("00", "01", "02")] for r in probs])
     # The probabilities written are the calibrated ones: softmax(z / T), not softmax(z).
     from finetune.data.sources import Sample
-    from finetune.inference import ProbsSettings, load_model, predict_probs
+    from finetune.inference.predict import ProbsSettings, load_model, predict_probs
 
     loaded = load_model(best)
     raw = predict_probs(loaded, [Sample(p) for p in sorted((root / "testing" / "00").iterdir())],
@@ -218,7 +218,7 @@ def _truth_csv(root: Path, path: Path) -> Path:
 def test_pseudo_label_writes_confident_images_as_a_folder_or_a_csv(trained_2021, tmp_path: Path) -> None:
     from finetune.cli import main
     from finetune.data.sources import read_labelled_folder
-    from finetune.inference import load_model
+    from finetune.inference.predict import load_model
 
     root, best = trained_2021
     pool = root / "training" / "unlabeled"
@@ -259,7 +259,7 @@ def test_semi_recipe_runs_teacher_and_student_rounds_with_a_summary(food_2021: P
 
     from conftest import TINY_OVERRIDES
     from finetune.cli import main
-    from finetune.run import RunDir
+    from finetune.outputs.run_dir import RunDir
 
     truth = _truth_csv(food_2021, tmp_path / "truth.csv")
     sets = [*TINY_OVERRIDES, f"output={tmp_path / 'runs'}", "name=semi", "semi.rounds=2", "semi.threshold=0.34",
@@ -283,7 +283,7 @@ def test_semi_recipe_runs_teacher_and_student_rounds_with_a_summary(food_2021: P
 
 def test_semi_settings_are_checked(food_2021: Path) -> None:
     from finetune.cli import main
-    from finetune.recipe import load_recipe
+    from finetune.config.recipe import load_recipe
 
     for bad, key in (("semi.threshold=1.5", "semi.threshold"), ("semi.rounds=-1", "semi.rounds"),
                      ("semi.max_per_class=0", "semi.max_per_class"), ("semi.student_augment=wild", "semi.student_augment")):
@@ -292,6 +292,6 @@ def test_semi_settings_are_checked(food_2021: Path) -> None:
     assert main(["train", "quick_cpu", "--data", str(food_2021), "--folds", "2", "--set", "semi.rounds=1"]) == 2
     # No unlabeled folder anywhere: the rounds cannot start, and say which key to set.
     with pytest.raises(FinetuneError, match="semi.unlabeled"):
-        from finetune.semi import train_semi
+        from finetune.workflows.semi import train_semi
 
         train_semi("quick_cpu", data=food_2021, overrides=["semi.rounds=1", "data.unlabeled=null"])

@@ -16,8 +16,8 @@ from test_composition import BASE, TASK_SETTINGS
 from test_distributed import _finetune, _sets
 from test_multilabel import write_multilabel_dataset
 
-from finetune.preview import lr_find
-from finetune.semi import train_semi
+from finetune.workflows.preview import lr_find
+from finetune.workflows.semi import train_semi
 
 SEMI = ["semi.rounds=1", "semi.threshold=0.6", "semi.max_per_class=4", "train.epochs=1"]
 
@@ -60,7 +60,7 @@ def test_semi_rounds_under_two_processes_match_one(task, tmp_path, one_torch_thr
 def test_tune_under_two_processes_trains_each_trial_on_both_and_matches_one(tmp_path, one_torch_thread):
     import yaml
 
-    from finetune.tune import TrialBudget, tune
+    from finetune.workflows.tune import TrialBudget, tune
 
     data = write_folder_dataset(tmp_path / "data", per_class=8, val_per_class=3, test=0)
     space = tmp_path / "space.yaml"

@@ -19,8 +19,8 @@ from finetune.engine.ema import WeightEma
 from finetune.engine.fit import EpochStats, Monitor, OptimState, TrainingParts, train_one_epoch
 from finetune.engine.lr_find import LrSweep, lr_range_test
 from finetune.errors import FinetuneError
-from finetune.inference import ProbsSettings, predict_probs
-from finetune.recipe import TrainConfig, load_recipe
+from finetune.inference.predict import ProbsSettings, predict_probs
+from finetune.config.recipe import TrainConfig, load_recipe
 from finetune.tasks.single_label import SingleLabelScorer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -10,13 +10,13 @@ import pytest
 
 pytest.importorskip("optuna")
 
-import finetune.tune as tune_module  # noqa: E402
-from finetune.api import train  # noqa: E402
+import finetune.workflows.tune as tune_module  # noqa: E402
+from finetune.workflows.api import train  # noqa: E402
 from finetune.cli import main  # noqa: E402
 from finetune.errors import FinetuneError  # noqa: E402
-from finetune.recipe import Recipe, load_recipe  # noqa: E402
-from finetune.run import RunDir, StudyDir  # noqa: E402
-from finetune.tune import TrialBudget, load_space, tune  # noqa: E402
+from finetune.config.recipe import Recipe, load_recipe  # noqa: E402
+from finetune.outputs.run_dir import RunDir, StudyDir  # noqa: E402
+from finetune.workflows.tune import TrialBudget, load_space, tune  # noqa: E402
 from tests.conftest import QUICK_CPU  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

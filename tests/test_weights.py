@@ -11,7 +11,7 @@ import torch
 
 from finetune.errors import FinetuneError
 from finetune.models.backbones import create_backbone, imagenet_classifier
-from finetune.recipe import ModelConfig
+from finetune.config.recipe import ModelConfig
 
 
 def _top3(model: torch.nn.Module, transform, images) -> list[list[str]]:

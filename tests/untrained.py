@@ -9,7 +9,7 @@ import torch
 
 from finetune.engine.checkpoint import save_checkpoint
 from finetune.models import build_model
-from finetune.recipe import load_recipe
+from finetune.config.recipe import load_recipe
 
 
 def untrained_checkpoint(path: Path, classes: list[str], backbone: str = "test_resnet", size: int = 32,

@@ -20,7 +20,7 @@ from finetune.data.sources import Sample
 from finetune.data.transforms import (build_eval_transform, build_train_transform, eval_decode_side, seed_transform,
                                       train_decode_side)
 from finetune.errors import FinetuneError
-from finetune.recipe import DataConfig, Recipe
+from finetune.config.recipe import DataConfig, Recipe
 
 __all__ = ["Targets", "class_index", "as_targets", "ImageDataset", "SkippingLoader", "collate_readable", "class_counts",
            "make_loader", "BalancedSampler", "balanced_sampler", "train_sampler", "train_transform", "image_reader", "train_reader", "train_loader",

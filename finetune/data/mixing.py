@@ -8,7 +8,7 @@ import torch
 from torch.nn import functional as F
 from torchvision.transforms import v2
 
-from finetune.recipe import AugmentConfig
+from finetune.config.recipe import AugmentConfig
 
 __all__ = ["BatchMixer", "create_mixer", "dominant_label"]
 

@@ -20,7 +20,7 @@ from finetune.data.images import SkippedImage, list_images
 from finetune.data.sources import (DatasetSplits, Keep, Sample, find_child, resolve_manifest_path,
                                    manifest_paths, sort_class_names, TEST_NAMES)
 from finetune.errors import FinetuneError
-from finetune.recipe import AugmentConfig, DataConfig
+from finetune.config.recipe import AugmentConfig, DataConfig
 
 __all__ = ["split_labels", "read_multilabel_manifest", "check_single_label", "multilabel_split", "multi_hot",
            "discover_multilabel", "manifest_samples", "MultiHot", "MultiHotMixer", "create_multihot_mixer"]

@@ -1,7 +1,7 @@
 """Prepare data once: discover the samples, drop (and list) the files that are not images, count classes.
 
 Training and evaluation decode each image once, in the loader: a file whose header reads but whose pixels
-do not (truncated, damaged) is dropped from its batch there and listed (finetune.api.train / evaluate).
+do not (truncated, damaged) is dropped from its batch there and listed (finetune.workflows.api.train / evaluate).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from finetune.data.images import SkippedImage, check_headers
 from finetune.data.loaders import class_counts
 from finetune.data.sources import VAL_NAMES, DatasetSplits, Keep, Sample, read_labelled_folder
 from finetune.errors import FinetuneError
-from finetune.recipe import DataConfig, Recipe
+from finetune.config.recipe import DataConfig, Recipe
 
 __all__ = ["Prepared", "Discovery", "prepare", "openable", "labelled"]
 

@@ -10,7 +10,7 @@ from typing import Callable, Optional, Sequence, Union
 
 from finetune.data.images import SkippedImage, list_images
 from finetune.errors import FinetuneError
-from finetune.recipe import DataConfig
+from finetune.config.recipe import DataConfig
 
 __all__ = [
     "find_child",

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from finetune.engine.step import autocast, to_device, train_precision
-from finetune.recipe import TrainConfig
+from finetune.config.recipe import TrainConfig
 
 __all__ = ["FeatureCache", "features_in", "head_only"]
 

@@ -23,7 +23,7 @@ from finetune.engine.resume import capture_all_ranks, check_resumable, restore_t
 from finetune.engine.step import autocast, grad_scaler, optimizer_step, to_device, train_precision
 from finetune.errors import FinetuneError
 from finetune.models.unfreezing import UnfreezePlan, plan_unfreezing
-from finetune.recipe import TrainConfig, is_better, worst_value
+from finetune.config.recipe import TrainConfig, is_better, worst_value
 
 __all__ = ["EpochStats", "FitState", "Monitor", "RunFolder", "EpochHook", "EpochScorer", "Mixer", "TrainingParts",
            "OptimState", "train_one_epoch", "validate", "fit", "HISTORY_COLUMNS"]
@@ -61,7 +61,7 @@ EpochHook = Callable[[dict], bool]
 
 
 class RunFolder(Protocol):
-    """What the loop needs of the run folder (finetune.run.RunDir): where checkpoints go, and every write."""
+    """What the loop needs of the run folder (finetune.outputs.run_dir.RunDir): where checkpoints go, and every write."""
 
     path: Path
     best: Path

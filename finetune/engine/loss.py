@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from finetune.recipe import Recipe
+from finetune.config.recipe import Recipe
 
 __all__ = ["create_criterion"]
 

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from finetune.engine.optim import create_optimizer
 from finetune.engine.step import autocast, grad_scaler, optimizer_step, to_device, train_precision
 from finetune.errors import FinetuneError
-from finetune.recipe import TrainConfig
+from finetune.config.recipe import TrainConfig
 
 __all__ = ["LrFindResult", "LrSweep", "lr_range_test", "suggest_lr"]
 

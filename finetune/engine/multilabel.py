@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from finetune.recipe import Recipe
+from finetune.config.recipe import Recipe
 
 __all__ = ["BinaryLoss", "create_multilabel_criterion", "mean_average_precision", "sample_f1", "best_thresholds",
            "MultiLabelScorer"]

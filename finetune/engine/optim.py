@@ -10,7 +10,7 @@ from torch import nn
 
 from finetune.errors import FinetuneError
 from finetune.models.freezing import HEAD, require_stages, stage_parameters
-from finetune.recipe import TrainConfig
+from finetune.config.recipe import TrainConfig
 
 __all__ = ["stage_lr_multipliers", "param_groups", "base_lr", "stage_lrs", "create_optimizer",
            "create_scheduler", "lr_factor"]

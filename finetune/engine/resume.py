@@ -18,7 +18,7 @@ from finetune.data.transforms import set_transform_rng_state, transform_rng_stat
 from finetune.engine import distributed
 from finetune.engine.checkpoint import read_checkpoint
 from finetune.errors import FinetuneError
-from finetune.recipe import Recipe, TrainConfig, apply_overrides
+from finetune.config.recipe import Recipe, TrainConfig, apply_overrides
 
 __all__ = ["seed_everything", "capture_rng_state", "restore_rng_state", "capture_all_ranks", "restore_this_rank",
            "check_resumable", "read_resume"]

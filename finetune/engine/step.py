@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from finetune.errors import FinetuneError
-from finetune.recipe import TrainConfig
+from finetune.config.recipe import TrainConfig
 
 __all__ = ["DTYPES", "train_precision", "check_precision", "grad_scaler", "autocast", "compile_model", "to_device",
            "optimizer_step"]

@@ -11,7 +11,7 @@ from finetune.models.classifier import Classifier
 from finetune.models.freezing import apply_freeze, format_summary, resolve_trainable, stage_summary
 from finetune.models.heads import create_head
 from finetune.models.unfreezing import UnfreezePlan, plan_unfreezing
-from finetune.recipe import ModelConfig
+from finetune.config.recipe import ModelConfig
 
 __all__ = [
     "build_model",

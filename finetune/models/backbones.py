@@ -27,7 +27,7 @@ from finetune.models.weights import (
     remap_by_position,
     resolve_weights_path,
 )
-from finetune.recipe import ModelConfig
+from finetune.config.recipe import ModelConfig
 
 __all__ = ["Backbone", "check_backbone_name", "create_backbone", "feature_dim", "imagenet_classifier"]
 

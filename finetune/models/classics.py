@@ -18,7 +18,7 @@ from torch import nn
 from finetune.data.preprocessing import Preprocessing
 from finetune.errors import FinetuneError
 from finetune.models.weights import load_matching, read_state_dict, resolve_weights_path
-from finetune.recipe import ModelConfig
+from finetune.config.recipe import ModelConfig
 
 __all__ = ["LeNet", "NiN", "HW03Net", "CLASSIC_BUILDERS", "CLASSIC_STAGES", "CLASSICS", "GrayscaleInput", "create"]
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from finetune.errors import FinetuneError
 from finetune.models.freezing import HEAD, apply_freeze, require_stages, select_parameters, trainable_stages
-from finetune.recipe import TrainConfig
+from finetune.config.recipe import TrainConfig
 
 __all__ = ["UnfreezePlan", "plan_unfreezing"]
 

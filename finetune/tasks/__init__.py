@@ -10,8 +10,8 @@ from finetune.tasks.multi_label import MultiLabel
 from finetune.tasks.single_label import SingleLabel
 
 if TYPE_CHECKING:
-    from finetune.inference import LoadedModel
-    from finetune.recipe import Recipe
+    from finetune.inference.predict import LoadedModel
+    from finetune.config.recipe import Recipe
 
 __all__ = ["Task", "TASKS", "task_named", "task_of", "task_of_checkpoint", "task_of_model"]
 

@@ -25,11 +25,11 @@ if TYPE_CHECKING:  # hints only: a task's methods import what they use
     from finetune.data.loaders import Targets
     from finetune.data.sources import DatasetSplits, Keep, Sample
     from finetune.engine.fit import EpochScorer, Mixer
-    from finetune.inference import LoadedModel
-    from finetune.recipe import AugmentConfig, DataConfig, Recipe
-    from finetune.run import EvalFiles
-    from finetune.options import InferenceOptions, SubmissionOptions
-    from finetune.submission import SubmissionFiles, SubmissionPlan
+    from finetune.inference.predict import LoadedModel
+    from finetune.config.recipe import AugmentConfig, DataConfig, Recipe
+    from finetune.outputs.run_dir import EvalFiles
+    from finetune.config.options import InferenceOptions, SubmissionOptions
+    from finetune.outputs.submission import SubmissionFiles, SubmissionPlan
 
 __all__ = ["Task", "Log"]
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 import numpy as np
 
 from finetune.errors import FinetuneError
-from finetune.recipe import TASK_ACTIVATIONS
+from finetune.config.recipe import TASK_ACTIVATIONS
 from finetune.tasks.base import Log, Task
 
 if TYPE_CHECKING:
@@ -105,7 +105,7 @@ class MultiLabel(Task):
 
     def labelled_samples(self, data, cfg, classes):
         """A manifest CSV (or a folder holding the recipe's one), labels mapped to the checkpoint's classes."""
-        from finetune.multilabel_eval import manifest_samples
+        from finetune.outputs.multilabel_evaluation import manifest_samples
 
         return manifest_samples(Path(data).expanduser(), cfg, classes)
 
@@ -174,7 +174,7 @@ class MultiLabel(Task):
 
     def evaluate(self, loaded, samples, files, inference, log, threshold=None, skipped=None, raw_probs=None) -> dict:
         """mAP, F1s, per-class report and confusion panels, PR curves, the worst label sets."""
-        from finetune.multilabel_eval import evaluate_multilabel_samples
+        from finetune.outputs.multilabel_evaluation import evaluate_multilabel_samples
 
         thresholds = self.ensemble_decision([loaded], threshold)["thresholds"]
         return evaluate_multilabel_samples(loaded, samples, files, inference, log, thresholds, skipped, raw_probs)
@@ -190,14 +190,14 @@ class MultiLabel(Task):
 
     def write_submission(self, plan, batches, classes, decision, files, options, log) -> int:
         """`Id,Tags`: every class at or above its threshold, joined by `label_sep`."""
-        from finetune.multilabel_submission import write_multilabel_rows
+        from finetune.outputs.multilabel_submission import write_multilabel_rows
 
         return write_multilabel_rows(plan, batches, classes, np.asarray(decision["thresholds"]), files, options)
 
     def score_csv(self, submission, truth, out_dir, id_column, label_column, sep):
         """Mean per-image F1 (Kaggle's Planet metric) and the multi-label bundle."""
-        from finetune.multilabel_eval import multilabel_summary_lines
-        from finetune.multilabel_submission import score_multilabel_csv
+        from finetune.outputs.multilabel_evaluation import multilabel_summary_lines
+        from finetune.outputs.multilabel_submission import score_multilabel_csv
 
         metrics = score_multilabel_csv(submission, truth, out_dir=out_dir, id_column=id_column,
                                        label_column=label_column, sep=sep)
@@ -213,7 +213,7 @@ class MultiLabel(Task):
 
     def target_text(self, target, classes) -> str:
         """The label names joined by a space (empty: no label)."""
-        from finetune.multilabel_eval import SEPARATOR
+        from finetune.outputs.multilabel_evaluation import SEPARATOR
 
         return SEPARATOR.join(classes[k] for k in target)
 

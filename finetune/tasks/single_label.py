@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 import numpy as np
 
 from finetune.errors import FinetuneError
-from finetune.recipe import TASK_ACTIVATIONS
+from finetune.config.recipe import TASK_ACTIVATIONS
 from finetune.tasks.base import Log, Task
 
 if TYPE_CHECKING:
@@ -153,7 +153,7 @@ class SingleLabel(Task):
 
     def evaluate(self, loaded, samples, files, inference, log, threshold=None, skipped=None, raw_probs=None) -> dict:
         """Confusion matrix, per-class report, top-k, calibration, gallery and Grad-CAM."""
-        from finetune.evaluation import evaluate_samples
+        from finetune.outputs.evaluation import evaluate_samples
 
         if threshold is not None:
             raise FinetuneError("--threshold is for multi-label checkpoints (a cut per class); this checkpoint "
@@ -176,7 +176,7 @@ class SingleLabel(Task):
 
     def write_submission(self, plan, batches, classes, decision, files, options, log) -> int:
         """`Id,Category` with the argmax (or `reject_label` below `reject_below`), top-k and probability files."""
-        from finetune.submission import write_rows
+        from finetune.outputs.submission import write_rows
 
         reject_below, rejected = options.reject_below, [0]
 
@@ -194,8 +194,8 @@ class SingleLabel(Task):
 
     def score_csv(self, submission, truth, out_dir, id_column, label_column, sep):
         """Accuracy and the single-label bundle of a submission."""
-        from finetune.evaluation import format_report
-        from finetune.scoring import score_csv
+        from finetune.outputs.evaluation import format_report
+        from finetune.outputs.scoring import score_csv
 
         metrics = score_csv(submission, truth, out_dir=out_dir, id_column=id_column, label_column=label_column)
         return metrics, [format_report(metrics["report"], metrics["class_names"]),

@@ -1,0 +1,1 @@
+"""Inference: checkpoints back into models, batched and streamed prediction, TTA, Grad-CAM, export."""

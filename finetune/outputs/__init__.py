@@ -1,0 +1,1 @@
+"""Outputs: the run folder and its writes, evaluation bundles, submissions, scoring, figures, the report page."""

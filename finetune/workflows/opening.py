@@ -1,0 +1,66 @@
+"""The opening every training workflow shares: resolve the recipe and data → checks → seed → prepare → device.
+
+`train`, `train_kfold`, `train_semi`, `tune` and `lr_find` all start here, so a check added here (or
+the task chosen here) holds for every one of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+
+from finetune.data.prepare import Prepared, prepare
+from finetune.engine import distributed
+from finetune.engine.resume import seed_everything
+from finetune.inference.predict import resolve_device
+from finetune.outputs.loggers import check_loggers
+from finetune.models.backbones import check_backbone_name
+from finetune.config.recipe import Recipe, resolve_recipe
+from finetune.tasks import Task, task_of
+
+__all__ = ["Opening", "open_training", "prepare_data"]
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Opening:
+    """What a training workflow starts from: the recipe, its task, the prepared data and the device."""
+
+    recipe: Recipe
+    task: Task
+    dataset: Prepared
+    device: torch.device
+
+
+def prepare_data(recipe: Recipe, log: Log = print) -> Prepared:
+    """The recipe's data, read as its task reads it (discovered, header-checked, counted)."""
+    return prepare(recipe, task_of(recipe), log)
+
+
+def open_training(
+    recipe: Union[Recipe, str, Path, None],
+    data: Optional[Union[str, Path]] = None,
+    overrides: Optional[list[str]] = None,
+    log: Log = print,
+    prepared: Optional[Prepared] = None,
+    join_group: bool = True,
+) -> Opening:
+    """Resolve the recipe (with `data` and `overrides`), check what fails fast, seed, prepare the data, pick the device.
+
+    `prepared` skips discovery (k-fold folds and tuning trials reuse one scan). `join_group` joins the
+    torchrun process group (False for an opening that only reads, e.g. before folds run side by side).
+    """
+    recipe = resolve_recipe(recipe, overrides, data)  # a copy: the workflow may fill in values (image size)
+    task = task_of(recipe)
+    check_backbone_name(recipe.model.backbone)  # fail before scanning thousands of images
+    check_loggers(recipe.train.loggers)
+    seed_everything(recipe.train.seed)
+    device = resolve_device(recipe.train.device)
+    if join_group:
+        device = distributed.setup(device)  # under torchrun: join the group before naming folders
+    dataset = prepared or prepare(recipe, task, log)
+    return Opening(recipe, task, dataset, device)
