@@ -15,7 +15,7 @@ import importlib
 from typing import Any
 
 from finetune.errors import FinetuneError
-from finetune.config.options import InferenceOptions, SubmissionOptions
+from finetune.config.options import InferenceOptions, PseudoLabelOptions, SubmissionOptions
 from finetune.config.recipe import Recipe, load_recipe
 from finetune.version import __version__
 
@@ -24,6 +24,7 @@ __all__ = [
     "FinetuneError",
     "InferenceOptions",
     "LoadedModel",
+    "PseudoLabelOptions",
     "Recipe",
     "SubmissionOptions",
     "TrainResult",
