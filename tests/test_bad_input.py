@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -504,3 +505,29 @@ def test_one_unreadable_history_is_one_marked_row(capsys, tmp_path, spoil):
     rows = {line.split()[0]: line for line in out.splitlines()[1:] if line.strip()}
     assert set(rows) == {"good", "bad"}, out
     assert "0.7" in rows["good"] and "unreadable: " in rows["bad"], out
+
+
+# --- issue 27: an empty or foreign checkpoint file, and a class too small to split ---------------------------------
+
+
+@pytest.mark.parametrize("content", [b"", bytes(range(256)) * 40], ids=["empty", "random-bytes"])
+def test_an_empty_or_random_checkpoint_is_one_error_line_without_unsafe_advice(capsys, kit, tmp_path, content):
+    root, _, _ = kit
+    bad = tmp_path / "best.pt"
+    bad.write_bytes(content)
+    for argv in (["predict", str(bad), "--images", str(root / "test"), "--out", str(tmp_path / "s.csv")],
+                 ["evaluate", str(bad), "--data", str(root / "val")],
+                 ["export", str(bad)],
+                 ["pseudo-label", str(bad), "--images", str(root / "test"), "--out", str(tmp_path / "p")]):
+        line = refused(capsys, argv, str(bad), "best.pt or last.pt")
+        assert "weights_only" not in line and "False" not in line
+
+
+def test_a_class_with_a_single_image_is_named(capsys, tmp_path):
+    root = write_folder_dataset(tmp_path / "data", per_class=3, val_per_class=1, test=0)
+    shutil.rmtree(root / "val")  # no validation folder: a stratified split is held out
+    lonely = root / "train" / "lonely"
+    lonely.mkdir()
+    next((root / "train").glob("*/*.jpg")).rename(lonely / "only.jpg")
+    refused(capsys, ["lr-find", "quick_cpu", "--data", str(root), "--out", str(tmp_path / "lr.png")],
+            "lonely", "single image")

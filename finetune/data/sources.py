@@ -267,16 +267,18 @@ def _to_samples(labelled: LabelledSet, classes: list[str]) -> list[Sample]:
     return [Sample(path, index[name]) for path, name in labelled.items]
 
 
-def _stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+def _stratified_split(samples: list[Sample], fraction: float, seed: int,
+                      classes: Sequence[str]) -> tuple[list[Sample], list[Sample]]:
     from sklearn.model_selection import train_test_split
 
     labels = [s.target for s in samples]
     counts: dict[int, int] = {}
     for label in labels:
         counts[label] = counts.get(label, 0) + 1
-    if min(counts.values()) < 2:
+    single = [classes[label] for label, count in sorted(counts.items()) if count < 2]
+    if single:
         raise FinetuneError(
-            "a class has a single image, too few to hold one out for validation; "
+            f"class(es) {', '.join(single[:10])} have a single image, too few to hold one out for validation; "
             "add images, give a validation folder, or remove the class"
         )
     n_val = max(len(counts), round(len(samples) * fraction))
@@ -330,7 +332,7 @@ def discover(cfg: DataConfig, seed: int = 0, keep: Optional[Keep] = None) -> Dat
         _check_disjoint(train_set, val_set)
         val, dropped = keep(_to_samples(val_set, classes))
         return DatasetSplits(classes, train, val, "folder", test_dir, skipped + dropped, unlabeled_dir, notes)
-    train, val = _stratified_split(train, cfg.val_fraction, seed)
+    train, val = _stratified_split(train, cfg.val_fraction, seed, classes)
     return DatasetSplits(classes, train, val, "split", test_dir, skipped, unlabeled_dir, notes)
 
 

@@ -67,10 +67,16 @@ def read_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FinetuneError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise FinetuneError(f"{path} is empty (0 bytes), not a readable checkpoint; use a run's best.pt or last.pt")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt, truncated or foreign pickles raise many types
-        raise FinetuneError(f"{path} is not a readable checkpoint: {str(err).splitlines()[0]}") from None
+        text = str(err)
+        detail = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
+        if "weights_only" in text:  # torch's advice to load it unsafely must never reach a user
+            detail = "it holds something other than tensors and plain values, or is not a checkpoint at all"
+        raise FinetuneError(f"{path} is not a readable checkpoint: {detail}; use a run's best.pt or last.pt") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise FinetuneError(
             f"{path} is not a finetune checkpoint (use a best or last checkpoint from a run folder; "
