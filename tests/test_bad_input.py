@@ -519,7 +519,7 @@ def test_an_empty_or_random_checkpoint_is_one_error_line_without_unsafe_advice(c
                  ["evaluate", str(bad), "--data", str(root / "val")],
                  ["export", str(bad)],
                  ["pseudo-label", str(bad), "--images", str(root / "test"), "--out", str(tmp_path / "p")]):
-        line = refused(capsys, argv, str(bad), "best.pt or last.pt")
+        line = refused(capsys, argv, str(bad), "best or last checkpoint")
         assert "weights_only" not in line and "False" not in line
 
 

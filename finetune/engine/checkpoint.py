@@ -68,7 +68,8 @@ def read_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
     if not path.is_file():
         raise FinetuneError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
-        raise FinetuneError(f"{path} is empty (0 bytes), not a readable checkpoint; use a run's best.pt or last.pt")
+        raise FinetuneError(f"{path} is empty (0 bytes), not a readable checkpoint; use a run's best or last "
+                            "checkpoint")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt, truncated or foreign pickles raise many types
@@ -76,7 +77,7 @@ def read_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
         detail = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
         if "weights_only" in text:  # torch's advice to load it unsafely must never reach a user
             detail = "it holds something other than tensors and plain values, or is not a checkpoint at all"
-        raise FinetuneError(f"{path} is not a readable checkpoint: {detail}; use a run's best.pt or last.pt") from None
+        raise FinetuneError(f"{path} is not a readable checkpoint: {detail}; use a run's best or last checkpoint") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise FinetuneError(
             f"{path} is not a finetune checkpoint (use a best or last checkpoint from a run folder; "
