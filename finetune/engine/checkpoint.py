@@ -77,7 +77,8 @@ def read_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
         detail = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
         if "weights_only" in text:  # torch's advice to load it unsafely must never reach a user
             detail = "it holds something other than tensors and plain values, or is not a checkpoint at all"
-        raise FinetuneError(f"{path} is not a readable checkpoint: {detail}; use a run's best or last checkpoint") from None
+        raise FinetuneError(f"{path} is not a readable checkpoint: {detail}; use a run's best or last "
+                            "checkpoint") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise FinetuneError(
             f"{path} is not a finetune checkpoint (use a best or last checkpoint from a run folder; "
