@@ -531,3 +531,61 @@ def test_a_class_with_a_single_image_is_named(capsys, tmp_path):
     next((root / "train").glob("*/*.jpg")).rename(lonely / "only.jpg")
     refused(capsys, ["lr-find", "quick_cpu", "--data", str(root), "--out", str(tmp_path / "lr.png")],
             "lonely", "single image")
+
+
+# --- issue 27 item 1: only a file finetune wrote is replaced without --force ---------------------------------------
+
+
+@pytest.mark.parametrize("name", ["sample_submission.csv", "test_truth.csv"])
+def test_predict_never_silently_replaces_a_csv_it_did_not_write(capsys, kit, tmp_path, name):
+    """Same header and Ids as a prediction (a Kaggle sample submission, a copy of the truth): not ours."""
+    foreign = tmp_path / name
+    foreign.write_text("Id,Category\n" + "".join(f"{i:04d},red\n" for i in range(1, 5)))
+    before = foreign.read_text()
+    refused(capsys, predict_argv(kit, foreign), str(foreign), "--force")
+    assert foreign.read_text() == before
+    assert main(predict_argv(kit, foreign, "--force")) == 0  # asked for: replaced
+
+
+def test_an_earlier_prediction_edited_by_hand_is_not_replaced_silently(capsys, kit, tmp_path):
+    out = tmp_path / "submission.csv"
+    assert main(predict_argv(kit, out, "--probs")) == 0
+    assert main(predict_argv(kit, out, "--probs")) == 0  # untouched since: replaced, with a note
+    assert f"replaced the earlier {out}" in capsys.readouterr().out
+    out.write_text(out.read_text() + "# my notes\n")
+    refused(capsys, predict_argv(kit, out, "--probs"), str(out), "changed since")
+    assert out.read_text().endswith("# my notes\n")
+
+
+def test_pseudo_label_csv_replaces_only_its_own_list(capsys, kit, tmp_path):
+    root, checkpoint, _ = kit
+    out = tmp_path / "pseudo.csv"
+    argv = ["pseudo-label", str(checkpoint), "--images", str(root / "test"), "--out", str(out), "--format", "csv",
+            "--threshold", "0.01", "--workers", "0"]
+    out.write_text("path,label,probability\nmine.jpg,red,1.0\n")  # the header of a pseudo-label list, not ours
+    refused(capsys, argv, str(out), "--force")
+    assert "mine.jpg" in out.read_text()
+    out.unlink()
+    assert main(argv) == 0 and main(argv) == 0, capsys.readouterr().err
+
+
+# --- issue 27 item 12: a killed write leaves no temporary behind for long -------------------------------------------
+
+
+def test_a_temporary_stranded_by_kill_9_is_cleaned_by_the_next_run(kit, tmp_path):
+    """predict is killed (SIGKILL) just before it renames its CSV into place; the next predict removes the leftover."""
+    out = tmp_path / "submission.csv"
+    killed = ("import os, signal, sys\n"
+              "from finetune.outputs import submission\n"
+              "submission.AtomicCSV.commit = lambda self: os.kill(os.getpid(), signal.SIGKILL)\n"
+              "from finetune.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-c", killed, *predict_argv(kit, out)], capture_output=True, text=True)
+    assert result.returncode == -9, result.stderr
+    stranded = list(tmp_path.glob("*.tmp"))
+    assert stranded and not out.exists()
+    assert main(predict_argv(kit, out)) == 0
+    no_leftovers(tmp_path)
+    assert out.is_file()

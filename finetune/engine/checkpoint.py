@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Union
 
 import torch
 
+from finetune.engine.files import replace_atomically, temporary_beside
 from finetune.errors import FinetuneError
 from finetune.version import __version__
 
-__all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "read_checkpoint", "library_versions", "replace_atomically"]
+__all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "read_checkpoint", "library_versions"]
 
 CHECKPOINT_FORMAT = "finetune-checkpoint-v1"
 
@@ -27,32 +27,11 @@ def library_versions() -> dict[str, str]:
             "timm": str(timm.__version__)}
 
 
-def _umask() -> int:
-    mask = os.umask(0)  # reading the umask means setting it; put it straight back
-    os.umask(mask)
-    return mask
-
-
-def replace_atomically(tmp: Union[str, Path], path: Union[str, Path]) -> None:
-    """Rename a finished temporary file onto `path`, with the mode a plain write would give it.
-
-    mkstemp creates files 0600; without the chmod a checkpoint or submission would be unreadable to the
-    group and an overwritten 0644 file would turn 0600. On failure the temporary file is removed.
-    """
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_checkpoint(path: Union[str, Path], payload: dict[str, Any]) -> None:
     """Write `payload` to `path` atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
     payload = {"format": CHECKPOINT_FORMAT, "versions": library_versions(), **payload}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    fd, tmp = temporary_beside(path)
     os.close(fd)
     try:
         torch.save(payload, tmp)

@@ -59,8 +59,8 @@ def check_output(out: Path, inputs: Iterable[Path], kind: str, earlier: Callable
                                 "choose another --out")
     if force or earlier(out):
         return True
-    raise FinetuneError(f"{out} exists and is not an earlier {kind}; choose another --out, or add --force to "
-                        "replace it")
+    raise FinetuneError(f"{out} exists and is not an earlier {kind} of finetune's (or was changed since); choose "
+                        "another --out, or add --force to replace it")
 
 
 def write_skipped_list(path: Path, skipped: Sequence[SkippedImage], log: Log = print) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from finetune.engine.checkpoint import replace_atomically
+from finetune.engine.files import mark_written, replace_atomically, temporary_beside
 from finetune.errors import FinetuneError
 from finetune.config.options import ID_FORMATS, VALUE_KINDS, SubmissionOptions
 
@@ -151,18 +150,18 @@ def plan_submission(
 
 
 class AtomicCSV:
-    """A csv writer on a temporary file next to `path`, renamed into place by `commit`."""
+    """A csv writer on a temporary file next to `path`, renamed into place (and marked as ours) by `commit`."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        fd, self.tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        fd, self.tmp = temporary_beside(path)
         self.handle = os.fdopen(fd, "w", newline="")
         self.writer = csv.writer(self.handle)
 
     def commit(self) -> None:
         self.handle.close()
         replace_atomically(self.tmp, self.path)
+        mark_written(self.path)
 
     def discard(self) -> None:
         self.handle.close()

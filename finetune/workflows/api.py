@@ -5,7 +5,6 @@ Each function reads top to bottom: recipe → prepare data → build model → R
 
 from __future__ import annotations
 
-import csv
 from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,6 +20,7 @@ from finetune.data.prepare import Prepared
 from finetune.data.sources import Sample, single_image_subfolder
 from finetune.engine import distributed
 from finetune.engine.features import FeatureCache
+from finetune.engine.files import mark_written, was_written_here
 from finetune.engine.fit import EpochHook, FitState, TrainingParts, fit
 from finetune.engine.resume import read_resume, seed_everything
 from finetune.engine.step import check_precision, compile_model, train_precision
@@ -301,8 +301,7 @@ def predict(
     plan = plan_submission(paths, classes, options.id_format, options.id_width, options.index_start,
                            options.id_column, options.label_column or task.label_column, sample)
     files = SubmissionFiles.beside(Path(out).expanduser(), options.probs, options.topk)
-    replaced = _check_outputs(files, plan.id_column, [*map(Path, checkpoints), *paths, *([sample] if sample else [])],
-                              options.force)
+    replaced = _check_outputs(files, [*map(Path, checkpoints), *paths, *([sample] if sample else [])], options.force)
     skipped = check_headers(paths)  # the pixels are decoded once, while predicting
     if len(models) > 1 or views:
         log(f"averaging {len(models)} model(s) x {view_count(views)} view(s) per image")
@@ -318,6 +317,7 @@ def predict(
     if skipped:
         # Still one row per image: an unreadable image is scored as a blank (mean-colour) input.
         write_skipped_list(files.unreadable, skipped, log)
+        mark_written(files.unreadable)
         log(f"warning: {len(skipped)} unreadable image(s) got a blank-image prediction; listed in {files.unreadable}")
     log(f"wrote {rows_written} predictions for {len(paths)} images to {files.out}")
     written = {files.out, files.probs, files.topk, files.unreadable if skipped else None}
@@ -340,12 +340,10 @@ def _test_images(folder: Path, log: Log) -> list[Path]:
     return paths
 
 
-def _check_outputs(files: SubmissionFiles, id_column: str, inputs: Sequence[Path], force: bool) -> list[Path]:
-    """Refuse outputs that would replace an input or a file not written by predict; the ones that will be replaced."""
-    outputs = {files.out: id_column, files.unreadable: "path",
-               **{path: id_column for path in (files.probs, files.topk) if path is not None}}
-    return [path for path, first in outputs.items()
-            if check_output(path, inputs, "prediction CSV", _csv_starting_with(first), force)]
+def _check_outputs(files: SubmissionFiles, inputs: Sequence[Path], force: bool) -> list[Path]:
+    """Refuse outputs that would replace an input or a file predict did not write; the ones that will be replaced."""
+    outputs = [files.out, files.unreadable, *(path for path in (files.probs, files.topk) if path is not None)]
+    return [path for path in outputs if check_output(path, inputs, "prediction CSV", was_written_here, force)]
 
 
 def _refuse_nested_images(folder: Path, top_level: Sequence[Path]) -> None:
@@ -357,20 +355,6 @@ def _refuse_nested_images(folder: Path, top_level: Sequence[Path]) -> None:
             f"would get no prediction; only images directly in --images are read. Move them into {folder} itself "
             "(Ids are file names, so they must be unique), or run predict on each sub-folder"
         )
-
-
-def _csv_starting_with(first_column: str) -> Callable[[Path], bool]:
-    """Whether a file is a CSV whose header starts with `first_column`: an earlier output of predict."""
-    def earlier(path: Path) -> bool:
-        if path.suffix.lower() != ".csv":
-            return False
-        try:
-            with path.open(newline="", encoding="utf-8-sig") as handle:
-                header = next(csv.reader(handle), [])
-        except (OSError, UnicodeDecodeError, csv.Error):
-            return False
-        return bool(header) and header[0].strip() == first_column
-    return earlier
 
 
 def report(run_dir: Union[str, Path], eval_dir: Optional[Union[str, Path]] = None) -> Path:

@@ -25,6 +25,7 @@ from finetune.data.prepare import Prepared
 from finetune.data.sources import Sample
 from finetune.errors import FinetuneError
 from finetune.engine import distributed
+from finetune.engine.files import mark_written, replace_atomically, temporary_beside, was_written_here
 from finetune.inference.predict import LoadedModel, ProbsSettings, load_model, resolve_device, sharded_probs
 from finetune.workflows.opening import open_training
 from finetune.config.options import PSEUDO_FORMATS, InferenceOptions, PseudoLabelOptions
@@ -157,17 +158,13 @@ def _write_folder(labels: PseudoLabels, images: Path, out: Path, link: bool) -> 
 
 
 def _write_csv(labels: PseudoLabels, out: Path, force: bool) -> None:
-    def earlier(path: Path) -> bool:
-        try:
-            with path.open(newline="", encoding="utf-8-sig") as handle:
-                return next(csv.reader(handle), [])[:3] == ["path", "label", "probability"]
-        except (OSError, UnicodeDecodeError, csv.Error):
-            return False
-
-    check_output(out, labels.pool, "pseudo-label CSV", earlier, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as handle:
+    """The pseudo-label list, written atomically; only a list written here earlier is replaced without --force."""
+    check_output(out, labels.pool, "pseudo-label CSV", was_written_here, force)
+    fd, tmp = temporary_beside(out)
+    with os.fdopen(fd, "w", newline="") as handle:
         csv.writer(handle).writerows(labels.rows())
+    replace_atomically(tmp, out)
+    mark_written(out)
 
 
 def pseudo_label(
