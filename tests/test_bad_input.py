@@ -589,3 +589,69 @@ def test_a_temporary_stranded_by_kill_9_is_cleaned_by_the_next_run(kit, tmp_path
     assert main(predict_argv(kit, out)) == 0
     no_leftovers(tmp_path)
     assert out.is_file()
+
+
+# --- issue 27 item 2: a hard link is the same file -------------------------------------------------------------
+
+
+def test_a_file_hard_linked_under_two_labels_is_refused(capsys, tmp_path):
+    root = write_folder_dataset(tmp_path / "data", per_class=3, val_per_class=1, test=0)
+    first = next((root / "train" / CLASSES[0]).glob("*.jpg"))
+    os.link(first, root / "train" / CLASSES[1] / "copy.jpg")
+    refused(capsys, ["train", QUICK_CPU, "--data", str(root), *settings(f"output={tmp_path / 'runs'}")],
+            "two or more labels", first.name)
+
+
+def test_a_file_hard_linked_twice_in_one_class_is_one_sample(tmp_path):
+    root = write_folder_dataset(tmp_path / "data", per_class=3, val_per_class=1, test=0)
+    first = next((root / "train" / CLASSES[0]).glob("*.jpg"))
+    os.link(first, root / "train" / CLASSES[0] / "again.jpg")
+    splits = discover(DataConfig(root=str(root)))
+    assert len(splits.train) == 3 * len(CLASSES)
+    assert [s.path.name for s in splits.skipped if "used once" in s.reason] in (["again.jpg"], [first.name])
+
+
+def test_a_file_hard_linked_into_training_and_validation_is_refused(capsys, tmp_path):
+    root = write_folder_dataset(tmp_path / "data", per_class=3, val_per_class=1, test=0)
+    first = next((root / "train" / CLASSES[0]).glob("*.jpg"))
+    os.link(first, root / "val" / CLASSES[0] / "leak.jpg")
+    refused(capsys, ["train", QUICK_CPU, "--data", str(root), *settings(f"output={tmp_path / 'runs'}")],
+            "both the training and the validation data")
+
+
+# --- issue 27 item 3: entries that only look like images get a row or a line, never silence -----------------------
+
+
+def _odd_entries(folder: Path) -> list[str]:
+    """A FIFO, a symlink to /dev/zero and a dangling symlink, each named like an image."""
+    os.mkfifo(folder / "pipe.jpg")
+    (folder / "zero.png").symlink_to("/dev/zero")
+    (folder / "gone.jpg").symlink_to(folder / "no-such-file.jpg")
+    return ["pipe.jpg", "zero.png", "gone.jpg"]
+
+
+def test_test_folder_entries_that_are_not_files_get_rows_and_are_listed(capsys, kit, tmp_path):
+    root, checkpoint, _ = kit
+    images = tmp_path / "test"
+    shutil.copytree(root / "test", images)
+    odd = _odd_entries(images)
+    out = tmp_path / "submission.csv"
+    assert main(["predict", str(checkpoint), "--images", str(images), "--out", str(out), "--workers", "0"]) == 0
+    stdout = capsys.readouterr().out
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 4 + len(odd) and f"for {4 + len(odd)} images" in stdout
+    listed = {Path(r["path"]).name: r["reason"] for r in csv.DictReader(
+        (tmp_path / "submission_unreadable.csv").open())}
+    assert set(listed) == set(odd)
+    assert "FIFO" in listed["pipe.jpg"] and "character device" in listed["zero.png"]
+    assert "broken symlink" in listed["gone.jpg"]
+
+
+def test_training_folder_entries_that_are_not_files_are_listed(capsys, tmp_path):
+    root = write_folder_dataset(tmp_path / "data", per_class=3, val_per_class=1, test=0)
+    odd = _odd_entries(root / "train" / CLASSES[0])
+    out = tmp_path / "runs"
+    assert main(["train", QUICK_CPU, "--data", str(root), *settings(f"output={out}", "train.epochs=1")]) == 0
+    (run,) = [p for p in out.iterdir() if p.is_dir()]
+    listed = {Path(r["path"]).name for r in csv.DictReader((run / "skipped_images.csv").open())}
+    assert set(odd) <= listed

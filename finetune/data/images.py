@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,8 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "SkippedImage",
     "is_image_file",
+    "file_identity",
+    "not_a_file",
     "list_images",
     "load_rgb",
     "check_images",
@@ -35,8 +39,42 @@ class SkippedImage:
 
 
 def is_image_file(path: Path) -> bool:
-    """True for a visible file with an image extension (case-insensitive)."""
-    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+    """True for a visible entry with an image extension (case-insensitive) that is not a folder.
+
+    Entries that only look like images — a FIFO, a device, a dangling symlink — count too, so that
+    they are listed with their reason (`not_a_file`) instead of vanishing from a count.
+    """
+    return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS and not path.is_dir()
+
+
+def not_a_file(path: Path) -> Optional[str]:
+    """Why `path` is not a regular file that can be read as an image (None when it is one).
+
+    Checked before opening: reading a FIFO would block forever and a link to /dev/zero never ends.
+    """
+    try:
+        mode = os.stat(path).st_mode  # follows symlinks
+    except FileNotFoundError:
+        if path.is_symlink():
+            return f"broken symlink to {os.readlink(path)}"
+        return "no such file"
+    except OSError as err:
+        return err.strerror or type(err).__name__
+    if stat.S_ISREG(mode):
+        return None
+    kinds = {stat.S_ISFIFO: "a named pipe (FIFO)", stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device",
+             stat.S_ISSOCK: "a socket"}
+    kind = next((name for test, name in kinds.items() if test(mode)), "not a regular file")
+    return f"{kind}, not an image file"
+
+
+def file_identity(path: Path) -> tuple:
+    """What makes two paths one file: device and inode (symlinks and hard links alike), else the resolved path."""
+    try:
+        info = os.stat(path)
+        return ("inode", info.st_dev, info.st_ino)
+    except OSError:
+        return ("path", str(path.resolve()))
 
 
 def list_images(folder: Path, recursive: bool = False) -> list[Path]:
@@ -84,6 +122,9 @@ def load_rgb(path: Path, min_side: Optional[int] = None) -> np.ndarray:
     With `min_side`, a JPEG may be decoded at reduced scale, its shorter side still >= `min_side`.
     Raises FinetuneError when the file is empty, truncated or not an image.
     """
+    problem = not_a_file(path)
+    if problem:
+        raise FinetuneError(f"cannot read image {path}: {problem}")
     try:
         with Image.open(path) as image:
             if min_side:
@@ -121,6 +162,9 @@ def check_images(paths: list[Path], workers: int = 4) -> list[SkippedImage]:
 
 
 def _header_problem(path: Path) -> Optional[SkippedImage]:
+    problem = not_a_file(path)
+    if problem:
+        return SkippedImage(path, problem)
     try:
         with Image.open(path) as image:
             image.size  # the header is parsed; the pixels are not decoded

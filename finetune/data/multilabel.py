@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from finetune.data.images import SkippedImage, list_images
+from finetune.data.images import SkippedImage, file_identity, list_images
 from finetune.data.sources import (DatasetSplits, Keep, Sample, find_child, resolve_manifest_path,
                                    manifest_paths, sort_class_names, TEST_NAMES)
 from finetune.errors import FinetuneError
@@ -68,7 +68,7 @@ def read_multilabel_manifest(cfg: DataConfig, root: Path,
     by_stem = {p.stem: p for p in list_images(image_dir, recursive=True)} if image_dir.is_dir() else {}
     found: list[tuple[Path, tuple[str, ...]]] = []
     skipped: list[SkippedImage] = []
-    seen: dict[Path, tuple[Path, tuple[str, ...]]] = {}
+    seen: dict[tuple, tuple[Path, tuple[str, ...]]] = {}
     for row in rows:
         value = (row[id_col] or "").strip()
         if per_class:
@@ -79,8 +79,8 @@ def read_multilabel_manifest(cfg: DataConfig, root: Path,
         if path is None:
             skipped.append(SkippedImage(image_dir / value, "listed in the manifest but no such image file"))
             continue
-        key = path.resolve()
-        if key in seen:  # one file is one sample, as in every layout
+        key = file_identity(path)
+        if key in seen:  # one file (symlinks and hard links alike) is one sample, as in every layout
             if set(seen[key][1]) != set(names):
                 raise FinetuneError(f"{path} is listed twice in {manifest} with different labels "
                                     f"({' '.join(seen[key][1])} / {' '.join(names)}); keep one row per image")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
-from finetune.data.images import SkippedImage, list_images
+from finetune.data.images import SkippedImage, file_identity, list_images
 from finetune.errors import FinetuneError
 from finetune.config.recipe import DataConfig
 
@@ -118,19 +118,19 @@ def _real_class_dirs(folder: Path) -> tuple[list[Path], list[SkippedImage]]:
 
 
 def one_sample_per_file(found: LabelledSet, where: Path) -> LabelledSet:
-    """One file (after resolving symlinks) is one sample: repeats are dropped and listed, two labels are an error."""
-    first: dict[Path, tuple[Path, str]] = {}
+    """One file (symlinks and hard links alike) is one sample: repeats are dropped and listed, two labels are an error."""
+    first: dict[tuple, tuple[Path, str]] = {}
     items, skipped = [], list(found.skipped)
     conflicts: dict[Path, set[str]] = {}
     for path, name in found.items:
-        key = path.resolve()
+        key = file_identity(path)
         if key not in first:
             first[key] = (path, name)
             items.append((path, name))
         elif first[key][1] == name:
             skipped.append(SkippedImage(path, f"same image as {first[key][0]} with the same label: used once"))
         else:
-            conflicts.setdefault(key, {first[key][1]}).add(name)
+            conflicts.setdefault(first[key][0], {first[key][1]}).add(name)
     if conflicts:
         examples = "; ".join(f"{p} ({', '.join(sorted(labels))})" for p, labels in list(conflicts.items())[:5])
         raise FinetuneError(
@@ -209,8 +209,8 @@ def read_labelled_folder(folder: Path, layout: str, label_regex: str) -> Labelle
 def resolve_manifest_path(value: str, image_dir: Path, by_stem: dict[str, Path]) -> Optional[Path]:
     """The image a manifest cell names: a path under `image_dir`, else a file stem (id); None when neither."""
     candidate = image_dir / value
-    if candidate.is_file():
-        return candidate
+    if value and not candidate.is_dir() and (candidate.exists() or candidate.is_symlink()):
+        return candidate  # a FIFO or a dangling link too: it is then listed with its reason, not as missing
     return by_stem.get(value)
 
 
@@ -289,7 +289,8 @@ def _stratified_split(samples: list[Sample], fraction: float, seed: int,
 
 
 def _check_disjoint(train_set: LabelledSet, val_set: LabelledSet) -> None:
-    both = {p.resolve() for p, _ in train_set.items} & {p.resolve() for p, _ in val_set.items}
+    val_files = {file_identity(p) for p, _ in val_set.items}
+    both = {p for p, _ in train_set.items if file_identity(p) in val_files}
     if both:
         raise FinetuneError(
             f"{len(both)} image(s) are in both the training and the validation data (e.g. {sorted(both)[0]}); "
