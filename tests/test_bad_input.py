@@ -655,3 +655,38 @@ def test_training_folder_entries_that_are_not_files_are_listed(capsys, tmp_path)
     (run,) = [p for p in out.iterdir() if p.is_dir()]
     listed = {Path(r["path"]).name for r in csv.DictReader((run / "skipped_images.csv").open())}
     assert set(odd) <= listed
+
+
+# --- issue 27 item 5: no command writes figures where they would be read as images ------------------------------
+
+
+@pytest.mark.parametrize("where", ["test", "train", "train/red/scores"])
+def test_score_never_writes_its_figures_among_images(capsys, kit, tmp_path, where):
+    root, checkpoint, _ = kit
+    data = tmp_path / "data"
+    shutil.copytree(root, data)
+    submission, truth = tmp_path / "submission.csv", tmp_path / "truth.csv"
+    truth.write_text("Id,Category\n" + "".join(f"{i:04d},red\n" for i in range(1, 5)))
+    assert main(predict_argv((data, checkpoint, None), submission)) == 0
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    out = data / where if where != "train" else data / "train" / "scores"  # a new folder beside class folders
+    refused(capsys, ["score", str(submission), "--truth", str(truth), "--out", str(out)], "folder of images", "--out")
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+    assert main(["score", str(submission), "--truth", str(truth)]) == 0  # beside the submission: fine
+    assert (tmp_path / "submission_score" / "confusion_matrix.png").is_file()
+    assert main(predict_argv((data, checkpoint, None), submission)) == 0  # and the test folder is as it was
+    assert len(list(csv.reader(submission.open()))) == 5
+
+
+def test_report_never_writes_among_images(capsys, kit, tmp_path):
+    root, checkpoint, _ = kit
+    data = tmp_path / "data"
+    shutil.copytree(root, data)
+    outside = tmp_path / "eval"
+    assert main(["evaluate", str(checkpoint), "--data", str(data / "val"), "--out", str(outside),
+                 "--workers", "0"]) == 0
+    inside = data / "test" / "eval"
+    shutil.copytree(outside, inside)  # a bundle moved in by hand
+    (inside / "report.html").unlink()
+    refused(capsys, ["report", str(checkpoint.parent), "--eval-dir", str(inside)], "folder of images")
+    assert not (inside / "report.html").exists()

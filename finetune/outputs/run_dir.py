@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
-from finetune.data.images import SkippedImage
+from finetune.data.images import SkippedImage, is_image_file
 from finetune.engine import distributed
 from finetune.engine.checkpoint import read_checkpoint, save_checkpoint
 from finetune.errors import FinetuneError
@@ -24,7 +24,7 @@ from finetune.outputs.loggers import Logger, create_loggers
 from finetune.config.recipe import Recipe
 from finetune.outputs.figures.plots import plot_curves
 
-__all__ = ["EvalFiles", "RunDir", "StudyDir", "check_output", "write_skipped_list"]
+__all__ = ["EvalFiles", "RunDir", "StudyDir", "check_output", "refuse_image_folder", "write_skipped_list"]
 
 Log = Callable[[str], None]
 
@@ -76,6 +76,40 @@ def write_skipped_list(path: Path, skipped: Sequence[SkippedImage], log: Log = p
             log(f"  ... and {len(skipped) - 5} more")
 
 
+# The figures this toolkit writes: an image by any other name is somebody's data.
+_OWN_FIGURES = frozenset({
+    "confusion_matrix.png", "most_confused.png", "class_recall.png", "reliability.png", "accuracy_coverage.png",
+    "misclassified.png", "gradcam.png", "multilabel_confusion.png", "pr_curves.png", "curves.png", "importance.png",
+    "optimization_history.png",
+})
+
+
+def _data_image_in(folder: Path) -> Optional[Path]:
+    """An image directly in `folder` that this toolkit did not draw, or None."""
+    try:
+        return next((p for p in folder.iterdir() if p.name not in _OWN_FIGURES and is_image_file(p)), None)
+    except OSError:  # missing or unreadable: nothing there to protect
+        return None
+
+
+def refuse_image_folder(folder: Path, kind: str) -> None:
+    """Refuse to write figures where a data reader would take them for images, even when no data folder is named.
+
+    That is a folder holding images (its PNGs would join them: `score --out` into a test folder gave the next
+    `predict` rows named confusion_matrix), a folder one or two levels under one (read recursively, e.g.
+    inside a class folder), or a new folder beside two or more folders of images (it would become a class).
+    """
+    folder = folder.expanduser().absolute()
+    near = _data_image_in(folder) or next(filter(None, map(_data_image_in, folder.parents[:2])), None)
+    if near is None and folder.parent.is_dir():  # two or more folders of images beside it: class folders
+        siblings = (p for p in folder.parent.iterdir() if p.is_dir() and p.name != folder.name)
+        classes = [image for image in map(_data_image_in, siblings) if image is not None][:2]
+        near = classes[0] if len(classes) == 2 else None
+    if near is not None:
+        raise FinetuneError(f"{folder} is in or beside a folder of images ({near}); the {kind} figures would be "
+                            "read as images the next time that data is used: give --out a folder outside the data")
+
+
 class EvalFiles:
     """The evaluation bundle in one folder: the run's eval/, or any --out / score folder."""
 
@@ -117,6 +151,7 @@ class EvalFiles:
         if self.folder.exists() and not self.folder.is_dir():
             raise FinetuneError(f"{self.folder} is a file, not a folder: give --out a new or existing folder for the "
                                 "evaluation files")
+        refuse_image_folder(self.folder, "evaluation")
         if self.writes:
             self.folder.mkdir(parents=True, exist_ok=True)
 
@@ -365,6 +400,8 @@ class RunDir:
         """
         evaluation = evaluation or self.eval
         own = evaluation.folder.resolve() == self.eval.folder.resolve()
+        if not own:
+            refuse_image_folder(evaluation.folder, "report")
         out = self.report if own else evaluation.report
         if self.is_main:
             out.write_text(page, encoding="utf-8")
