@@ -8,6 +8,7 @@ the functions and options objects themselves (finetune/signature_cli.py).
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from typing import Optional
@@ -102,6 +103,9 @@ def _chosen(argv: list[str]) -> Optional[str]:
     return None if {"-h", "--help"} & set(argv) else ""
 
 
+_STORAGE_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Run the CLI; user mistakes print one `error:` line and exit with status 2.
 
@@ -128,6 +132,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        if err.errno not in _STORAGE_ERRORS:
+            raise
+        # The checks before each command's work catch an unwritable output; this catches what they cannot
+        # foresee (a disk that fills up, a file made read-only mid-run) with the same one line.
+        print(f"error: {err.strerror}: {err.filename or 'a file being written'}; free space or fix the permissions "
+              "there, or choose another --out / output", file=sys.stderr)
+        return 2
     finally:
         if torchrun:
             distributed.cleanup()

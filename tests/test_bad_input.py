@@ -690,3 +690,64 @@ def test_report_never_writes_among_images(capsys, kit, tmp_path):
     (inside / "report.html").unlink()
     refused(capsys, ["report", str(checkpoint.parent), "--eval-dir", str(inside)], "folder of images")
     assert not (inside / "report.html").exists()
+
+
+# --- issue 27 item 10: a location the user cannot write to is one line, before the work ----------------------------
+
+
+@pytest.fixture(scope="module")
+def locked(tmp_path_factory):
+    """A trained run, data and a read-only folder, in a tree that every user may read; yields (root, run, ro, as_user).
+
+    `as_user()` runs a block as a user for whom the read-only folders are read-only: root ignores file modes,
+    so as root the block runs with the effective uid of `nobody`.
+    """
+    import contextlib
+    import tempfile
+    base = Path(tempfile.mkdtemp(prefix="finetune-ro-"))
+    root = write_folder_dataset(base / "data", per_class=3, val_per_class=1, test=3)
+    assert main(["train", QUICK_CPU, "--data", str(root), *settings(f"output={base / 'runs'}", "train.epochs=1")]) == 0
+    (run,) = (base / "runs").iterdir()
+    ro = base / "ro"
+    ro.mkdir()
+    for path in [base, *base.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    for path in [ro, run, run / "eval"]:
+        path.chmod(0o555)
+
+    @contextlib.contextmanager
+    def as_user():
+        if os.geteuid() != 0:
+            yield
+            return
+        os.seteuid(65534)
+        try:
+            yield
+        finally:
+            os.seteuid(0)
+
+    yield root, run, ro, as_user
+    for path in [ro, run, run / "eval"]:
+        path.chmod(0o755)
+    shutil.rmtree(base)
+
+
+@pytest.mark.parametrize("command", ["train", "resume", "predict", "evaluate", "evaluate-default", "export",
+                                     "pseudo-label", "report"])
+def test_a_read_only_output_is_one_error_line(capsys, locked, command):
+    root, run, ro, as_user = locked
+    best = str(run / "best.pt")
+    argv = {
+        "train": ["train", QUICK_CPU, "--data", str(root), *settings(f"output={ro}", "train.epochs=1")],
+        "resume": ["train", "--resume", str(run), "--set", "train.epochs=2"],
+        "predict": ["predict", best, "--images", str(root / "test"), "--out", str(ro / "s.csv")],
+        "evaluate": ["evaluate", best, "--data", str(root / "val"), "--out", str(ro / "eval")],
+        "evaluate-default": ["evaluate", best, "--data", str(root / "val")],
+        "export": ["export", best, "--format", "torchscript", "--out", str(ro / "model.ts")],
+        "pseudo-label": ["pseudo-label", best, "--images", str(root / "test"), "--out", str(ro / "pseudo")],
+        "report": ["report", str(run)],
+    }[command]
+    with as_user():
+        line = refused(capsys, argv, "cannot write in", "Permission denied")
+    assert str(ro) in line or str(run) in line
+    assert not any(ro.iterdir())

@@ -21,7 +21,9 @@ import tempfile
 from pathlib import Path
 from typing import Union
 
-__all__ = ["replace_atomically", "temporary_beside", "mark_written", "was_written_here"]
+from finetune.errors import FinetuneError
+
+__all__ = ["check_writable", "replace_atomically", "temporary_beside", "mark_written", "was_written_here"]
 
 MARKS = ".finetune-written.json"
 
@@ -47,6 +49,21 @@ def replace_atomically(tmp: PathLike, path: PathLike) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def check_writable(folder: Path, fix: str) -> None:
+    """Fail now, in one line naming `folder` and `fix`, when no file can be created in it (created if missing).
+
+    Checked before the work, not when the first file is written: a read-only run folder would otherwise
+    fail a resumed run after its first epoch, and a read-only --out after the whole prediction.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise FinetuneError(f"cannot write in {folder}: {err.strerror or type(err).__name__}; {fix}") from None
 
 
 def _writer_gone(pid: int) -> bool:

@@ -18,6 +18,7 @@ from typing import Callable, Optional, Union
 import numpy as np
 import torch
 
+from finetune.engine.files import check_writable
 from finetune.errors import FinetuneError
 from finetune.inference.predict import LoadedModel, load_model
 from finetune.outputs.run_dir import check_output
@@ -142,9 +143,9 @@ def export_model(
     metadata = out.with_name(out.name + ".json")
     replaced = [path for path, earlier in ((out, _EARLIER[fmt]), (metadata, _is_export_metadata))
                 if check_output(path, [checkpoint], f"{fmt} export", earlier, force)]
+    check_writable(out.parent, "choose an --out in a folder you can write to")
     loaded = load_model(checkpoint, "cpu")
     loaded.model.float().eval()
-    out.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         run = _export_torchscript(loaded, out) if fmt == "torchscript" else _export_onnx(loaded, out)
         # A batch size and values the export never saw: catches a batch size baked into the graph.

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 from finetune.data.images import SkippedImage, is_image_file
 from finetune.engine import distributed
 from finetune.engine.checkpoint import read_checkpoint, save_checkpoint
+from finetune.engine.files import check_writable
 from finetune.errors import FinetuneError
 from finetune.outputs.loggers import Logger, create_loggers
 from finetune.config.recipe import Recipe
@@ -153,7 +154,7 @@ class EvalFiles:
                                 "evaluation files")
         refuse_image_folder(self.folder, "evaluation")
         if self.writes:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            check_writable(self.folder, "give --out a folder you can write to")
 
     def write_csv(self, path: Path, rows: Iterable[Sequence[Any]]) -> None:
         """Write one of the bundle's CSV files."""
@@ -223,7 +224,7 @@ class RunDir:
     def _claim(output: Union[str, Path], name: str) -> Path:
         """Create and return the first free folder of `name`, `name-2`, ... in `output`."""
         base = Path(output).expanduser()
-        base.mkdir(parents=True, exist_ok=True)
+        check_writable(base, "set `output` (--set output=DIR) to a folder you can write to")
         candidate, n = base / name, 1
         while True:
             try:
@@ -242,6 +243,10 @@ class RunDir:
         if not path.is_dir():
             raise FinetuneError(f"run folder not found: {path}")
         return cls(path)
+
+    def check_writable(self) -> None:
+        """Fail at once when this existing folder cannot take new files (a read-only run being resumed)."""
+        check_writable(self.path, "make the run folder writable, or copy it somewhere you can write and resume that")
 
     @classmethod
     def resume_checkpoint(cls, path: Union[str, Path]) -> Path:
@@ -404,6 +409,7 @@ class RunDir:
             refuse_image_folder(evaluation.folder, "report")
         out = self.report if own else evaluation.report
         if self.is_main:
+            check_writable(out.parent, "make that folder writable, or copy the run somewhere you can write")
             out.write_text(page, encoding="utf-8")
         return out
 

@@ -20,7 +20,7 @@ from finetune.data.prepare import Prepared
 from finetune.data.sources import Sample, single_image_subfolder
 from finetune.engine import distributed
 from finetune.engine.features import FeatureCache
-from finetune.engine.files import mark_written, was_written_here
+from finetune.engine.files import check_writable, mark_written, was_written_here
 from finetune.engine.fit import EpochHook, FitState, TrainingParts, fit
 from finetune.engine.resume import read_resume, seed_everything
 from finetune.engine.step import check_precision, compile_model, train_precision
@@ -76,6 +76,7 @@ def train(
     payload = checkpoint = None
     if resume is not None:
         checkpoint = RunDir.resume_checkpoint(resume)
+        RunDir.open(checkpoint).check_writable()
         payload, recipe, overrides = *_resumed(checkpoint, recipe, overrides, log), None
     opening = open_training(recipe, data, overrides, log, prepared)
     recipe, task, dataset, device = opening.recipe, opening.task, opening.dataset, opening.device
@@ -302,6 +303,7 @@ def predict(
                            options.id_column, options.label_column or task.label_column, sample)
     files = SubmissionFiles.beside(Path(out).expanduser(), options.probs, options.topk)
     replaced = _check_outputs(files, [*map(Path, checkpoints), *paths, *([sample] if sample else [])], options.force)
+    check_writable(files.out.parent, "choose an --out in a folder you can write to")
     skipped = check_headers(paths)  # the pixels are decoded once, while predicting
     if len(models) > 1 or views:
         log(f"averaging {len(models)} model(s) x {view_count(views)} view(s) per image")

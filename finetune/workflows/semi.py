@@ -25,7 +25,7 @@ from finetune.data.prepare import Prepared
 from finetune.data.sources import Sample
 from finetune.errors import FinetuneError
 from finetune.engine import distributed
-from finetune.engine.files import mark_written, replace_atomically, temporary_beside, was_written_here
+from finetune.engine.files import check_writable, mark_written, replace_atomically, temporary_beside, was_written_here
 from finetune.inference.predict import LoadedModel, ProbsSettings, load_model, resolve_device, sharded_probs
 from finetune.workflows.opening import open_training
 from finetune.config.options import PSEUDO_FORMATS, InferenceOptions, PseudoLabelOptions
@@ -196,6 +196,8 @@ def pseudo_label(
     if options.format == "folder" and not task_of_model(loaded).fits_class_folders:
         raise FinetuneError("a class folder holds one label per image and this checkpoint gives several; write its "
                             "pseudo-labels as a manifest with --format csv (data.layout: csv reads it)")
+    if distributed.is_main():
+        check_writable(out.parent, "choose an --out you can write to")
     pool, skipped = _pool(folder, log)
     labels = _label_pool(loaded, pool, skipped, options.threshold, options.max_per_class, options.truth,
                          inference.batch_size, inference.num_workers)
