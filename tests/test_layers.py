@@ -41,7 +41,7 @@ RUN_FOLDER_FILES = [
     "confusion_matrix.csv", "most_confused.csv", "most_confused.png", "class_recall.png", "classification_report.json",
     "predictions.csv", "metrics.json", "reliability.png", "misclassified.png", "gradcam.png", "score.json", "test_eval",
     "tensorboard_events", "multilabel_confusion.png", "pr_curves.png", "label_errors.csv", "thresholds.csv",
-    "accuracy_coverage.png", "pseudo_labels.csv", "semi_summary.json",
+    "accuracy_coverage.png", "pseudo_labels.csv", "semi_summary.json", "abandoned.txt",
     # a tuning study folder (StudyDir)
     "study.db", "study_recipe.yaml", "space.yaml", "trials.csv", "best_recipe.yaml", "importance.png",
     "optimization_history.png",

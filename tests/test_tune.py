@@ -43,7 +43,8 @@ def test_the_space_is_checked_against_the_recipe() -> None:
 
 
 def test_a_study_prunes_resumes_without_repeating_trials_and_its_best_recipe_trains(
-        folder_dataset: Path, tiny_overrides: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        folder_dataset: Path, tiny_overrides: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        capsys: pytest.CaptureFixture) -> None:
     import optuna
     from optuna.trial import TrialState
 
@@ -84,6 +85,10 @@ def test_a_study_prunes_resumes_without_repeating_trials_and_its_best_recipe_tra
     result = tune(resume=study_dir.path, budget=TrialBudget(6), log=lines.append)
     assert calls == ["trial004", "trial005", "trial006"]
     assert any("trial 4 was interrupted" in line for line in lines)
+    # `finetune runs` no longer offers the interrupted trial as resumable: the study re-ran it as trial 5.
+    assert main(["runs", str(study_dir.path)]) == 0
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("trial004")]
+    assert "abandoned: interrupted, its parameters re-run as trial 5" in row and "resumable" not in row
     assert {p.name: p.joinpath("history.csv").stat().st_mtime_ns for p in study_dir.path.glob("trial[0-9]*")
             if p.name in finished_runs} == finished_runs
 

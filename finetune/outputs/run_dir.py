@@ -198,6 +198,7 @@ class RunDir:
         self.tensorboard = self.path / "tensorboard_events"  # train.loggers: [tensorboard]
         self.pseudo_labels = self.path / "pseudo_labels.csv"  # semi: the pseudo-labels this run's model made
         self.semi_summary = self.path / "semi_summary.json"  # semi: parent folder of the rounds
+        self.abandoned = self.path / "abandoned.txt"  # tune: why the study gave this interrupted trial up
         self._loggers: list[Logger] = []
 
     def __repr__(self) -> str:
@@ -342,6 +343,18 @@ class RunDir:
         for logger in self._loggers:
             logger.log_step(values)
 
+    def mark_abandoned(self, reason: str) -> None:
+        """Say in the folder that its run will not be resumed (its study re-ran it), so listings stop offering it."""
+        if self.is_main and self.path.is_dir():
+            self.abandoned.write_text(reason + "\n", encoding="utf-8")
+
+    def abandoned_reason(self) -> Optional[str]:
+        """Why the run was given up (`mark_abandoned`), or None."""
+        try:
+            return self.abandoned.read_text(encoding="utf-8").strip() or "abandoned"
+        except (OSError, UnicodeDecodeError):
+            return None
+
     def read_history(self) -> list[dict]:
         """history.csv's rows (empty when the run has not finished an epoch)."""
         if not self.history.is_file():
@@ -457,6 +470,10 @@ class StudyDir:
     def trial_name(self, number: int) -> str:
         """The run folder name of trial `number`."""
         return f"trial{number:03d}"
+
+    def trial_run(self, number: int) -> RunDir:
+        """The run folder of trial `number`."""
+        return RunDir(self.path / self.trial_name(number))
 
     def write_text(self, path: Path, text: str) -> None:
         """One of the study's text files (recipes, space)."""

@@ -57,6 +57,9 @@ def find_runs(root: Union[str, Path]) -> list[RunDir]:
 
 
 def _status(run: RunDir, done: int, epochs: int) -> str:
+    abandoned = run.abandoned_reason()
+    if abandoned:
+        return abandoned
     if run.eval.exists():
         return "finished" if done >= epochs else "stopped early"
     if run.last.is_file():

@@ -151,8 +151,12 @@ def _objective(optuna, study: StudyDir, recipe: Recipe, space: dict, dataset, fo
     return objective
 
 
-def _recover_interrupted(optuna, study, log: Log) -> None:
-    """Trials left running by an interrupted session fail now, and their parameters are queued to run again."""
+def _recover_interrupted(study, folder: StudyDir, log: Log) -> None:
+    """Trials left running by an interrupted session fail now, and their parameters are queued to run again.
+
+    The interrupted trial's run folder is marked abandoned: the study never resumes it, so `finetune runs`
+    must not offer it as "interrupted (resumable)".
+    """
     from optuna.trial import TrialState
 
     retried = set(study.user_attrs.get("retried", []))
@@ -163,8 +167,12 @@ def _recover_interrupted(optuna, study, log: Log) -> None:
             continue
         if trial.state == TrialState.RUNNING:
             study.tell(trial.number, state=TrialState.FAIL)
+        reason = "abandoned: interrupted, and its study does not resume trials"
         if trial.params:
             study.enqueue_trial(trial.params)  # the failed trial itself has them: no skip_if_exists
+            rerun = study.get_trials(deepcopy=False)[-1].number  # enqueueing stores the waiting trial now
+            reason = f"abandoned: interrupted, its parameters re-run as trial {rerun}"
+        folder.trial_run(trial.number).mark_abandoned(reason)
         retried.add(trial.number)
         log(f"trial {trial.number} was interrupted; its parameters are queued to run again")
     study.set_user_attr("retried", sorted(retried))
@@ -374,7 +382,7 @@ def _search(optuna, base: Recipe, searched: dict, folder: StudyDir, dataset, fol
     maximize = _better(base.train.monitor, folds)
     study = _create_study(optuna, folder, base, maximize, budget.startup_trials)
     if resumed:
-        _recover_interrupted(optuna, study, log)
+        _recover_interrupted(study, folder, log)
     else:
         study.set_user_attr("folds", folds)
     from optuna.trial import TrialState
