@@ -751,3 +751,25 @@ def test_a_read_only_output_is_one_error_line(capsys, locked, command):
         line = refused(capsys, argv, "cannot write in", "Permission denied")
     assert str(ro) in line or str(run) in line
     assert not any(ro.iterdir())
+
+
+# --- issue 27 item 14: every shipped recipe takes any epoch count --------------------------------------------------
+
+
+def _shipped_recipes() -> list[str]:
+    from finetune.config.recipe_library import shipped_recipes
+    return sorted(shipped_recipes())
+
+
+@pytest.mark.parametrize("name", _shipped_recipes())
+def test_every_shipped_recipe_reads_with_one_epoch(name):
+    """Staged schedules (fine_tune, unfreeze at epoch 3/4) used to refuse `--set train.epochs=1`."""
+    assert load_recipe(name, ["train.epochs=1"]).train.epochs == 1
+
+
+def test_a_staged_recipe_shortened_to_one_epoch_trains_and_says_what_stays_frozen(capsys, kit, tmp_path):
+    code = main(["train", QUICK_CPU, "--data", str(kit[0]),
+                 *settings(f"output={tmp_path}", "train.epochs=1", "train.fine_tune=1")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "train.fine_tune=1 head-only epoch(s) fill all train.epochs=1" in out

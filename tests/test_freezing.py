@@ -16,6 +16,7 @@ from finetune.errors import FinetuneError
 from finetune.engine.optim import stage_lr_multipliers
 from finetune.models import build_model, plan_unfreezing, resolve_trainable
 from finetune.models.freezing import select_parameters, stage_parameters
+from finetune.models.unfreezing import describe_beyond
 from finetune.config.recipe import HeadConfig, ModelConfig, Recipe, TrainConfig, load_recipe
 
 STAGES = ["stem", "layer1", "layer2", "layer3", "layer4"]
@@ -137,12 +138,10 @@ def test_stage_option_validation() -> None:
         _train_config(lr_mult={"layer4": 0.1}, layer_decay=0.7)
     with pytest.raises(FinetuneError, match="layer_decay"):
         _train_config(layer_decay=1.5)
-    with pytest.raises(FinetuneError, match="between 2 and train.epochs"):
+    with pytest.raises(FinetuneError, match="2 or later"):
         _train_config(epochs=3, unfreeze={1: ["layer3"]})
-    with pytest.raises(FinetuneError, match="between 2 and train.epochs"):
-        _train_config(epochs=3, unfreeze={4: ["layer3"]})
     with pytest.raises(FinetuneError, match="fine_tune"):
-        _train_config(epochs=3, fine_tune=3)
+        _train_config(epochs=3, fine_tune=0)
     with pytest.raises(FinetuneError, match="either 'train.unfreeze' or 'train.fine_tune'"):
         _train_config(epochs=3, fine_tune=1, unfreeze={2: ["layer3"]})
 
@@ -253,3 +252,16 @@ def test_training_run_unfreezes_on_schedule(folder_dataset: Path, tiny_overrides
     assert torch.all(state["backbone.layer2.0.bn1.running_mean"] == 0)
     assert not torch.all(state["backbone.layer3.0.bn1.weight"] == 1)
     assert torch.count_nonzero(state["backbone.layer3.0.bn1.running_mean"]) > 0
+
+
+def test_a_schedule_past_the_last_epoch_leaves_its_stages_frozen_and_says_so() -> None:
+    model = _model(trainable=[])  # the head alone in epoch 1
+    cfg = _train_config(epochs=2, unfreeze={2: ["layer4"], 4: ["layer3"]})
+    plan = plan_unfreezing(model, cfg)
+    assert plan.beyond == [4] and sorted(plan.steps) == [1, 2]
+    assert not any(name.startswith("backbone.layer3") for name in plan.ever_trainable)
+    assert "epoch(s) 4 comes after the last epoch (2)" in describe_beyond(plan, cfg)
+    short = _train_config(epochs=1, fine_tune=1)
+    plan = plan_unfreezing(_model(), short)
+    assert plan.beyond == [2] and all(name.startswith("head") for name in plan.ever_trainable)
+    assert "backbone stays frozen" in describe_beyond(plan, short)

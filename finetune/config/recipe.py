@@ -388,16 +388,15 @@ class TrainConfig:
             raise FinetuneError("recipe key 'train.layer_decay' must be in (0, 1], e.g. 0.7")
         if self.unfreeze is not None and self.fine_tune is not None:
             raise FinetuneError("set either 'train.unfreeze' or 'train.fine_tune', not both")
-        if self.fine_tune is not None and not 1 <= self.fine_tune < self.epochs:
-            raise FinetuneError(
-                f"recipe key 'train.fine_tune' (head-only epochs) must be between 1 and train.epochs - 1 "
-                f"({self.epochs - 1})"
-            )
+        # A schedule reaching past train.epochs is allowed (`--set train.epochs=1` on any shipped recipe): those
+        # stages simply stay frozen, and training says so when it starts (models/unfreezing.py).
+        if self.fine_tune is not None and self.fine_tune < 1:
+            raise FinetuneError(f"recipe key 'train.fine_tune' (head-only epochs) must be 1 or more, got {self.fine_tune}")
         for epoch, stages in (self.unfreeze or {}).items():
-            if not 2 <= epoch <= self.epochs:
+            if epoch < 2:
                 raise FinetuneError(
-                    f"train.unfreeze epoch {epoch} must be between 2 and train.epochs ({self.epochs}); "
-                    "epoch 1 is what model.trainable says"
+                    f"train.unfreeze epoch {epoch} must be 2 or later; what trains in epoch 1 is what model.trainable "
+                    "says"
                 )
             if not stages:
                 raise FinetuneError(f"train.unfreeze epoch {epoch} lists no stages to unfreeze")

@@ -22,7 +22,7 @@ from finetune.engine.optim import base_lr, create_optimizer, create_scheduler, s
 from finetune.engine.resume import capture_all_ranks, check_resumable, restore_this_rank
 from finetune.engine.step import autocast, grad_scaler, optimizer_step, to_device, train_precision
 from finetune.errors import FinetuneError
-from finetune.models.unfreezing import UnfreezePlan, plan_unfreezing
+from finetune.models.unfreezing import UnfreezePlan, describe_beyond, plan_unfreezing
 from finetune.config.recipe import TrainConfig, is_better, worst_value
 
 __all__ = ["EpochStats", "FitState", "Monitor", "RunFolder", "EpochHook", "EpochScorer", "Mixer", "TrainingParts",
@@ -282,6 +282,8 @@ def _prepare(model: nn.Module, parts: TrainingParts, cfg: TrainConfig, run: RunF
     steps_per_epoch = math.ceil(len(parts.train_loader) / cfg.accumulate)
     # Parameters that a later epoch unfreezes join the optimizer now; frozen, they get no gradient.
     unfreezing = plan_unfreezing(model, cfg)
+    if describe_beyond(unfreezing, cfg) and resume is None:
+        log(describe_beyond(unfreezing, cfg))
     optimizer = create_optimizer(model, cfg, unfreezing.ever_trainable)
     scheduler = create_scheduler(optimizer, cfg, steps_per_epoch)
     scaler = grad_scaler(cfg, device)

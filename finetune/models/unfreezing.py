@@ -7,7 +7,7 @@ stage rates of engine/optim.py's `stage_lr_multipliers` (one rate unless layer_d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -15,7 +15,7 @@ from finetune.errors import FinetuneError
 from finetune.models.freezing import HEAD, apply_freeze, require_stages, select_parameters, trainable_stages
 from finetune.config.recipe import TrainConfig
 
-__all__ = ["UnfreezePlan", "plan_unfreezing"]
+__all__ = ["UnfreezePlan", "describe_beyond", "plan_unfreezing"]
 
 
 @dataclass
@@ -23,6 +23,7 @@ class UnfreezePlan:
     """Which parameters train from which epoch on; epoch 1 is the starting point."""
 
     steps: dict[int, set[str]]  # epoch → names of the parameters trainable from that epoch on
+    beyond: list[int] = field(default_factory=list)  # scheduled epochs after the run's last: never reached
 
     @property
     def ever_trainable(self) -> set[str]:
@@ -45,7 +46,27 @@ class UnfreezePlan:
 
 
 def plan_unfreezing(model: nn.Module, cfg: TrainConfig) -> UnfreezePlan:
-    """The plan from `train.unfreeze` / `train.fine_tune`, starting from the model's current freezing."""
+    """The plan from `train.unfreeze` / `train.fine_tune`, starting from the model's current freezing.
+
+    Steps scheduled after `train.epochs` are left out (their stages stay frozen) and listed in `beyond`.
+    """
+    plan = _full_plan(model, cfg)
+    beyond = sorted(e for e in plan.steps if e > cfg.epochs)
+    return UnfreezePlan({e: names for e, names in plan.steps.items() if e <= cfg.epochs}, beyond)
+
+
+def describe_beyond(plan: UnfreezePlan, cfg: TrainConfig) -> str:
+    """The note that a schedule reaches past the last epoch ("" when it does not)."""
+    if not plan.beyond:
+        return ""
+    if cfg.fine_tune:
+        return (f"note: train.fine_tune={cfg.fine_tune} head-only epoch(s) fill all train.epochs={cfg.epochs}: the "
+                "backbone stays frozen in this run (give more epochs to fine-tune it)")
+    return (f"note: train.unfreeze at epoch(s) {', '.join(map(str, plan.beyond))} comes after the last epoch "
+            f"({cfg.epochs}): those stages stay frozen in this run")
+
+
+def _full_plan(model: nn.Module, cfg: TrainConfig) -> UnfreezePlan:
     current = {n for n, p in model.named_parameters() if p.requires_grad}
     if cfg.fine_tune:
         require_stages(model, "train.fine_tune")
