@@ -179,8 +179,9 @@ def test_score_names_missing_and_extra_ids(tmp_path, capsys):
 def test_transformers_get_no_grad_cam_but_the_rest_of_the_bundle(tmp_path):
     loaded = load_model(untrained_checkpoint(tmp_path / "vit.pt", ["a", "b"], backbone="test_vit", size=32))
     images = []
+    (tmp_path / "images").mkdir()
     for i, colour in enumerate(COLOURS.values()):
-        images.append(tmp_path / f"{i}.png")
+        images.append(tmp_path / "images" / f"{i}.png")
         make_image(colour, i).save(images[-1])
     assert grad_cam(loaded, images, [0, 1, 0]) is None  # token maps: no honest Grad-CAM
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7]])

@@ -254,8 +254,10 @@ def test_score_is_the_mean_f1_per_image(tmp_path):
 
 def test_an_image_that_does_not_decode_is_dropped_and_listed_not_checked_up_front(tmp_path, one_torch_thread):
     root = write_multilabel_dataset(tmp_path / "colours", count=27, test=2)
-    colour_mosaic(["red"], 99, size=256).save(tmp_path / "whole.jpg", quality=95)
-    whole = (tmp_path / "whole.jpg").read_bytes()
+    whole_jpg = tmp_path / "mosaic" / "whole.jpg"
+    whole_jpg.parent.mkdir()
+    colour_mosaic(["red"], 99, size=256).save(whole_jpg, quality=95)
+    whole = whole_jpg.read_bytes()
     (root / "images" / "0099.jpg").write_bytes(whole[: len(whole) // 2])  # the header reads, the pixels do not
     with (root / "labels.csv").open("a", newline="") as handle:
         csv.writer(handle).writerow(["0099", "red"])

@@ -100,7 +100,7 @@ def temporary_beside(path: Path) -> tuple[int, str]:
 def _digest(path: Path) -> str:
     sha = hashlib.sha256()
     with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
+        for block in iter(lambda: handle.read(1 << 16), b""):  # small blocks: flat memory
             sha.update(block)
     return sha.hexdigest()
 

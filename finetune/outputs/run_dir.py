@@ -93,19 +93,35 @@ def _data_image_in(folder: Path) -> Optional[Path]:
         return None
 
 
+def _folders_of_images(parent: Path, skip: str, enough: int) -> list[Path]:
+    """Up to `enough` images, each from a different sub-folder of `parent` (other than `skip`) holding images."""
+    found: list[Path] = []
+    try:
+        for folder in parent.iterdir():
+            image = _data_image_in(folder) if folder.name != skip and folder.is_dir() else None
+            if image is not None:
+                found.append(image)
+                if len(found) == enough:
+                    break
+    except OSError:
+        pass
+    return found
+
+
 def refuse_image_folder(folder: Path, kind: str) -> None:
     """Refuse to write figures where a data reader would take them for images, even when no data folder is named.
 
     That is a folder holding images (its PNGs would join them: `score --out` into a test folder gave the next
-    `predict` rows named confusion_matrix), a folder one or two levels under one (read recursively, e.g.
-    inside a class folder), or a new folder beside two or more folders of images (it would become a class).
+    `predict` rows named confusion_matrix), a folder inside a class folder (class folders are read
+    recursively), or a new folder beside two or more folders of images (it would become a class).
     """
     folder = folder.expanduser().absolute()
-    near = _data_image_in(folder) or next(filter(None, map(_data_image_in, folder.parents[:2])), None)
-    if near is None and folder.parent.is_dir():  # two or more folders of images beside it: class folders
-        siblings = (p for p in folder.parent.iterdir() if p.is_dir() and p.name != folder.name)
-        classes = [image for image in map(_data_image_in, siblings) if image is not None][:2]
-        near = classes[0] if len(classes) == 2 else None
+    near = _data_image_in(folder)
+    inside = _data_image_in(folder.parent)
+    if near is None and inside is not None and _folders_of_images(folder.parent.parent, folder.parent.name, 1):
+        near = inside  # the parent is a folder of images among others: a class folder
+    beside = _folders_of_images(folder.parent, folder.name, 2) if near is None else []
+    near = near or (beside[0] if len(beside) == 2 else None)
     if near is not None:
         raise FinetuneError(f"{folder} is in or beside a folder of images ({near}); the {kind} figures would be "
                             "read as images the next time that data is used: give --out a folder outside the data")
