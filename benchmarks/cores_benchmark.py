@@ -2,7 +2,7 @@
 core budget, on a quiet machine, beside 1 and 2 CPU-bound processes, and under a CPU affinity of 1 core.
 
     python benchmarks/cores_benchmark.py [--repeats 3] [--epochs 3] [--per-class 100] [--predict-images 2000]
-        [--scenarios quiet busy1 busy2 affinity1] [--json cores.json]
+        [--scenarios quiet busy1 busy2 affinity1 quota1] [--json cores.json]
     python benchmarks/cores_benchmark.py --quick      # a smoke run: 20 images per class, 2 epochs, 256, 1 repeat
 
 Every measurement runs in a fresh Python process (OpenMP reads its wait policy once, when torch loads):
@@ -22,7 +22,8 @@ which); an epoch's time is the history's `seconds` (train + validate + checkpoin
 Prediction scores `--predict-images` test images with `predict_probs` (decode, preprocess, batch, forward, softmax)
 after the budget is applied as `finetune predict` applies it. Scenarios: quiet; busy1 / busy2: 1 or 2
 `python -c "while True: pass"` processes started before and stopped after each measurement; affinity1: the child
-pinned to one CPU (as `taskset -c 0`). Each figure is the median of `--repeats` runs, the settings' order rotating
+pinned to one CPU (as `taskset -c 0`); quota1: the child in a new cgroup allowed 1 core of CPU time while it sees
+every core (as `docker run --cpus 1`; needs root and a cpu controller, else skipped with a note). Each figure is the median of `--repeats` runs, the settings' order rotating
 from one repeat to the next; ratios are against the quiet run of the same setting (epochs) and the bare forward of
 the same scenario (predict: the bare forward runs with torch's defaults, spinning waits included, so under load it
 can fall below the pipeline).
@@ -38,13 +39,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
+from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 # This checkout's demo recipe (not the installed package's, which an editable install of another checkout serves).
 DEMO = ROOT / "recipes" / "demo_fashion_mnist_lite0.yaml"
 SCENARIOS = {"quiet": "quiet", "busy1": "beside 1 busy process", "busy2": "beside 2 busy processes",
-             "affinity1": "CPU affinity 1 core"}
+             "affinity1": "CPU affinity 1 core", "quota1": "cgroup CPU quota 1 core"}
+QUOTA_GROUP = "finetune-cores-benchmark"  # the cgroup the quota1 scenario makes (and removes)
 SETTINGS = ("today", "budget", "spin")
 TODAY_WORKERS = 2  # data.num_workers and InferenceOptions.num_workers before the core budget
 BUSY = "while True: pass"
@@ -63,11 +67,10 @@ def measure(kind: str, setting: str, scenario: str, args: argparse.Namespace, fo
     busy = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range({"busy1": 1, "busy2": 2}.get(scenario, 0))]
     command = [sys.executable, __file__, "--child", kind, "--setting", setting, "--folder", str(folder),
                "--epochs", str(args.epochs), "--predict-images", str(args.predict_images)]
-    pin = (lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})) if scenario == "affinity1" else None
     try:
         time.sleep(0.5 if busy else 0)  # the competitors are running before the measurement starts
-        done = subprocess.run(command, env=child_env(setting), capture_output=True, text=True, preexec_fn=pin,
-                              timeout=3600)
+        done = subprocess.run(command, env=child_env(setting), capture_output=True, text=True,
+                              preexec_fn=confine(scenario, args.quota_group), timeout=3600)
     finally:
         for process in busy:
             process.kill()
@@ -75,6 +78,38 @@ def measure(kind: str, setting: str, scenario: str, args: argparse.Namespace, fo
     if done.returncode != 0:
         raise SystemExit(f"{kind} {setting} {scenario} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def confine(scenario: str, quota_group: Optional[Path]) -> Optional[Callable[[], None]]:
+    """What the measuring process does before it starts: pin itself to one CPU, or join the quota cgroup."""
+    if scenario == "affinity1":
+        return partial(os.sched_setaffinity, 0, {min(os.sched_getaffinity(0))})
+    if scenario == "quota1" and quota_group is not None:
+        return lambda: (quota_group / "cgroup.procs").write_text(str(os.getpid()))
+    return None
+
+
+def quota_cgroup(cores: float, root: Path = Path("/sys/fs/cgroup")) -> Optional[Path]:
+    """A new cgroup allowed `cores` of CPU time (v2 cpu.max, or v1 cfs quota), or None where it cannot be made
+    (not root, no cpu controller): as `docker run --cpus` limits a container that still sees every core."""
+    period = 100000
+    try:
+        if (root / "cgroup.controllers").is_file():
+            if "cpu" not in (root / "cgroup.subtree_control").read_text().split():
+                return None
+            group = root / QUOTA_GROUP
+            group.mkdir(exist_ok=True)
+            (group / "cpu.max").write_text(f"{int(cores * period)} {period}")
+        elif (root / "cpu" / "cpu.cfs_quota_us").is_file():
+            group = root / "cpu" / QUOTA_GROUP
+            group.mkdir(exist_ok=True)
+            (group / "cpu.cfs_period_us").write_text(str(period))
+            (group / "cpu.cfs_quota_us").write_text(str(int(cores * period)))
+        else:
+            return None
+    except OSError:
+        return None
+    return group
 
 
 def child(args: argparse.Namespace) -> dict:
@@ -236,13 +271,21 @@ def main() -> None:
         return
     if args.quick:
         args.per_class, args.val_per_class, args.epochs, args.predict_images, args.repeats = 20, 5, 2, 256, 1
+    args.quota_group = quota_cgroup(1.0) if "quota1" in args.scenarios else None
+    if "quota1" in args.scenarios and args.quota_group is None:
+        args.scenarios.remove("quota1")
+        print("note: no cgroup CPU quota scenario: this user cannot make a cgroup with a cpu controller here")
     with tempfile.TemporaryDirectory() as tmp:
         source = prepare(Path(tmp), args)
         print(f"demo recipe (Lite0, 96 px, batch 32) on {source}: {10 * args.per_class} training and "
               f"{10 * args.val_per_class} validation images, {args.epochs} epochs per run (epochs 2.. timed); "
               f"predict {args.predict_images} images at batch 128; {os.cpu_count()} CPUs, affinity "
               f"{len(os.sched_getaffinity(0))}; median of {args.repeats}", flush=True)
-        results = run(args, Path(tmp))
+        try:
+            results = run(args, Path(tmp))
+        finally:
+            if args.quota_group is not None:
+                args.quota_group.rmdir()  # its processes have all exited
     print(table(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
