@@ -23,10 +23,10 @@ Prediction scores `--predict-images` test images with `predict_probs` (decode, p
 after the budget is applied as `finetune predict` applies it. Scenarios: quiet; busy1 / busy2: 1 or 2
 `python -c "while True: pass"` processes started before and stopped after each measurement; affinity1: the child
 pinned to one CPU (as `taskset -c 0`); quota1: the child in a new cgroup allowed 1 core of CPU time while it sees
-every core (as `docker run --cpus 1`; needs root and a cpu controller, else skipped with a note). Each figure is the median of `--repeats` runs, the settings' order rotating
-from one repeat to the next; ratios are against the quiet run of the same setting (epochs) and the bare forward of
-the same scenario (predict: the bare forward runs with torch's defaults, spinning waits included, so under load it
-can fall below the pipeline).
+every core (as `docker run --cpus 1`; needs root and a cpu controller, else skipped with a note). Each figure is the
+median of `--repeats` runs, the settings' order rotating from one repeat to the next; ratios are against the quiet
+run of the same setting (epochs) and the bare forward of the same scenario (predict: the bare forward runs with
+torch's defaults, spinning waits included, so under load it can fall below the pipeline).
 """
 
 from __future__ import annotations
