@@ -13,6 +13,7 @@ import os
 import sys
 from typing import Optional
 
+from finetune.data.cores import prefer_passive_waits
 from finetune.errors import FinetuneError
 from finetune.signature_cli import Command, add_command, call
 
@@ -112,6 +113,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     Under torchrun only rank 0 prints (the other ranks' stdout is discarded; errors still reach stderr).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    prefer_passive_waits()  # before torch loads: OpenMP reads its wait policy once, at load time
     torchrun = False
     if "LOCAL_RANK" in os.environ:  # only torchrun's workers need torch.distributed: plain commands start light
         from finetune.engine import distributed

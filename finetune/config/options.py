@@ -38,7 +38,8 @@ class InferenceOptions:
 
     Attributes:
         batch_size: images per batch.
-        num_workers: data-loading processes (0 loads in the main process).
+        num_workers: data-loading processes (0 loads in the main process; default: the core budget's choice).
+        threads: the model's intra-op threads (default: the cores this process may use, less the loader's).
         device: auto | cpu | cuda | cuda:N.
         precision: fp32; bf16 runs the model under bf16 autocast (faster on recent CPUs and GPUs);
             fp16 is CUDA only.
@@ -46,14 +47,18 @@ class InferenceOptions:
     """
 
     batch_size: int = 64
-    num_workers: int = 2
+    num_workers: Optional[int] = None
+    threads: Optional[int] = None
     device: str = "auto"
     precision: str = field(default="fp32", metadata={"choices": PRECISIONS})
     tta: Optional[str] = None
 
     def __post_init__(self) -> None:
         _at_least("--batch-size", self.batch_size, 1, "32")
-        _at_least("--workers", self.num_workers, 0, "2 (0: load in the main process)")
+        if self.num_workers is not None:
+            _at_least("--workers", self.num_workers, 0, "2 (0: load in the main process)")
+        if self.threads is not None:
+            _at_least("--threads", self.threads, 1, "2")
         _one_of("--precision", self.precision, PRECISIONS)
 
 

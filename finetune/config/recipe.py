@@ -181,7 +181,9 @@ class DataConfig:
     # that fill the frame: product shots, scans, Fashion-MNIST). Stored in the checkpoint: predict follows it.
     crop_pct: Optional[float] = None
     batch_size: int = 32
-    num_workers: int = 2
+    # DataLoader worker processes per training process; None = the core budget's choice (finetune/data/cores.py:
+    # 1 beside the model on a CPU with 2+ cores, 0 on 1 core), printed at the start of the run. 0 = the main process.
+    num_workers: Optional[int] = None
     balance: str = "none"  # none | sampler (weighted sampling) | loss (class-weighted loss)
     # Pre-resized image cache: none | ram (decoded once into shared memory, for folders that fit in RAM) |
     # disk (one file per image in cache_dir, reused across runs; a changed image is decoded again).
@@ -209,8 +211,9 @@ class DataConfig:
         if self.crop_pct is not None and not 0.5 <= self.crop_pct <= 1.0:
             raise FinetuneError(f"recipe key 'data.crop_pct' is {self.crop_pct}; it must be between 0.5 and 1.0 "
                                 "(1.0 keeps the whole image, 0.875 cuts 1/16 off each side)")
-        if self.num_workers < 0:
-            raise FinetuneError("recipe key 'data.num_workers' must be 0 or more")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise FinetuneError(f"recipe key 'data.num_workers' is {self.num_workers}; it must be 0 (load in the main "
+                                "process) or more, or null to let the core budget choose")
         if self.image_size is not None and not 8 <= self.image_size <= MAX_IMAGE_SIZE:
             raise FinetuneError(
                 f"recipe key 'data.image_size' is {self.image_size}; it must be between 8 and {MAX_IMAGE_SIZE} "
@@ -323,6 +326,9 @@ class TrainConfig:
     cache_features: Optional[bool] = None
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # Intra-op threads for the model (torch.set_num_threads); None = the core budget's choice: the cores this process
+    # may use (affinity, cgroup quota, shared among torchrun's local processes) less those the loader needs.
+    threads: Optional[int] = None
     channels_last: bool = True  # faster convolutions on CPU and GPU
     accumulate: int = 1  # optimiser step every N batches (effective batch = N x data.batch_size)
     ema: bool = False  # keep an exponential moving average of the weights; evaluate and save it
@@ -368,6 +374,9 @@ class TrainConfig:
             _choice("train.precision", self.precision, PRECISIONS)
         if self.accumulate < 1:
             raise FinetuneError("recipe key 'train.accumulate' must be at least 1 (1 = no accumulation)")
+        if self.threads is not None and self.threads < 1:
+            raise FinetuneError(f"recipe key 'train.threads' is {self.threads}; it must be at least 1, or null to let "
+                                "the core budget choose")
         if not 0.0 < self.ema_decay < 1.0:
             raise FinetuneError("recipe key 'train.ema_decay' must be between 0 and 1, e.g. 0.999")
         if self.patience is not None and self.patience < 1:

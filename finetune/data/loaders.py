@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from finetune.data.cache import ImageCache
+from finetune.data.cores import single_threaded_worker
 from finetune.data.images import SkippedImage, load_rgb
 from finetune.data.preprocessing import Preprocessing
 from finetune.data.sources import Sample
@@ -167,6 +168,7 @@ def _seed_worker(worker_id: int) -> None:
     # every worker, so each would repeat the same augmentations; numpy/random for custom transforms.
     import random
 
+    single_threaded_worker()  # the core budget counts a worker as one core
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from finetune.data.cores import core_budget
 from finetune.data.images import load_rgb
 from finetune.data.loaders import make_loader
 from finetune.data.sources import Sample
@@ -62,8 +63,12 @@ class ProbsSettings:
 
     @classmethod
     def of(cls, options: InferenceOptions, calibrated: bool = True) -> "ProbsSettings":
-        """The settings a user's InferenceOptions ask for (its TTA spec parsed into views)."""
-        return cls(options.batch_size, options.num_workers, parse_tta(options.tta), options.precision, calibrated)
+        """The settings a user's InferenceOptions ask for (its TTA spec parsed into views; workers left unset: the core
+        budget's, as `finetune predict` prints it)."""
+        workers = options.num_workers
+        if workers is None:
+            workers = core_budget("predict", resolve_device(options.device).type).workers
+        return cls(options.batch_size, workers, parse_tta(options.tta), options.precision, calibrated)
 
 
 def resolve_device(name: str = "auto") -> torch.device:

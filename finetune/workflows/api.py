@@ -27,7 +27,7 @@ from finetune.engine.step import check_precision, compile_model, train_precision
 from finetune.errors import FinetuneError
 from finetune.inference.predict import ProbsSettings, load_ensemble, load_model, predict_probs, resolve_device, sharded_probs
 from finetune.models import build_model, format_summary, stage_summary
-from finetune.workflows.opening import Opening, open_training
+from finetune.workflows.opening import Opening, inference_cores, open_training
 from finetune.config.options import InferenceOptions, SubmissionOptions
 from finetune.config.recipe import DataConfig, Recipe
 from finetune.outputs.report_page import build_report
@@ -245,8 +245,9 @@ def evaluate(
     """
     inference = inference or InferenceOptions()
     parse_tta(inference.tta)  # a bad spec fails before the model loads
-    check_precision(inference.precision, resolve_device(inference.device), "--precision")
-    loaded = load_model(checkpoint, distributed.setup(resolve_device(inference.device)), fuse=True)
+    device = _inference_device(inference)
+    inference = inference_cores(inference, device, log)
+    loaded = load_model(checkpoint, device, fuse=True)
     task = task_of_model(loaded)
     samples, skipped = task.labelled_samples(Path(data).expanduser(), loaded.recipe.data, loaded.classes)
     if not samples:
@@ -292,8 +293,9 @@ def predict(
     options, inference = submission or SubmissionOptions(), inference or InferenceOptions()
     checkpoints = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     views = parse_tta(inference.tta)
-    check_precision(inference.precision, resolve_device(inference.device), "--precision")
-    models = load_ensemble(checkpoints, distributed.setup(resolve_device(inference.device)), fuse=True)
+    device = _inference_device(inference)
+    inference = inference_cores(inference, device, log)
+    models = load_ensemble(checkpoints, device, fuse=True)
     classes, task = models[0].classes, task_of_model(models[0])  # load_ensemble: one task, one class list
     task.check_submission(options, classes)
     decision = task.ensemble_decision(models, options.threshold)
@@ -327,6 +329,13 @@ def predict(
         if path in written:
             log(f"note: replaced the earlier {path}")
     return files.out
+
+
+def _inference_device(inference: InferenceOptions) -> torch.device:
+    """The device inference runs on (this rank's, under torchrun), its precision checked before any model loads."""
+    device = resolve_device(inference.device)
+    check_precision(inference.precision, device, "--precision")
+    return distributed.setup(device)
 
 
 def _test_images(folder: Path, log: Log) -> list[Path]:

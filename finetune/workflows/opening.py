@@ -1,39 +1,43 @@
-"""The opening every training workflow shares: resolve the recipe and data → checks → seed → prepare → device.
+"""The opening every training workflow shares: resolve the recipe and data → checks → seed → prepare → device →
+core budget.
 
 `train`, `train_kfold`, `train_semi`, `tune` and `lr_find` all start here, so a check added here (or
-the task chosen here) holds for every one of them.
+the task chosen here) holds for every one of them. `inference_cores` is the same last step for evaluate and predict.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Union
 
 import torch
 
+from finetune.data.cores import CoreBudget, apply_threads, core_budget
 from finetune.data.prepare import Prepared, prepare
 from finetune.engine import distributed
 from finetune.engine.resume import seed_everything
 from finetune.inference.predict import resolve_device
 from finetune.outputs.loggers import check_loggers
 from finetune.models.backbones import check_backbone_name
+from finetune.config.options import InferenceOptions
 from finetune.config.recipe import Recipe, resolve_recipe
 from finetune.tasks import Task, task_of
 
-__all__ = ["Opening", "open_training", "prepare_data"]
+__all__ = ["Opening", "open_training", "prepare_data", "training_cores", "inference_cores"]
 
 Log = Callable[[str], None]
 
 
 @dataclass
 class Opening:
-    """What a training workflow starts from: the recipe, its task, the prepared data and the device."""
+    """What a training workflow starts from: the recipe, its task, the prepared data, the device and the core budget."""
 
     recipe: Recipe
     task: Task
     dataset: Prepared
     device: torch.device
+    cores: CoreBudget
 
 
 def prepare_data(recipe: Recipe, log: Log = print) -> Prepared:
@@ -63,4 +67,28 @@ def open_training(
     if join_group:
         device = distributed.setup(device)  # under torchrun: join the group before naming folders
     dataset = prepared or prepare(recipe, task, log)
-    return Opening(recipe, task, dataset, device)
+    cores = training_cores(recipe, device, log)
+    # Filled in like data.image_size: the worker count decides the augmentation streams, so the run's recipe.yaml
+    # (and a resume from it) keeps the split this run trained with.
+    recipe.data.num_workers = cores.workers
+    return Opening(recipe, task, dataset, device, cores)
+
+
+def training_cores(recipe: Recipe, device: torch.device, log: Log = print) -> CoreBudget:
+    """This process's core budget for training (train.threads / data.num_workers win); its threads applied, its
+    line printed by the main process."""
+    cores = core_budget("train", device.type, recipe.train.threads, recipe.data.num_workers)
+    apply_threads(cores)
+    if distributed.is_main():
+        log(cores.describe())
+    return cores
+
+
+def inference_cores(inference: InferenceOptions, device: torch.device, log: Log = print) -> InferenceOptions:
+    """The options with the core budget for prediction filled in (--threads / --workers win); its threads applied,
+    its line printed by the main process."""
+    cores = core_budget("predict", device.type, inference.threads, inference.num_workers, ("--threads", "--workers"))
+    apply_threads(cores)
+    if distributed.is_main():
+        log(cores.describe())
+    return replace(inference, num_workers=cores.workers, threads=cores.threads)

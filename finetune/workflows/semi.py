@@ -27,7 +27,7 @@ from finetune.errors import FinetuneError
 from finetune.engine import distributed
 from finetune.engine.files import check_writable, mark_written, replace_atomically, temporary_beside, was_written_here
 from finetune.inference.predict import LoadedModel, ProbsSettings, load_model, resolve_device, sharded_probs
-from finetune.workflows.opening import open_training
+from finetune.workflows.opening import inference_cores, open_training
 from finetune.config.options import PSEUDO_FORMATS, InferenceOptions, PseudoLabelOptions
 from finetune.config.recipe import Recipe, load_recipe
 from finetune.outputs.run_dir import RunDir, check_output
@@ -192,7 +192,9 @@ def pseudo_label(
     if options.format == "folder" and out.resolve().is_relative_to(folder.resolve()):
         raise FinetuneError(f"--out {out} is inside --images {folder}: the copies would join the unlabeled pool; "
                             "choose a folder outside it")
-    loaded = load_model(checkpoint, distributed.setup(resolve_device(inference.device)))
+    device = distributed.setup(resolve_device(inference.device))
+    inference = inference_cores(inference, device, log)
+    loaded = load_model(checkpoint, device)
     if options.format == "folder" and not task_of_model(loaded).fits_class_folders:
         raise FinetuneError("a class folder holds one label per image and this checkpoint gives several; write its "
                             "pseudo-labels as a manifest with --format csv (data.layout: csv reads it)")
