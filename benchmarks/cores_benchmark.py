@@ -2,7 +2,7 @@
 core budget, on a quiet machine, beside 1 and 2 CPU-bound processes, and under a CPU affinity of 1 core.
 
     python benchmarks/cores_benchmark.py [--repeats 3] [--epochs 3] [--per-class 100] [--predict-images 2000]
-        [--scenarios quiet busy1 busy2 affinity1 quota1] [--json cores.json]
+        [--scenarios quiet busy1 busy2 affinity1 quota1] [--settings today budget spin] [--json cores.json]
     python benchmarks/cores_benchmark.py --quick      # a smoke run: 20 images per class, 2 epochs, 256, 1 repeat
 
 Every measurement runs in a fresh Python process (OpenMP reads its wait policy once, when torch loads):
@@ -211,19 +211,20 @@ def run(args: argparse.Namespace, folder: Path) -> dict:
     """Every scenario's medians: epoch seconds and predict images/s for today and the budget, and the bare forward."""
     results: dict = {}
     for scenario in args.scenarios:
-        runs: dict = {(kind, setting): [] for kind in ("train", "predict") for setting in SETTINGS}
+        settings = tuple(args.settings)
+        runs: dict = {(kind, setting): [] for kind in ("train", "predict") for setting in settings}
         runs[("bare", "today")] = []
         for repeat in range(args.repeats):
-            order = SETTINGS[repeat % len(SETTINGS):] + SETTINGS[:repeat % len(SETTINGS)]
+            order = settings[repeat % len(settings):] + settings[:repeat % len(settings)]
             for kind in ("train", "predict"):
                 for setting in order:
                     runs[(kind, setting)].append(measure(kind, setting, scenario, args, folder))
             runs[("bare", "today")].append(measure("bare", "today", scenario, args, folder))
             print(f"  {scenario} repeat {repeat + 1}/{args.repeats} done", file=sys.stderr, flush=True)
         results[scenario] = {
-            "epoch_seconds": {s: statistics.median(r["epoch_seconds"] for r in runs[("train", s)]) for s in SETTINGS},
+            "epoch_seconds": {s: statistics.median(r["epoch_seconds"] for r in runs[("train", s)]) for s in settings},
             "images_per_second": {s: statistics.median(r["images_per_second"] for r in runs[("predict", s)])
-                                  for s in SETTINGS},
+                                  for s in settings},
             "bare_images_per_second": statistics.median(r["images_per_second"] for r in runs[("bare", "today")]),
             "budget_line": runs[("train", "budget")][-1]["budget"],
             "predict_budget_line": runs[("predict", "budget")][-1]["budget"],
@@ -235,16 +236,18 @@ def run(args: argparse.Namespace, folder: Path) -> dict:
 def table(results: dict) -> str:
     """The markdown table the README quotes, and each scenario's budget lines."""
     quiet = results.get("quiet", {}).get("epoch_seconds")
-    rows = ["| machine | epoch: today | epoch: budget | epoch: budget, spinning waits | budget / today | "
-            "bare forward | predict: today | predict: budget | predict: budget, spinning waits |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    settings = [s for s in SETTINGS if s in next(iter(results.values()))["epoch_seconds"]]
+    names = {"today": "today", "budget": "budget", "spin": "budget, spinning waits"}
+    header = ([f"epoch: {names[s]}" for s in settings] + ["budget / today", "bare forward"]
+              + [f"predict: {names[s]}" for s in settings])
+    rows = ["| machine | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
     for scenario, r in results.items():
         epoch, ips, bare = r["epoch_seconds"], r["images_per_second"], r["bare_images_per_second"]
         cells = [SCENARIOS[scenario]]
-        cells += [f"{epoch[s]:.2f} s" + (f" ({epoch[s] / quiet[s]:.2f}x quiet)" if quiet else "") for s in SETTINGS]
-        cells.append(f"{epoch['budget'] / epoch['today']:.2f}")
+        cells += [f"{epoch[s]:.2f} s" + (f" ({epoch[s] / quiet[s]:.2f}x quiet)" if quiet else "") for s in settings]
+        cells.append(f"{epoch['budget'] / epoch['today']:.2f}" if {'budget', 'today'} <= set(settings) else "-")
         cells.append(f"{bare:.0f} images/s")
-        cells += [f"{ips[s]:.0f} images/s ({ips[s] / bare:.2f}x bare)" for s in SETTINGS]
+        cells += [f"{ips[s]:.0f} images/s ({ips[s] / bare:.2f}x bare)" for s in settings]
         rows.append("| " + " | ".join(cells) + " |")
     lines = [f"- {SCENARIOS[s]}: `{r['budget_line']}`; predict: `{r['predict_budget_line']}`"
              for s, r in results.items()]
@@ -260,6 +263,8 @@ def main() -> None:
     parser.add_argument("--val-per-class", type=int, default=20)
     parser.add_argument("--predict-images", type=int, default=2000)
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS),
+                        help="which settings to measure (today and budget are what the README quotes)")
     parser.add_argument("--quick", action="store_true", help="20 images per class, 2 epochs, 256 to predict, 1 repeat")
     parser.add_argument("--json", type=Path, help="also write every run's figures here")
     parser.add_argument("--child", choices=("train", "predict", "bare"), help=argparse.SUPPRESS)

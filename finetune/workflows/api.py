@@ -316,19 +316,24 @@ def predict(
         deque(batches, maxlen=0)
         return files.out
     rows_written = task.write_submission(plan, batches, classes, decision, files, options, log)
-    skipped = sorted([*skipped, *(SkippedImage(path, reason) for path, reason in failed.items())],
-                     key=lambda item: str(item.path))
-    if skipped:
-        # Still one row per image: an unreadable image is scored as a blank (mean-colour) input.
-        write_skipped_list(files.unreadable, skipped, log)
-        mark_written(files.unreadable)
-        log(f"warning: {len(skipped)} unreadable image(s) got a blank-image prediction; listed in {files.unreadable}")
+    skipped = _list_unreadable(files, [*skipped, *(SkippedImage(path, why) for path, why in failed.items())], log)
     log(f"wrote {rows_written} predictions for {len(paths)} images to {files.out}")
     written = {files.out, files.probs, files.topk, files.unreadable if skipped else None}
     for path in replaced:
         if path in written:
             log(f"note: replaced the earlier {path}")
     return files.out
+
+
+def _list_unreadable(files: SubmissionFiles, skipped: list[SkippedImage], log: Log) -> list[SkippedImage]:
+    """Write the unreadable images' list beside the submission (sorted), and say how many there were."""
+    skipped = sorted(skipped, key=lambda item: str(item.path))
+    if skipped:
+        # Still one row per image: an unreadable image is scored as a blank (mean-colour) input.
+        write_skipped_list(files.unreadable, skipped, log)
+        mark_written(files.unreadable)
+        log(f"warning: {len(skipped)} unreadable image(s) got a blank-image prediction; listed in {files.unreadable}")
+    return skipped
 
 
 def _inference_device(inference: InferenceOptions) -> torch.device:
