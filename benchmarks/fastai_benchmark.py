@@ -100,8 +100,6 @@ def markdown_table(runs: list[dict], sides: list[str], middle: dict[str, dict[st
 
 def comparisons(sides: list[str], middle: dict[str, dict[str, float]]) -> list[str]:
     """finetune against each peer: accuracy difference and wall-time ratio of the medians."""
-    if "finetune" not in sides:
-        return []
     ours = middle["finetune"]
     return [f"- finetune vs {peer}: accuracy {100 * (ours['accuracy'] - middle[peer]['accuracy']):+.1f} points, "
             f"wall time finetune / {peer} {ours['seconds'] / middle[peer]['seconds']:.2f}x"
@@ -149,7 +147,9 @@ def main() -> None:
           f"images, {args.image_size}px, {args.epochs} epochs, batch {args.batch_size}, {args.workers} workers, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"seeds {args.seed}-{args.seed + args.repeats - 1}, medians:\n")
-    print("\n".join(markdown_table(runs, sides, middle) + [""] + comparisons(sides, middle)))
+    print("\n".join(markdown_table(runs, sides, middle)))
+    if "finetune" in sides and len(sides) > 1:
+        print("\n" + "\n".join(comparisons(sides, middle)))
     if args.json:
         ratios = {peer: middle["finetune"]["seconds"] / middle[peer]["seconds"]
                   for peer in sides if peer != "finetune" and "finetune" in sides}

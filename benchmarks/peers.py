@@ -89,9 +89,10 @@ def run_fastai(export: Export, args: argparse.Namespace, seed: int, out: Path) -
     set_seed(seed)
     start = time.perf_counter()
     size = args.image_size
-    dls = ImageDataLoaders.from_folder(export.root, train=export.train_dir.name, valid=export.val_dir.name,
-                                       item_tfms=Resize(size), batch_tfms=aug_transforms(size=size),
-                                       bs=args.batch_size, num_workers=args.workers)
+    dls = ImageDataLoaders.from_folder(export.root, train=str(export.train_dir.relative_to(export.root)),
+                                       valid=str(export.val_dir.relative_to(export.root)), item_tfms=Resize(size),
+                                       batch_tfms=aug_transforms(size=size), bs=args.batch_size,
+                                       num_workers=args.workers)
     check_sizes("fastai", export, len(dls.train_ds), len(dls.valid_ds))
     weights = write_lite0_weights(out)
     learn = vision_learner(dls, BACKBONE, metrics=accuracy, pretrained_cfg_overlay={"file": str(weights)})
