@@ -8,7 +8,7 @@ from typing import Any, Union
 
 import torch
 
-from finetune.engine.files import replace_atomically, temporary_beside
+from finetune.engine.files import replace_atomically, temporary_path
 from finetune.errors import FinetuneError
 from finetune.version import __version__
 
@@ -31,8 +31,7 @@ def save_checkpoint(path: Union[str, Path], payload: dict[str, Any]) -> None:
     """Write `payload` to `path` atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
     payload = {"format": CHECKPOINT_FORMAT, "versions": library_versions(), **payload}
-    fd, tmp = temporary_beside(path)
-    os.close(fd)
+    tmp = temporary_path(path)
     try:
         torch.save(payload, tmp)
         replace_atomically(tmp, path)

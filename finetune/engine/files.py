@@ -23,7 +23,8 @@ from typing import Union
 
 from finetune.errors import FinetuneError
 
-__all__ = ["check_writable", "replace_atomically", "temporary_beside", "mark_written", "was_written_here"]
+__all__ = ["check_writable", "replace_atomically", "temporary_beside", "temporary_path", "mark_written",
+           "was_written_here"]
 
 MARKS = ".finetune-written.json"
 
@@ -95,6 +96,13 @@ def temporary_beside(path: Path) -> tuple[int, str]:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
     return tempfile.mkstemp(prefix=f"{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+
+
+def temporary_path(path: Path) -> Path:
+    """A closed temporary file next to `path`, for a library that writes by file name (cleared like the others)."""
+    handle, name = temporary_beside(path)
+    os.close(handle)
+    return Path(name)
 
 
 def _digest(path: Path) -> str:

@@ -18,9 +18,10 @@ from typing import Callable, Optional, Union
 import numpy as np
 import torch
 
-from finetune.engine.files import check_writable
+from finetune.engine.files import check_writable, temporary_path
 from finetune.errors import FinetuneError
 from finetune.inference.predict import LoadedModel, load_model
+from finetune.inference.quantize import QuantizeCheck, QuantizeInputs, quantize_int8
 from finetune.outputs.run_dir import check_output
 
 __all__ = ["EXPORT_FORMATS", "ExportResult", "export_model"]
@@ -120,11 +121,13 @@ def export_model(
     tolerance: float = 1e-3,
     log: Callable[[str], None] = print,
     force: bool = False,
+    quantize: Optional[Callable[[LoadedModel], QuantizeInputs]] = None,
 ) -> ExportResult:
     """Export `checkpoint` as ONNX or TorchScript, then fail unless its logits match PyTorch's within `tolerance`.
 
     `out` is never the checkpoint itself; an existing file that is not an earlier export of the same
-    format is replaced only with `force`.
+    format is replaced only with `force`. With `quantize`, the ONNX model is quantized to int8 on its
+    calibration images and kept only if it decides its check images like the fp32 model.
 
     Args:
         checkpoint: a run's checkpoint.
@@ -133,19 +136,63 @@ def export_model(
         tolerance: largest allowed difference between exported and PyTorch logits.
         log: where progress lines go.
         force: replace an existing out file that is not an earlier export of this format (never the checkpoint).
+        quantize: gives the images to calibrate and check an int8 model on (ONNX only); None: float32.
     """
     if fmt not in EXPORT_FORMATS:
         raise FinetuneError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
+    if quantize is not None and fmt != "onnx":
+        raise FinetuneError("--quantize int8 needs --format onnx (onnxruntime quantizes ONNX models)")
     if fmt == "onnx":
         _onnx_modules()  # fail before the slow part when the packages are missing
     checkpoint = Path(checkpoint).expanduser()
-    out = Path(out).expanduser() if out else checkpoint.with_suffix(SUFFIXES[fmt])
+    suffix = ".int8.onnx" if quantize is not None else SUFFIXES[fmt]
+    out = Path(out).expanduser() if out else checkpoint.with_name(checkpoint.stem + suffix)
     metadata = out.with_name(out.name + ".json")
     replaced = [path for path, earlier in ((out, _EARLIER[fmt]), (metadata, _is_export_metadata))
                 if check_output(path, [checkpoint], f"{fmt} export", earlier, force)]
     check_writable(out.parent, "choose an --out in a folder you can write to")
     loaded = load_model(checkpoint, "cpu")
     loaded.model.float().eval()
+    # The fp32 model quantize_int8 reads: a temporary beside `out` (a killed run's is cleared by the next).
+    written = temporary_path(out) if quantize is not None else out
+    inputs = quantize(loaded) if quantize is not None else None
+    try:
+        diff = _export_checked(loaded, fmt, written, tolerance)
+        int8 = None if inputs is None else quantize_int8(written, out, loaded, inputs, _activation(loaded))
+    finally:
+        if written != out:
+            written.unlink(missing_ok=True)
+    metadata.write_text(json.dumps({
+        "format": fmt, "checkpoint": str(checkpoint), "input": "input: float32 N x 3 x H x W, normalised",
+        "output": "logits: N x classes (apply softmax for probabilities)", "classes": loaded.classes,
+        "preprocessing": loaded.preprocessing.to_dict(), "max_abs_diff": diff,
+        **({"quantize": "int8", "int8_check": int8.to_dict()} if int8 else {}),
+    }, indent=2) + "\n")
+    log(f"exported {fmt} model to {out} (classes and preprocessing in {metadata.name}); "
+        f"max abs difference from PyTorch {diff:.2e} on a batch of 3" + ("" if int8 is None else
+        f" before int8; {describe_check(int8)}, calibrated on {int8.calibration_images} images of {inputs.source}"))
+    for path in replaced:
+        log(f"note: replaced the earlier {path}")
+    return ExportResult(out, metadata, fmt, diff)
+
+
+def _activation(loaded: LoadedModel) -> str:
+    from finetune.config.recipe import TASK_ACTIVATIONS
+
+    return TASK_ACTIVATIONS[loaded.task_name]
+
+
+def describe_check(check: QuantizeCheck) -> str:
+    """One line: how the int8 model compares with fp32."""
+    text = (f"int8 decides {check.agreement:.1%} of {check.check_images} held-out images like fp32 "
+            f"(largest probability difference {check.max_prob_diff:.3f})")
+    if check.accuracy_fp32 is not None:
+        text += f", accuracy {check.accuracy_int8:.4f} int8 vs {check.accuracy_fp32:.4f} fp32"
+    return text
+
+
+def _export_checked(loaded: LoadedModel, fmt: str, out: Path, tolerance: float) -> float:
+    """Write the export and return its largest logit difference from PyTorch; FinetuneError beyond `tolerance`."""
     with torch.no_grad():
         run = _export_torchscript(loaded, out) if fmt == "torchscript" else _export_onnx(loaded, out)
         # A batch size and values the export never saw: catches a batch size baked into the graph.
@@ -156,18 +203,9 @@ def export_model(
         except Exception as err:  # runtime errors of the exported graph come in many types
             raise FinetuneError(f"the exported {fmt} model does not run on a batch of 3: {str(err)[:300]}") from None
     diff = float(np.abs(got - expected).max()) if got.shape == expected.shape else float("inf")
-    metadata.write_text(json.dumps({
-        "format": fmt, "checkpoint": str(checkpoint), "input": "input: float32 N x 3 x H x W, normalised",
-        "output": "logits: N x classes (apply softmax for probabilities)", "classes": loaded.classes,
-        "preprocessing": loaded.preprocessing.to_dict(), "max_abs_diff": diff,
-    }, indent=2) + "\n")
-    log(f"exported {fmt} model to {out} (classes and preprocessing in {metadata.name}); "
-        f"max abs difference from PyTorch {diff:.2e} on a batch of 3")
-    for path in replaced:
-        log(f"note: replaced the earlier {path}")
     if not diff <= tolerance:
         raise FinetuneError(
             f"the exported {fmt} model's outputs differ from PyTorch's by up to {diff:.3g} (tolerance {tolerance:g}; "
             f"shapes {got.shape} vs {expected.shape}); do not deploy {out}"
         )
-    return ExportResult(out, metadata, fmt, diff)
+    return diff

@@ -25,8 +25,8 @@ from finetune.config.options import InferenceOptions
 from finetune.config.recipe import TASK_ACTIVATIONS, Recipe
 from finetune.inference.tta import ViewTransform, average_views, parse_tta
 
-__all__ = ["LoadedModel", "ProbsSettings", "check_finite_weights", "load_model", "load_ensemble", "predict_probs",
-           "stream_probs", "sharded_probs", "resolve_device"]
+__all__ = ["LoadedModel", "ProbsSettings", "check_finite_weights", "images_dataset", "load_model", "load_ensemble",
+           "predict_probs", "stream_probs", "sharded_probs", "resolve_device"]
 
 
 @dataclass
@@ -161,6 +161,11 @@ class _ViewsDataset(Dataset):
         except FinetuneError as err:
             return (*(t.blank() for t in self.transforms), str(err).split(": ", 1)[-1])
         return (*(t(image) for t in self.transforms), "")
+
+
+def images_dataset(paths: Sequence[Path], pre: Preprocessing) -> Dataset:
+    """`paths` as (evaluation tensor, "" or why the image did not decode: a blank tensor) pairs, no TTA."""
+    return _ViewsDataset(paths, [ViewTransform(pre)], frozenset())
 
 
 @torch.no_grad()
