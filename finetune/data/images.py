@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import stat
 from concurrent.futures import ThreadPoolExecutor
@@ -11,8 +10,9 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
+from finetune.data.portable import decode_rgb
 from finetune.errors import FinetuneError
 
 __all__ = [
@@ -92,32 +92,8 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
     return sorted(found)
 
 
-def _to_8bit(image: Image.Image) -> Image.Image:
-    """Scale 16-bit / 32-bit / float single-channel images into 8-bit grayscale."""
-    array = np.asarray(image, dtype=np.float64)
-    lo, hi = float(array.min()), float(array.max())
-    if image.mode.startswith("I;16") or (image.mode == "I" and hi > 255):
-        scale = 65535.0 if hi > 255 else 255.0
-        array = array / scale * 255.0
-    elif image.mode == "F":
-        array = (array - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(array)
-    return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), mode="L")
-
-
-def _draft(image: Image.Image, min_side: int) -> None:
-    """Let a JPEG decode at 1/2, 1/4 or 1/8 scale while its shorter side stays >= `min_side`.
-
-    libjpeg skips most of the work at reduced scale (several times faster for a 512 px photo at 128 px);
-    PIL's draft never goes below the requested size, so later resizing still downsamples.
-    """
-    width, height = image.size
-    scale = min_side / max(min(width, height), 1)
-    if image.format == "JPEG" and scale < 0.5:
-        image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
-
-
 def load_rgb(path: Path, min_side: Optional[int] = None) -> np.ndarray:
-    """Decode an image as an HxWx3 uint8 RGB array (EXIF-rotated; alpha over white).
+    """Decode an image as an HxWx3 uint8 RGB array (EXIF-rotated; alpha over white; portable.decode_rgb).
 
     With `min_side`, a JPEG may be decoded at reduced scale, its shorter side still >= `min_side`.
     Raises FinetuneError when the file is empty, truncated or not an image.
@@ -126,21 +102,7 @@ def load_rgb(path: Path, min_side: Optional[int] = None) -> np.ndarray:
     if problem:
         raise FinetuneError(f"cannot read image {path}: {problem}")
     try:
-        with Image.open(path) as image:
-            if min_side:
-                _draft(image, min_side)
-            image.load()
-            image = ImageOps.exif_transpose(image) or image
-            if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-                image = _to_8bit(image)
-            if image.mode in ("P", "PA"):
-                image = image.convert("RGBA")
-            if image.mode in ("RGBA", "LA", "La", "RGBa"):
-                rgba = image.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                image = Image.alpha_composite(background, rgba)
-            rgb = image.convert("RGB")
-            return np.asarray(rgb, dtype=np.uint8).copy()
+        return decode_rgb(path, min_side)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         reason = "empty file" if path.exists() and path.stat().st_size == 0 else str(err) or type(err).__name__
         raise FinetuneError(f"cannot read image {path}: {reason}") from None

@@ -28,6 +28,7 @@ import torch
 from albumentations.pytorch import ToTensorV2
 from torchvision.transforms import v2
 
+from finetune.data.portable import resize_side
 from finetune.data.preprocessing import Preprocessing
 from finetune.errors import FinetuneError
 
@@ -170,7 +171,7 @@ def build_eval_transform(pre: Preprocessing) -> A.Compose:
 
 def eval_decode_side(pre: Preprocessing) -> int:
     """The shorter side the evaluation preprocessing resizes to: decoding larger is wasted work."""
-    return max(pre.size, int(round(pre.size / pre.crop_pct)))
+    return resize_side(pre.size, pre.crop_pct)
 
 
 # Smallest crop area of each preset's RandomResizedCrop; its narrowest crop (aspect 3/4) must still hold
