@@ -1,6 +1,7 @@
-"""A small, fast CPU model: the demo checkpoint as PyTorch fp32, ONNX fp32 and ONNX int8 on the same test images.
+"""Sharing a model: the demo checkpoint as PyTorch fp32, ONNX fp32 and ONNX int8 on the same test images, and its
+timm model folder used without finetune against `finetune predict`.
 
-    python benchmarks/int8_benchmark.py [--test-images 2000] [--repeats 3] [--batch-size 64]
+    python benchmarks/sharing_benchmark.py [--test-images 2000] [--repeats 3] [--batch-size 64]
         [--checkpoint runs/x/best.pt --data DIR]     # an existing run instead of training the demo recipe
 
 Without --checkpoint it trains the demo recipe (Lite0 from the packaged ImageNet weights, 96 px, 20 epochs) on
@@ -11,12 +12,19 @@ validation images). All three models score the same preprocessed test tensors (d
 once, before timing, so the figures compare the models): images/s is the median of `--repeats` passes, the
 three alternating within each pass, after one warm-up pass; accuracy against the export's answers; file sizes
 on disk. PyTorch runs the model `finetune predict` runs (BatchNorm folded into the convolutions).
+
+Then `finetune export --format timm`, and the model card's code run in a fresh process where finetune cannot be
+imported (timm, its preprocess.py) on the same test images: the largest difference from `finetune predict`'s
+calibrated probabilities, and whether the top class ever differs.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
+import subprocess
+import sys
 import statistics
 import tempfile
 import time
@@ -28,7 +36,8 @@ import torch
 
 from finetune.data.images import list_images
 from finetune.inference.export import export_model
-from finetune.inference.predict import load_model
+from finetune.inference.predict import ProbsSettings, load_model, predict_probs
+from finetune.data.sources import Sample
 from finetune.inference.quantize import preprocessed
 from finetune.workflows.api import train
 from finetune.workflows.datasets import FashionMNISTSplit, export_fashion_mnist
@@ -95,7 +104,28 @@ def main() -> None:
             rate = len(paths) / seconds[name]
             accuracy = float(np.mean(logits[name].argmax(1) == truth_index))
             print(f"| {name} | {sizes[name] / 1e6:.1f} MB | {rate:.0f} | {rate / base:.2f}x | {accuracy:.4f} |")
-        print("\n(PyTorch's file is the checkpoint finetune predict reads, best.pt.)")
+        print("\n(PyTorch's file is the checkpoint finetune predict reads, best.pt.)\n")
+        print(timm_folder_check(checkpoint, paths, work))
+
+
+def timm_folder_check(checkpoint: Path, paths: list[Path], work: Path) -> str:
+    """The timm folder's probabilities (the card's code, finetune not importable) against finetune's."""
+    folder = export(checkpoint, "timm", out=work / "timm_model", log=quiet).path
+    card = (folder / "README.md").read_text()
+    code = card.split("```python\n", 1)[1].split("```", 1)[0]
+    code = code.replace('folder = "."', f"folder = {str(folder)!r}")
+    code = code.replace('images = ["photo.jpg"]', f"images = {[str(p) for p in paths]!r}")
+    code = code.replace("for path, p in zip(images, probs):\n    print(", "for path, p in []:\n    print(")
+    dump = work / "timm_probs.json"
+    script = work / "use_timm_folder.py"
+    script.write_text("import sys\nsys.modules['finetune'] = None\n" + code
+                      + f"\njson.dump(probs.tolist(), open({str(dump)!r}, 'w'))\n")
+    subprocess.run([sys.executable, str(script)], cwd=work, check=True)
+    theirs = np.array(json.loads(dump.read_text()))
+    ours = predict_probs(load_model(checkpoint, fuse=True), [Sample(p) for p in paths], ProbsSettings())
+    return (f"timm folder (finetune not importable) vs finetune predict on {len(paths)} test images: largest "
+            f"probability difference {np.abs(theirs - ours).max():.2e}, top class differs on "
+            f"{int((theirs.argmax(1) != ours.argmax(1)).sum())}")
 
 
 def _batches(pre, paths: list[Path], batch_size: int) -> list[np.ndarray]:
