@@ -197,6 +197,12 @@ def test_unreadable_image_still_gets_a_row_and_is_listed(trained, tmp_path):
     assert [r[0] for r in rows(out)[1:]] == ["0001", "0002", "0003", "0004"]
     listed = rows(tmp_path / "sub_unreadable.csv")
     assert len(listed) == 2 and listed[1][0].endswith("0004.jpg")
+    # Fixed and predicted again: the earlier list would name an image this submission scored, so it goes.
+    (images / "0004.jpg").write_bytes((root / "test" / "0004.jpg").read_bytes())
+    said: list[str] = []
+    predict(ckpt, images, out=tmp_path / "sub.csv", inference=InferenceOptions(num_workers=0), log=said.append)
+    assert not (tmp_path / "sub_unreadable.csv").exists()
+    assert any("removed the earlier" in line and "every image was read" in line for line in said)
 
 
 def test_a_failed_run_leaves_no_partial_submission(tmp_path):

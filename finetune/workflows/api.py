@@ -316,7 +316,8 @@ def predict(
         deque(batches, maxlen=0)
         return files.out
     rows_written = task.write_submission(plan, batches, classes, decision, files, options, log)
-    skipped = _list_unreadable(files, [*skipped, *(SkippedImage(path, why) for path, why in failed.items())], log)
+    skipped = _list_unreadable(files, [*skipped, *(SkippedImage(path, why) for path, why in failed.items())],
+                               files.unreadable in replaced, log)
     log(f"wrote {rows_written} predictions for {len(paths)} images to {files.out}")
     written = {files.out, files.probs, files.topk, files.unreadable if skipped else None}
     for path in replaced:
@@ -325,9 +326,15 @@ def predict(
     return files.out
 
 
-def _list_unreadable(files: SubmissionFiles, skipped: list[SkippedImage], log: Log) -> list[SkippedImage]:
-    """Write the unreadable images' list beside the submission (sorted), and say how many there were."""
+def _list_unreadable(files: SubmissionFiles, skipped: list[SkippedImage], earlier: bool,
+                     log: Log) -> list[SkippedImage]:
+    """Write the unreadable images' list beside the submission (sorted), and say how many there were; an
+    `earlier` list of this submission's (a previous run's) is removed when every image read this time."""
     skipped = sorted(skipped, key=lambda item: str(item.path))
+    if not skipped and earlier:
+        # Left in place it would list images this submission scored normally.
+        files.unreadable.unlink(missing_ok=True)
+        log(f"note: removed the earlier {files.unreadable}: every image was read this time")
     if skipped:
         # Still one row per image: an unreadable image is scored as a blank (mean-colour) input.
         write_skipped_list(files.unreadable, skipped, log)
