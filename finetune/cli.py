@@ -35,6 +35,7 @@ COMMANDS: dict[str, Command] = {
     "export": Command("finetune.workflows.sharing:export", positional=("checkpoint",), flags={"fmt": "--format"},
                       choices={"fmt": "finetune.workflows.sharing:FORMATS",
                                "quantize": "finetune.inference.quantize:QUANTIZE_CHOICES"}),
+    "app": Command("finetune.workflows.app:run_app", positional=("checkpoint",)),
     "inspect": Command("finetune.workflows.launch:inspect_backbone", positional=("backbone",),
                        choices={"pool": "finetune.config.recipe:POOLS"}, nargs={"trainable": "*", "hidden": "*"}),
     "tune": Command("finetune.workflows.tune:tune", positional=("recipe",)),

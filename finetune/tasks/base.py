@@ -124,6 +124,11 @@ class Task(abc.ABC):
         """Score a submission CSV against the true labels: the metrics and the console lines."""
 
     @abc.abstractmethod
+    def decision_text(self, probs: np.ndarray, classes: Sequence[str], decision: dict,
+                      reject_below: Optional[float] = None) -> str:
+        """One image's decision in words, from its calibrated probabilities (C,): what the app shows."""
+
+    @abc.abstractmethod
     def confidence(self, probs: np.ndarray) -> np.ndarray:
         """How sure the model is of each image's decision (N,), the figure pseudo-label thresholds apply to."""
 

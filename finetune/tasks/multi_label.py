@@ -207,6 +207,14 @@ class MultiLabel(Task):
 
     fits_class_folders = False  # an image with two labels would need two folders
 
+    def decision_text(self, probs, classes, decision, reject_below=None) -> str:
+        """Every class at or above its threshold, with its probability (none: say so)."""
+        thresholds = np.asarray(decision["thresholds"])
+        chosen = [k for k in np.argsort(-probs) if probs[k] >= thresholds[k]]
+        if not chosen:
+            return "no label: every class is below its threshold"
+        return "labels: " + ", ".join(f"{classes[k]} ({probs[k]:.3f} >= {thresholds[k]:.2f})" for k in chosen)
+
     def confidence(self, probs: np.ndarray) -> np.ndarray:
         """How clearly the least clear class is decided: min over classes of max(p, 1 - p)."""
         return np.maximum(probs, 1 - probs).min(axis=1) if len(probs) else np.zeros(0)

@@ -204,6 +204,14 @@ class SingleLabel(Task):
 
     fits_class_folders = True
 
+    def decision_text(self, probs, classes, decision, reject_below=None) -> str:
+        """The top class and its probability, or why it is rejected (top probability below `reject_below`)."""
+        top = int(np.argmax(probs))
+        if reject_below is not None and probs[top] < reject_below:
+            return (f"unknown: the top class, {classes[top]}, has probability {probs[top]:.3f}, below the "
+                    f"rejection threshold {reject_below:g}")
+        return f"{classes[top]} (probability {probs[top]:.3f})"
+
     def confidence(self, probs: np.ndarray) -> np.ndarray:
         """The top (calibrated) probability."""
         return probs.max(axis=1) if len(probs) else np.zeros(0)
