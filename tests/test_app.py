@@ -100,3 +100,15 @@ def test_app_answers_an_upload_in_headless_chromium(trained, tmp_path):
     finally:
         browser.quit()
         page.close()
+
+
+def test_a_multi_label_checkpoint_shows_its_label_set_and_thresholds(tmp_path):
+    from untrained import untrained_checkpoint
+
+    checkpoint = untrained_checkpoint(tmp_path / "run" / "best.pt", ["cat", "dog", "sky"],
+                                      overrides=["data.task=multilabel", "data.layout=csv", "data.csv=tags.csv"])
+    red, _, _ = _images(tmp_path)
+    classify = Classifier(load_model(checkpoint), AppOptions())
+    page, _ = classify([str(red)])
+    assert "labels: " in page or "no label: every class is below its threshold" in page
+    assert "each at its own threshold: cat 0.50, dog 0.50, sky 0.50" in classify.describe()
