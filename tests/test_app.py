@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import TINY_OVERRIDES, write_folder_dataset
 from finetune import train
 from finetune.cli import main
-from finetune.workflows.app import AppOptions, Classifier
+from finetune.workflows.app import AppOptions, PageWork
 from finetune.inference.predict import load_model
 
 quiet = lambda line: None  # noqa: E731
@@ -43,13 +43,13 @@ def _images(tmp):
 def test_the_page_decides_lists_top_classes_and_reports_bad_uploads(trained, tmp_path):
     checkpoint, _ = trained
     red, fake, big = _images(tmp_path)
-    classify = Classifier(load_model(checkpoint), AppOptions(topk=2, max_upload_mb=0.1))
+    classify = PageWork(load_model(checkpoint), AppOptions(topk=2, max_upload_mb=0.1))
     page, overlays = classify([str(red), str(fake), str(big)])
     assert "red_square.png" in page and "red (probability" in page and page.count("<tr><td>") == 2
     assert "not_an_image.jpg: not an image this model can read" in page and str(tmp_path) not in page
     assert "big.png: larger than 0.1 MB, not read" in page
     assert len(overlays) == 1 and overlays[0][0].shape == (32, 32, 3) and "where it looked for red" in overlays[0][1]
-    rejecting = Classifier(load_model(checkpoint), AppOptions(reject_below=0.999))
+    rejecting = PageWork(load_model(checkpoint), AppOptions(reject_below=0.999))
     assert "unknown: the top class, red, has probability" in rejecting([str(red)])[0]
     assert "Pick or drop" in classify([])[0]
 
@@ -108,7 +108,7 @@ def test_a_multi_label_checkpoint_shows_its_label_set_and_thresholds(tmp_path):
     checkpoint = untrained_checkpoint(tmp_path / "run" / "best.pt", ["cat", "dog", "sky"],
                                       overrides=["data.task=multilabel", "data.layout=csv", "data.csv=tags.csv"])
     red, _, _ = _images(tmp_path)
-    classify = Classifier(load_model(checkpoint), AppOptions())
+    classify = PageWork(load_model(checkpoint), AppOptions())
     page, _ = classify([str(red)])
     assert "labels: " in page or "no label: every class is below its threshold" in page
     assert "each at its own threshold: cat 0.50, dog 0.50, sky 0.50" in classify.describe()

@@ -158,7 +158,7 @@ def export_model(
     inputs = quantize(loaded) if quantize is not None else None
     try:
         diff = _export_checked(loaded, fmt, written, tolerance)
-        int8 = None if inputs is None else quantize_int8(written, out, loaded, inputs, _activation(loaded))
+        int8 = None if inputs is None else quantize_int8(written, out, loaded, inputs)
     finally:
         if written != out:
             written.unlink(missing_ok=True)
@@ -174,12 +174,6 @@ def export_model(
     for path in replaced:
         log(f"note: replaced the earlier {path}")
     return ExportResult(out, metadata, fmt, diff)
-
-
-def _activation(loaded: LoadedModel) -> str:
-    from finetune.config.recipe import TASK_ACTIVATIONS
-
-    return TASK_ACTIVATIONS[loaded.task_name]
 
 
 def describe_check(check: QuantizeCheck) -> str:

@@ -20,6 +20,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from finetune.config.recipe import TASK_ACTIVATIONS
 from finetune.data.loaders import make_loader
 from finetune.data.preprocessing import Preprocessing
 from finetune.data.sources import Sample
@@ -110,8 +111,7 @@ def compare(fp32: Callable, int8: Callable, loaded: LoadedModel, check: Sequence
                          accuracy(d32), accuracy(d8))
 
 
-def quantize_int8(fp32_path: Path, out: Path, loaded: LoadedModel, inputs: QuantizeInputs,
-                  activation: str) -> QuantizeCheck:
+def quantize_int8(fp32_path: Path, out: Path, loaded: LoadedModel, inputs: QuantizeInputs) -> QuantizeCheck:
     """Write the int8 model of the ONNX file `fp32_path` to `out`; refuse it (not written, FinetuneError) when it
     decides fewer than INT8_MIN_AGREEMENT of the check images like fp32."""
     import onnxruntime
@@ -135,8 +135,8 @@ def quantize_int8(fp32_path: Path, out: Path, loaded: LoadedModel, inputs: Quant
         sessions = [onnxruntime.InferenceSession(str(p), providers=["CPUExecutionProvider"])
                     for p in (fp32_path, staged)]
         runs = [lambda x, s=s: s.run(None, {"input": x})[0] for s in sessions]
-        check = compare(*runs, loaded, inputs.check or [Sample(p) for p in inputs.calibration], activation,
-                        len(inputs.calibration))
+        check = compare(*runs, loaded, inputs.check or [Sample(p) for p in inputs.calibration],
+                        TASK_ACTIVATIONS[loaded.task_name], len(inputs.calibration))
         if check.agreement < INT8_MIN_AGREEMENT:
             raise FinetuneError(
                 f"the int8 model decides only {check.agreement:.1%} of {check.check_images} check images like "

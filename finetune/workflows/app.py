@@ -18,7 +18,7 @@ from finetune.errors import FinetuneError
 from finetune.inference.predict import LoadedModel, ProbsSettings, load_model, predict_probs
 from finetune.tasks import task_of_model
 
-__all__ = ["APP_HINT", "AppOptions", "Classifier", "build_app", "run_app"]
+__all__ = ["APP_HINT", "AppOptions", "PageWork", "build_app", "run_app"]
 
 APP_HINT = "the app needs Gradio: pip install 'finetune[app]'"
 MAX_IMAGES = 16  # per request: the page stays responsive on a CPU
@@ -41,7 +41,7 @@ def _overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
     return np.clip(0.55 * image + 0.45 * colours, 0, 255).astype(np.uint8)
 
 
-class Classifier:
+class PageWork:
     """The page's work, without Gradio: uploaded files in, an HTML summary and Grad-CAM overlays out."""
 
     def __init__(self, loaded: LoadedModel, options: AppOptions) -> None:
@@ -127,7 +127,7 @@ def _gradio():
 def build_app(checkpoint: Union[str, Path], options: AppOptions = AppOptions()):
     """The Gradio Blocks page for `checkpoint` (not launched)."""
     gr = _gradio()
-    classify = Classifier(load_model(Path(checkpoint).expanduser(), "cpu"), options)
+    classify = PageWork(load_model(Path(checkpoint).expanduser(), "cpu"), options)
     with gr.Blocks(title=f"finetune: {classify.loaded.recipe.name}") as page:
         gr.Markdown(classify.describe())
         files = gr.File(file_count="multiple", label="Images (pick or drop several)")
