@@ -15,12 +15,13 @@ import importlib
 from typing import Any
 
 from finetune.errors import FinetuneError
-from finetune.config.options import InferenceOptions, PseudoLabelOptions, SubmissionOptions
+from finetune.config.options import AuditOptions, InferenceOptions, PseudoLabelOptions, SubmissionOptions
 from finetune.config.recipe import Recipe, load_recipe
 from finetune.version import __version__
 
 __all__ = [
     "__version__",
+    "AuditOptions",
     "FinetuneError",
     "InferenceOptions",
     "LoadedModel",
@@ -28,6 +29,7 @@ __all__ = [
     "Recipe",
     "SubmissionOptions",
     "TrainResult",
+    "audit",
     "evaluate",
     "export",
     "load_model",
@@ -46,6 +48,7 @@ _LAZY = {
     "predict": "finetune.workflows.api",
     "report": "finetune.workflows.api",
     "export": "finetune.workflows.sharing",
+    "audit": "finetune.workflows.audit",
     "pseudo_label": "finetune.workflows.semi",
     "train_semi": "finetune.workflows.semi",
     "LoadedModel": "finetune.inference.predict",

@@ -13,7 +13,6 @@ import os
 import sys
 from typing import Optional
 
-from finetune.data.cores import prefer_passive_waits
 from finetune.errors import FinetuneError
 from finetune.signature_cli import Command, add_command, call
 
@@ -36,6 +35,7 @@ COMMANDS: dict[str, Command] = {
                       choices={"fmt": "finetune.workflows.sharing:FORMATS",
                                "quantize": "finetune.inference.quantize:QUANTIZE_CHOICES"}),
     "app": Command("finetune.workflows.app:run_app", positional=("checkpoint",)),
+    "audit": Command("finetune.workflows.audit:audit", positional=("source",)),
     "inspect": Command("finetune.workflows.launch:inspect_backbone", positional=("backbone",),
                        choices={"pool": "finetune.config.recipe:POOLS"}, nargs={"trainable": "*", "hidden": "*"}),
     "tune": Command("finetune.workflows.tune:tune", positional=("recipe",)),
@@ -115,7 +115,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     Under torchrun only rank 0 prints (the other ranks' stdout is discarded; errors still reach stderr).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    prefer_passive_waits()  # before torch loads: OpenMP reads its wait policy once, at load time
     torchrun = False
     if "LOCAL_RANK" in os.environ:  # only torchrun's workers need torch.distributed: plain commands start light
         from finetune.engine import distributed

@@ -65,6 +65,9 @@ def why_not_run(argv: list[str]) -> Optional[str]:
         return "writes Fashion-MNIST into the folder it names (test_datasets.py covers it on a temporary folder)"
     if args[0] == "runs" and not Path(args[1] if args[1:2] and not args[1].startswith("-") else "runs").is_dir():
         return "needs run folders, which this machine does not have (test_runs_table.py makes some)"
+    first = args[1] if args[1:2] and not args[1].startswith("-") else ""
+    if "/" in first and not Path(first).expanduser().exists():  # a run folder or checkpoint to read (a recipe
+        return f"needs {first}, which this machine does not have"  # given by name has no slash)
     missing = _missing_input(args)
     if missing:
         return f"needs {missing}, which this machine does not have"

@@ -15,11 +15,13 @@ from finetune.errors import FinetuneError
 from finetune.config.recipe import PRECISIONS
 
 __all__ = ["ID_FORMATS", "VALUE_KINDS", "PSEUDO_FORMATS", "InferenceOptions", "SubmissionOptions",
-           "PseudoLabelOptions"]
+           "PseudoLabelOptions", "AuditOptions", "AUDIT_METHODS", "AUDIT_FIXES"]
 
 VALUE_KINDS = ("name", "index")  # what a submission's label cell holds
 ID_FORMATS = ("stem", "name", "index")  # how a submission names an image
 PSEUDO_FORMATS = ("folder", "csv")  # how pseudo-labels are written
+AUDIT_METHODS = ("features", "kfold")  # where the audit's out-of-sample probabilities come from
+AUDIT_FIXES = ("drop", "relabel")  # what a cleaned manifest does with images whose label is doubted
 
 
 def _one_of(flag: str, value: object, choices: tuple) -> None:
@@ -140,3 +142,50 @@ class PseudoLabelOptions:
             raise FinetuneError(f"--threshold is a probability in (0, 1], e.g. 0.9; got {self.threshold}")
         if self.max_per_class is not None:
             _at_least("--max-per-class", self.max_per_class, 1, "300")
+
+
+@dataclass
+class AuditOptions:
+    """How the data audit finds its problems.
+
+    Attributes:
+        method: where the out-of-sample probabilities come from: features (the recipe's pretrained backbone,
+            frozen; a cross-validated linear classifier on its features: seconds) or kfold (fine-tune --folds
+            models with the recipe; slower, sharper). A k-fold run folder given instead of a recipe is reused.
+        folds: folds of either method.
+        thumbnail_similarity: cosine similarity of two images' 8x8 grey thumbnails (mean removed) from which
+            they count as copies (a resized or re-encoded copy; byte-identical files are always found).
+        similarity: cosine similarity of two images' embeddings from which they may count as copies (a crop or
+            another edit the thumbnails miss) ...
+        ratio: ... when their distance is also at most this share of their usual distance to their nearest
+            neighbours (a copy stands out from merely similar images, whatever the backbone).
+        outlier_spread: an image is an outlier when its distance to its nearest neighbours is this many robust
+            standard deviations (median absolute deviations) above the median.
+        fix: what --write-manifest does with an image whose label is doubted: drop it, or relabel it with the
+            suggested label.
+        batch_size: images per batch when computing embeddings and probabilities.
+    """
+
+    method: str = field(default="features", metadata={"choices": AUDIT_METHODS})
+    folds: int = 5
+    thumbnail_similarity: float = 0.9995
+    similarity: float = 0.9
+    ratio: float = 0.25
+    outlier_spread: float = 6.0
+    fix: str = field(default="drop", metadata={"choices": AUDIT_FIXES})
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        _one_of("--method", self.method, AUDIT_METHODS)
+        _one_of("--fix", self.fix, AUDIT_FIXES)
+        _at_least("--folds", self.folds, 2, "5")
+        _at_least("--batch-size", self.batch_size, 1, "64")
+        if not 0.0 < self.similarity <= 1.0:
+            raise FinetuneError(f"--similarity must be in (0, 1], got {self.similarity!r}; e.g. --similarity 0.9")
+        if not 0.0 < self.thumbnail_similarity <= 1.0:
+            raise FinetuneError("--thumbnail-similarity must be in (0, 1], got "
+                                f"{self.thumbnail_similarity!r}; e.g. --thumbnail-similarity 0.9995")
+        if not 0.0 < self.ratio <= 1.0:
+            raise FinetuneError(f"--ratio must be in (0, 1], got {self.ratio!r}; e.g. --ratio 0.25")
+        if self.outlier_spread <= 0:
+            raise FinetuneError(f"--outlier-spread must be above 0, got {self.outlier_spread!r}; e.g. 6")

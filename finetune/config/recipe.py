@@ -174,6 +174,9 @@ class DataConfig:
     # multilabel: what separates the labels in the label column (None: any of space, comma, |); without
     # csv_label_column, a manifest whose other columns all hold 0/1 is read as one column per class.
     csv_label_sep: Optional[str] = None
+    # A CSV of images to leave out of training and validation (first column or `path`: paths, absolute or relative
+    # to the data folder), e.g. the excluded.csv of `finetune audit`, edited; listed in skipped_images.csv.
+    exclude: Optional[str] = None
     val_fraction: float = 0.2  # stratified hold-out when no validation folder exists
     image_size: Optional[int] = None  # training/eval size; None = the backbone's pretrained size
     # Evaluation framing: resize the shorter side to image_size / crop_pct, then centre-crop image_size.

@@ -6,6 +6,7 @@ do not (truncated, damaged) is dropped from its batch there and listed (finetune
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Protocol, Sequence
@@ -16,7 +17,7 @@ from finetune.data.sources import VAL_NAMES, DatasetSplits, Keep, Sample, read_l
 from finetune.errors import FinetuneError
 from finetune.config.recipe import DataConfig, Recipe
 
-__all__ = ["Prepared", "Discovery", "prepare", "openable", "labelled"]
+__all__ = ["Prepared", "Discovery", "prepare", "openable", "labelled", "read_exclusions", "excluding"]
 
 Log = Callable[[str], None]
 
@@ -56,6 +57,41 @@ def openable(samples: Sequence[Sample]) -> tuple[list[Sample], list[SkippedImage
     return [s for s in samples if s.path not in bad], skipped
 
 
+def read_exclusions(cfg: DataConfig) -> tuple[Path, set[Path]]:
+    """The `data.exclude` CSV and the resolved paths it lists (its `path` column, else its first)."""
+    listed = Path(cfg.exclude or "").expanduser()
+    root = Path(cfg.root or ".").expanduser()
+    listed = listed if listed.is_absolute() else root / listed
+    if not listed.is_file():
+        raise FinetuneError(f"data.exclude names {listed}, which is not a file; give the CSV of images to leave out "
+                            "(e.g. the excluded.csv of `finetune audit`)")
+    with listed.open(newline="", encoding="utf-8-sig") as handle:
+        rows = list(csv.reader(handle))
+    if not rows:
+        return listed, set()
+    column = rows[0].index("path") if "path" in rows[0] else 0
+    start = 1 if rows[0] and rows[0][column] == "path" else 0  # another header matches no image: harmless
+    paths = {(root / row[column].strip()).resolve() for row in rows[start:]
+             if len(row) > column and row[column].strip()}
+    return listed, paths
+
+
+def excluding(listed: Path, paths: set[Path], keep: Keep) -> Keep:
+    """`keep`, after leaving out the samples whose file is among `paths` (each listed with the exclusion file)."""
+
+    def kept(samples: Sequence[Sample]) -> tuple[list[Sample], list[SkippedImage]]:
+        chosen, dropped = [], []
+        for sample in samples:
+            if sample.path.resolve() in paths:
+                dropped.append(SkippedImage(sample.path, f"excluded by data.exclude ({listed})"))
+            else:
+                chosen.append(sample)
+        usable, unreadable = keep(chosen)
+        return usable, dropped + unreadable
+
+    return kept
+
+
 def _check_classes(prepared: Prepared, log: Log) -> None:
     counts = prepared.train_counts
     empty = [prepared.classes[i] for i, c in enumerate(counts) if c == 0]
@@ -79,7 +115,12 @@ def prepare(recipe: Recipe, task: Discovery, log: Log = print) -> Prepared:
     counted."""
     # Files that are not images are dropped before the validation split, so it holds val_fraction of the usable
     # ones; only the header is read here, the pixels are decoded once, by the training loader.
-    splits = task.discover(recipe.data, recipe.train.seed, openable)
+    keep: Keep = openable
+    if recipe.data.exclude:
+        listed, paths = read_exclusions(recipe.data)
+        keep = excluding(listed, paths, openable)
+        log(f"data.exclude: leaving out the {len(paths)} image(s) listed in {listed}")
+    splits = task.discover(recipe.data, recipe.train.seed, keep)
     val_source = splits.val_source
     if val_source == "split":
         val_source = f"{recipe.data.val_fraction:.0%} {task.split_kind} split"

@@ -18,9 +18,10 @@ import yaml
 from finetune.errors import FinetuneError
 from finetune.outputs.run_dir import EvalFiles, RunDir
 
-__all__ = ["build_report", "render_report", "render_runs_page", "single_label_sections", "multilabel_sections"]
+__all__ = ["PAGE_CSS", "build_report", "render_report", "render_runs_page", "single_label_sections",
+           "multilabel_sections"]
 
-_CSS = """
+PAGE_CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f6f7f9;color:#1d232b}
 main{max-width:1180px;margin:0 auto;padding:24px}
 h1{font-size:1.6rem;margin:0 0 4px} h2{font-size:1.2rem;margin:28px 0 10px;border-bottom:1px solid #d8dde3}
@@ -262,7 +263,7 @@ def render_report(run: RunDir, evaluation: EvalFiles) -> str:
         *parts, *eval_parts, *run_parts,
     ])
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_esc(run.path.name)} · finetune '
-            f'report</title><meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style>'
+            f'report</title><meta name="viewport" content="width=device-width, initial-scale=1"><style>{PAGE_CSS}</style>'
             f"</head><body><main>{body}</main></body></html>\n")
 
 
@@ -289,7 +290,7 @@ def render_runs_page(root: Path, header: list[str], rows: list[list[str]], curve
         f'<figure><img src="data:image/png;base64,{data}" alt="validation curves of every run"></figure>',
     ])
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>runs · finetune</title>'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style>'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{PAGE_CSS}</style>'
             f"</head><body><main>{body}</main></body></html>\n")
 
 

@@ -4,8 +4,8 @@ A run folder is ``<output>/<name>`` (``name-2``, ``name-3``, ... when taken: nev
 recipe.yaml, classes.txt, class_counts.csv, skipped_images.csv, history.csv, curves.png, best.pt,
 last.pt, eval/ (an `EvalFiles` bundle), report.html, tensorboard_events/ (train.loggers: [tensorboard]);
 a k-fold parent adds cv_summary.json, oof_predictions.csv and one run folder per fold; a tuning study
-folder (`StudyDir`) one run folder per trial. Only the main process (rank 0 under torchrun) writes;
-every other process sees the same names and writes nothing.
+folder (`StudyDir`) one run folder per trial; a data audit folder (`AuditFiles`) its CSV lists and page.
+Only the main process (rank 0 under torchrun) writes; every other process sees the same names and writes nothing.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 from finetune.data.images import SkippedImage, is_image_file
 from finetune.engine import distributed
 from finetune.engine.checkpoint import read_checkpoint, save_checkpoint
-from finetune.engine.files import check_writable
+from finetune.engine.files import check_writable, replace_atomically, temporary_path
 from finetune.errors import FinetuneError
 from finetune.outputs.loggers import Logger, create_loggers
 from finetune.config.recipe import Recipe
 from finetune.outputs.figures.plots import plot_curves
 
-__all__ = ["EvalFiles", "RunDir", "StudyDir", "check_output", "refuse_image_folder", "write_skipped_list"]
+__all__ = ["AuditFiles", "EvalFiles", "RunDir", "StudyDir", "check_output", "refuse_image_folder", "write_skipped_list"]
 
 Log = Callable[[str], None]
 
@@ -516,3 +516,67 @@ class StudyDir:
             raise ValueError(f"{path} is not a figure of {self}")
         if distributed.is_main():
             path.write_bytes(data)
+
+
+class AuditFiles:
+    """A data audit folder (`finetune audit --out`): the flagged images' lists, the summary and the page.
+
+    label_issues.csv (path, given, suggested, quality; worst first), label_quality.csv (the same for every labelled
+    image: the full ranking, the top-loss view), duplicates.csv (path_a, path_b, split_a,
+    split_b, similarity), outliers.csv (path, score), excluded.csv (path, reason: what `data.exclude` reads, for
+    the user to edit), audit.json (counts and settings) and audit.html. The manifest of `--write-manifest` goes
+    where the user names it. The user's data folder is never written.
+    """
+
+    def __init__(self, folder: Union[str, Path]) -> None:
+        self.folder = Path(folder).expanduser()
+        self.label_issues = self.folder / "label_issues.csv"
+        self.label_quality = self.folder / "label_quality.csv"
+        self.duplicates = self.folder / "duplicates.csv"
+        self.outliers = self.folder / "outliers.csv"
+        self.excluded = self.folder / "excluded.csv"
+        self.summary = self.folder / "audit.json"
+        self.page = self.folder / "audit.html"
+        self.skipped = self.folder / "skipped_images.csv"
+
+    def prepare(self) -> None:
+        """Create the folder (main process only); refuse a file in its place or a folder among the images."""
+        if self.folder.exists() and not self.folder.is_dir():
+            raise FinetuneError(f"{self.folder} is a file, not a folder: give --out a folder for the audit")
+        refuse_image_folder(self.folder, "audit")
+        if distributed.is_main():
+            check_writable(self.folder, "give --out a folder you can write to")
+
+    def write_csv(self, path: Path, rows: Iterable[Sequence[Any]]) -> None:
+        """One of the audit's CSV lists, header first."""
+        if path.parent != self.folder:
+            raise ValueError(f"{path} is not a file of {self.folder}")
+        if distributed.is_main():
+            _write_csv(path, rows)
+
+    def write_manifest(self, path: Path, rows: Iterable[Sequence[Any]]) -> None:
+        """The cleaned CSV manifest (`--write-manifest`), anywhere but inside the audited data (checked by the
+        caller); written whole or not at all."""
+        if distributed.is_main():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = temporary_path(path)
+            _write_csv(tmp, rows)
+            replace_atomically(tmp, path)
+
+    def write_summary(self, summary: dict) -> None:
+        """audit.json."""
+        if distributed.is_main():
+            self.summary.write_text(json.dumps(summary, indent=2) + "\n")
+
+    def read_summary(self) -> Optional[dict]:
+        """audit.json, or None."""
+        try:
+            return json.loads(self.summary.read_text()) if self.summary.is_file() else None
+        except (OSError, ValueError):
+            return None
+
+    def write_page(self, page: str) -> Path:
+        """audit.html."""
+        if distributed.is_main():
+            self.page.write_text(page, encoding="utf-8")
+        return self.page

@@ -12,6 +12,7 @@ submission cell and scoring a submission.
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
@@ -31,9 +32,34 @@ if TYPE_CHECKING:  # hints only: a task's methods import what they use
     from finetune.config.options import InferenceOptions, SubmissionOptions
     from finetune.outputs.submission import SubmissionFiles, SubmissionPlan
 
-__all__ = ["Task", "Log"]
+__all__ = ["Task", "Log", "LabelIssue", "import_cleanlab"]
 
 Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class LabelIssue:
+    """One image's label as the out-of-sample probabilities judge it: its index, the label's quality (0: surely
+    wrong, 1: surely right), the target the probabilities suggest, and whether confident learning flags it."""
+
+    index: int
+    quality: float
+    suggested: object
+    flagged: bool
+
+
+def import_cleanlab():
+    """The cleanlab package (confident learning), or one clear error naming the extra that installs it."""
+    try:
+        import cleanlab
+        import cleanlab.filter
+        import cleanlab.rank
+    except ImportError:
+        from finetune.errors import FinetuneError
+
+        raise FinetuneError("the data audit needs cleanlab, which is not installed: pip install 'finetune[audit]'"
+                            ) from None
+    return cleanlab
 
 
 class Task(abc.ABC):
@@ -141,6 +167,18 @@ class Task(abc.ABC):
         """A CSV cell back to a target, refusing names that are not among `classes`."""
 
     fits_class_folders: bool  # whether its samples can be written as one folder per class
+
+    # ---- auditing the data ------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def cross_validated_probs(self, features: np.ndarray, samples: Sequence["Sample"], num_classes: int,
+                              folds: int, seed: int) -> np.ndarray:
+        """Out-of-sample probabilities (N, C) from a linear classifier on frozen `features`, `folds`-fold
+        cross-validated: each image is scored by a classifier that never saw its label."""
+
+    @abc.abstractmethod
+    def judge_labels(self, probs: np.ndarray, samples: Sequence["Sample"], num_classes: int) -> list[LabelIssue]:
+        """Every image's label judged by the out-of-sample `probs` (cleanlab's confident learning flags the
+        doubtful ones), worst first."""
 
     @abc.abstractmethod
     def select_confident(self, probs: np.ndarray, decision: dict, threshold: float,

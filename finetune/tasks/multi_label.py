@@ -9,7 +9,7 @@ import numpy as np
 
 from finetune.errors import FinetuneError
 from finetune.config.recipe import TASK_ACTIVATIONS
-from finetune.tasks.base import Log, Task
+from finetune.tasks.base import LabelIssue, Log, Task, import_cleanlab
 
 if TYPE_CHECKING:
     from torch import nn
@@ -238,3 +238,33 @@ class MultiLabel(Task):
     def select_confident(self, probs, decision, threshold, max_per_class):
         """Images decided confidently for every class; the target is the label set at the decision thresholds."""
         return confident_label_sets(probs, np.asarray(decision["thresholds"]), threshold, max_per_class)
+
+    def cross_validated_probs(self, features, samples, num_classes, folds, seed):
+        """One logistic regression per class on standardised features (a class absent from a fold's training part
+        is predicted as absent), shuffled folds."""
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.model_selection import KFold, cross_val_predict
+        from sklearn.multiclass import OneVsRestClassifier
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        from finetune.data.multilabel import multi_hot
+
+        targets = multi_hot(samples, num_classes).astype(int)
+        model = make_pipeline(StandardScaler(), OneVsRestClassifier(LogisticRegression(C=0.05, max_iter=2000)))
+        splitter = KFold(n_splits=min(folds, len(samples)), shuffle=True, random_state=seed)
+        return cross_val_predict(model, features, targets, cv=splitter, method="predict_proba")
+
+    def judge_labels(self, probs, samples, num_classes):
+        """cleanlab's multi-label `find_label_issues` flags; the quality is its multi-label self-confidence; the
+        suggestion is the set of classes at probability 0.5 or above."""
+        import_cleanlab()
+        from cleanlab.multilabel_classification import get_label_quality_scores
+        from cleanlab.multilabel_classification.filter import find_label_issues
+
+        labels = [sorted(int(c) for c in (s.target or ())) for s in samples]
+        flagged = find_label_issues(labels, probs, n_jobs=1)
+        quality = get_label_quality_scores(labels, probs)
+        order = np.argsort(quality, kind="stable")
+        return [LabelIssue(int(i), float(quality[i]), tuple(int(c) for c in np.flatnonzero(probs[i] >= 0.5)),
+                           bool(flagged[i])) for i in order]

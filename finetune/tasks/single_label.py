@@ -9,7 +9,7 @@ import numpy as np
 
 from finetune.errors import FinetuneError
 from finetune.config.recipe import TASK_ACTIVATIONS
-from finetune.tasks.base import Log, Task
+from finetune.tasks.base import LabelIssue, Log, Task, import_cleanlab
 
 if TYPE_CHECKING:
     import torch
@@ -230,6 +230,32 @@ class SingleLabel(Task):
         """The images whose calibrated top probability reaches `threshold`; the target is the top class."""
         kept = select_confident(probs, threshold, max_per_class)
         return kept, [int(probs[i].argmax()) for i in kept]
+
+    def cross_validated_probs(self, features, samples, num_classes, folds, seed):
+        """Multinomial logistic regression on standardised features, stratified folds."""
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.model_selection import StratifiedKFold, cross_val_predict
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        labels = np.array([_class_index(s) for s in samples])
+        smallest = int(np.bincount(labels, minlength=num_classes).min())
+        if smallest < 2:
+            raise FinetuneError("every class needs at least 2 images to audit its labels by cross-validation; "
+                                f"one has {smallest}")
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=2000))
+        splitter = StratifiedKFold(n_splits=min(folds, smallest), shuffle=True, random_state=seed)
+        return cross_val_predict(model, features, labels, cv=splitter, method="predict_proba")
+
+    def judge_labels(self, probs, samples, num_classes):
+        """cleanlab's `find_label_issues` (pruned by the estimated noise rates) flags; the quality is the label's
+        self-confidence (its probability: the top-loss ranking); the suggestion is the top class."""
+        cleanlab = import_cleanlab()
+        labels = np.array([_class_index(s) for s in samples])
+        flagged = cleanlab.filter.find_label_issues(labels, probs, n_jobs=1)
+        quality = cleanlab.rank.get_label_quality_scores(labels, probs)
+        order = np.argsort(quality, kind="stable")
+        return [LabelIssue(int(i), float(quality[i]), int(probs[i].argmax()), bool(flagged[i])) for i in order]
 
 
 def _class_index(sample: "Sample") -> int:

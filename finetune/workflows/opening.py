@@ -14,6 +14,8 @@ from typing import Callable, Optional, Union
 import torch
 
 from finetune.data.cores import CoreBudget, apply_threads, core_budget
+from finetune.data.duplicates import identical_files
+from finetune.data.images import list_images
 from finetune.data.prepare import Prepared, prepare
 from finetune.engine import distributed
 from finetune.engine.resume import seed_everything
@@ -24,7 +26,7 @@ from finetune.config.options import InferenceOptions
 from finetune.config.recipe import Recipe, resolve_recipe
 from finetune.tasks import Task, task_of
 
-__all__ = ["Opening", "open_training", "prepare_data", "training_cores", "inference_cores"]
+__all__ = ["Opening", "open_training", "prepare_data", "training_cores", "inference_cores", "warn_test_copies"]
 
 Log = Callable[[str], None]
 
@@ -67,11 +69,30 @@ def open_training(
     if join_group:
         device = distributed.setup(device)  # under torchrun: join the group before naming folders
     dataset = prepared or prepare(recipe, task, log)
+    if prepared is None and distributed.is_main():
+        warn_test_copies(dataset, recipe.data.root, log)
     cores = training_cores(recipe, device, log)
     # Filled in like data.image_size: the worker count decides the augmentation streams, so the run's recipe.yaml
     # (and a resume from it) keeps the split this run trained with.
     recipe.data.num_workers = cores.workers
     return Opening(recipe, task, dataset, device, cores)
+
+
+def warn_test_copies(dataset: Prepared, root: Optional[str], log: Log = print) -> int:
+    """Warn when test images are byte-identical to training or validation images (a leak that flatters every test
+    score); the number of such test images. Cheap: only files of a size both sides share are read."""
+    if dataset.test_dir is None:
+        return 0
+    labelled = [s.path for s in (*dataset.train, *dataset.val)]
+    pairs = identical_files({"train": labelled, "test": list_images(dataset.test_dir, recursive=True)},
+                            across_only=True)
+    copies = {p.path_b if p.split_b == "test" else p.path_a for p in pairs}
+    if copies:
+        first = pairs[0]
+        log(f"warning: {len(copies)} test image(s) are byte-identical copies of training or validation images (e.g. "
+            f"{first.path_a} = {first.path_b}): scores on the test images will flatter the model. Find every copy "
+            f"and near-copy with: finetune audit RECIPE --data {root or 'DATA'} --method features --out audit")
+    return len(copies)
 
 
 def training_cores(recipe: Recipe, device: torch.device, log: Log = print) -> CoreBudget:
