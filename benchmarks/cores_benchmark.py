@@ -2,17 +2,18 @@
 core budget, on a quiet machine, beside 1 and 2 CPU-bound processes, and under a CPU affinity of 1 core.
 
     python benchmarks/cores_benchmark.py [--repeats 3] [--epochs 3] [--per-class 100] [--predict-images 2000]
-        [--scenarios quiet busy1 busy2 affinity1 quota1] [--settings today budget spin] [--json cores.json]
+        [--scenarios quiet busy1 busy2 affinity1 quota1] [--settings today budget passive] [--json cores.json]
     python benchmarks/cores_benchmark.py --quick      # a smoke run: 20 images per class, 2 epochs, 256, 1 repeat
 
 Every measurement runs in a fresh Python process (OpenMP reads its wait policy once, when torch loads):
 
 - today: what finetune did before the core budget: torch's own thread count (one per core it sees),
   data.num_workers 2 (2 workers for predict too), OpenMP's default waits (GNU libgomp: spin, then sleep);
-- budget: the new default, as `finetune train` / `finetune predict` run: OMP_WAIT_POLICY=PASSIVE set before torch
-  loads, threads and workers from the core budget (finetune/data/cores.py); its log line is printed below the table;
-- spin: the budget's threads and workers with OpenMP's default waits (what a Python caller gets who imports torch
-  before setting OMP_WAIT_POLICY): the wait policy's own share of the difference, quiet and under load;
+- budget: the default, as `finetune train` / `finetune predict` run: threads and workers from the core budget
+  (finetune/data/cores.py), OpenMP's default waits, and in training the thread governor (finetune/engine/threads.py:
+  the faster of the budget's threads and one, timed on the running steps); its log line is printed below the table;
+- passive: the first core budget (the budget's threads and workers fixed, OMP_WAIT_POLICY=PASSIVE set before torch
+  loads): what sleeping waits alone give, quiet and under load;
 - bare forward: the fused model's forward + softmax on ready-made tensors, torch's defaults: the ceiling for predict.
 
 Training is `finetune.train` with the demo recipe (Lite0 from the packaged ImageNet weights, 96 px, batch 32) on
@@ -49,7 +50,7 @@ DEMO = ROOT / "recipes" / "demo_fashion_mnist_lite0.yaml"
 SCENARIOS = {"quiet": "quiet", "busy1": "beside 1 busy process", "busy2": "beside 2 busy processes",
              "affinity1": "CPU affinity 1 core", "quota1": "cgroup CPU quota 1 core"}
 QUOTA_GROUP = "finetune-cores-benchmark"  # the cgroup the quota1 scenario makes (and removes)
-SETTINGS = ("today", "budget", "spin")
+SETTINGS = ("today", "budget", "passive")
 TODAY_WORKERS = 2  # data.num_workers and InferenceOptions.num_workers before the core budget
 BUSY = "while True: pass"
 
@@ -114,10 +115,8 @@ def quota_cgroup(cores: float, root: Path = Path("/sys/fs/cgroup")) -> Optional[
 
 def child(args: argparse.Namespace) -> dict:
     """In the measuring process: train or predict once with `args.setting`, or time the bare forward."""
-    if args.setting == "budget":
-        from finetune.data.cores import prefer_passive_waits
-
-        prefer_passive_waits()  # what the finetune command does first, before torch loads
+    if args.setting == "passive":
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # before torch loads: OpenMP reads it once
     import torch
 
     folder = Path(args.folder)
@@ -129,13 +128,18 @@ def child(args: argparse.Namespace) -> dict:
         settings = [f"train.epochs={args.epochs}", f"output={folder / 'runs'}", "train.loggers=[csv]"]
         if today:
             settings += [f"data.num_workers={TODAY_WORKERS}", f"train.threads={torch.get_num_threads()}"]
+        elif args.setting == "passive":  # the budget's own split, fixed: no governor
+            from finetune.data.cores import core_budget
+
+            settings.append(f"train.threads={core_budget('train', 'cpu').threads}")
         result = train(DEMO, data=folder / "data", overrides=settings, log=lines.append)
         import csv
 
         with (result.run_dir / "history.csv").open() as handle:
             seconds = [float(row["seconds"]) for row in csv.DictReader(handle)]
         return {"epoch_seconds": statistics.median(seconds[1:] or seconds), "epochs": seconds,
-                "budget": next((line for line in lines if line.startswith("core budget:")), "")}
+                "budget": next((line for line in lines if line.startswith("core budget:")), ""),
+                "threads": [line for line in lines if line.startswith("model threads:")]}
     return predict_child(args, folder, today, lines)
 
 
@@ -228,6 +232,7 @@ def run(args: argparse.Namespace, folder: Path) -> dict:
             "bare_images_per_second": statistics.median(r["images_per_second"] for r in runs[("bare", "today")]),
             "budget_line": runs[("train", "budget")][-1]["budget"],
             "predict_budget_line": runs[("predict", "budget")][-1]["budget"],
+            "governor": [r.get("threads") for r in runs[("train", "budget")]],  # each run's thread choices
             "runs": {f"{kind} {setting}": value for (kind, setting), value in runs.items()},
         }
     return results
@@ -237,7 +242,7 @@ def table(results: dict) -> str:
     """The markdown table the README quotes, and each scenario's budget lines."""
     quiet = results.get("quiet", {}).get("epoch_seconds")
     settings = [s for s in SETTINGS if s in next(iter(results.values()))["epoch_seconds"]]
-    names = {"today": "today", "budget": "budget", "spin": "budget, spinning waits"}
+    names = {"today": "today", "budget": "budget", "passive": "budget, passive waits"}
     header = ([f"epoch: {names[s]}" for s in settings] + ["budget / today", "bare forward"]
               + [f"predict: {names[s]}" for s in settings])
     rows = ["| machine | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
@@ -249,8 +254,8 @@ def table(results: dict) -> str:
         cells.append(f"{bare:.0f} images/s")
         cells += [f"{ips[s]:.0f} images/s ({ips[s] / bare:.2f}x bare)" for s in settings]
         rows.append("| " + " | ".join(cells) + " |")
-    lines = [f"- {SCENARIOS[s]}: `{r['budget_line']}`; predict: `{r['predict_budget_line']}`"
-             for s, r in results.items()]
+    lines = [f"- {SCENARIOS[s]}: `{r['budget_line']}`; predict: `{r['predict_budget_line']}`; the governor's "
+             f"choices per run: {r.get('governor')}" for s, r in results.items()]
     return "\n".join(rows + [""] + lines)
 
 

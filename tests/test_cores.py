@@ -22,8 +22,11 @@ from finetune.cli import main
 from finetune.config.options import InferenceOptions
 from finetune.config.recipe import DataConfig, Recipe, TrainConfig
 from finetune.data import cores
-from finetune.data.cores import (MAX_AUTO_WORKERS, cgroup_cpu_limit, core_budget, split_cores, usable_cores,
-                                 wait_policy)
+from finetune.data.cores import MAX_AUTO_WORKERS, cgroup_cpu_limit, core_budget, split_cores, usable_cores
+from finetune.engine import fit as fit_module
+from finetune.engine import threads as threads_module
+from finetune.engine.threads import ThreadGovernor
+from finetune.workflows.api import train
 from finetune.data.loaders import make_loader
 from finetune.errors import FinetuneError
 
@@ -194,19 +197,59 @@ def test_recipe_and_options_accept_auto_and_counts_and_refuse_the_rest() -> None
     assert InferenceOptions().num_workers is None and InferenceOptions(num_workers=0).num_workers == 0
 
 
-def test_passive_waits_are_set_before_torch_loads_and_not_after(monkeypatch) -> None:
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    assert not cores.prefer_passive_waits()  # torch is loaded in this process: setting it now would do nothing
-    assert "OMP_WAIT_POLICY" not in os.environ and "spin" in wait_policy()
-    code = ("import os, sys; from finetune.data.cores import prefer_passive_waits; ok = prefer_passive_waits(); "
-            "import torch; print(ok, os.environ['OMP_WAIT_POLICY'])")
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    done = subprocess.run([sys.executable, "-c", code], env=dict(env, PYTHONPATH=str(ROOT)), capture_output=True,
-                          text=True, timeout=120)
-    assert done.stdout.split() == ["True", "PASSIVE"], done.stderr
-    done = subprocess.run([sys.executable, "-c", code], env=dict(env, PYTHONPATH=str(ROOT), OMP_WAIT_POLICY="ACTIVE"),
-                          capture_output=True, text=True, timeout=120)
-    assert done.stdout.split() == ["False", "ACTIVE"], done.stderr  # the user's own setting stays
+class _Clock:
+    """A fake perf_counter: each step() advances it by the step time the current thread count takes."""
+
+    def __init__(self, seconds: dict[int, float]) -> None:
+        self.now, self.seconds = 0.0, seconds
+
+    def tick(self) -> None:
+        self.now += self.seconds[torch.get_num_threads()]
+
+
+def _steps(governor: ThreadGovernor, clock: _Clock, count: int) -> None:
+    for _ in range(count):
+        clock.tick()
+        governor.step()
+
+
+def test_the_thread_governor_keeps_the_faster_of_the_budget_and_one_thread(monkeypatch) -> None:
+    previous = torch.get_num_threads()
+    clock = _Clock({2: 1.0, 1: 1.6})  # a quiet machine: two threads are faster
+    monkeypatch.setattr(threads_module.time, "perf_counter", lambda: clock.now)
+    lines: list[str] = []
+    try:
+        torch.set_num_threads(2)
+        governor = ThreadGovernor(2, lines.append, window=3, warmup=1, recheck=20)
+        governor.epoch_start()
+        _steps(governor, clock, 1 + 3 + 1 + 3 + 1)  # warm-up, 3 with two threads, the switch, 3 with one, the switch
+        assert governor.chosen == 2 and torch.get_num_threads() == 2 and not lines
+        clock.seconds = {2: 3.0, 1: 1.2}  # another process starts: two threads now wait for each other
+        _steps(governor, clock, 3 + 1 + 3 + 1 + 3)  # slowed by more than `drift` over 3 steps: probe again
+        assert governor.chosen == 1 and torch.get_num_threads() == 1
+        assert lines == ["model threads: 1 (a step took 1.20 s with 1 thread, 3.00 s with 2: other work is using the "
+                         "cores)"]
+        clock.seconds = {2: 1.0, 1: 1.6}  # it stops: after `recheck` steps on one thread, probe again
+        _steps(governor, clock, 1 + 20 + 1 + 3 + 1 + 3)
+        assert governor.chosen == 2 and torch.get_num_threads() == 2 and "the cores are free" in lines[-1]
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_training_runs_the_governor_only_with_automatic_threads_on_a_cpu(tmp_path: Path, monkeypatch) -> None:
+    made: list[int] = []
+    real = fit_module.ThreadGovernor
+    monkeypatch.setattr(fit_module, "ThreadGovernor", lambda threads, log: made.append(threads) or real(threads, log))
+    data = write_folder_dataset(tmp_path / "data", per_class=4, val_per_class=2, test=0)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for extra in ([], ["train.threads=2"]):
+            overrides = [*TINY_OVERRIDES, "train.epochs=1", f"output={tmp_path / 'runs'}", *extra]
+            train(None, data=data, overrides=overrides, log=lambda line: None)
+    finally:
+        torch.set_num_threads(previous)
+    assert made == [2]  # the automatic run has one; train.threads=2 fixes the count, so the second has none
 
 
 def _tiny(tmp_path: Path, auto_workers: bool) -> list[str]:
@@ -237,4 +280,4 @@ def test_under_taskset_one_core_the_run_budgets_one_core(tmp_path: Path) -> None
     assert done.returncode == 0, done.stderr
     assert "core budget: 1 core (CPU affinity 1 core" in done.stdout, done.stdout
     assert "-> 1 model thread + 0 loader workers" in done.stdout
-    assert "OpenMP waits: OMP_WAIT_POLICY=PASSIVE" in done.stdout  # the command set it before torch loaded
+    assert "OpenMP waits: OpenMP's default" in done.stdout  # no wait policy of ours: threads adapt instead

@@ -17,11 +17,12 @@ process: 2197 ms with 2 threads, 385 ms with 1). So the budget is decided once p
   2 cores train with 2 threads and 1 worker; 1 core trains with 1 thread and loads in the main process (a worker
   would only take turns with the model on that core, and hand each batch over besides); on a GPU the model's CPU
   side is one thread and the workers get the rest.
-- OpenMP waits: `prefer_passive_waits` sets OMP_WAIT_POLICY=PASSIVE before torch loads (the `finetune` command does
-  it first thing). The torch wheels on Linux use GNU OpenMP (libgomp; `torch.__config__.parallel_info()`), whose
-  threads otherwise spin for a while at every barrier, holding a core the straggler they wait for may need; PASSIVE
-  puts them to sleep at once. It is the standard variable, read at load time by GNU (spin count 0), LLVM and Intel
-  (KMP_BLOCKTIME 0) runtimes alike; set too late it does nothing, so Python callers set it before importing torch.
+- OpenMP waits are left at the runtime's default (GNU libgomp in the Linux wheels: spin, then sleep). Sleeping at
+  once (OMP_WAIT_POLICY=PASSIVE, the first budget's choice) held up beside a busy process but cost a quiet machine
+  1.23x per epoch (every parallel region then pays a wake-up), and shorter spins (GOMP_SPINCOUNT 300-3000) cost
+  the same without the gain. What holds up under load instead is fewer threads: while training on a CPU,
+  `finetune.engine.threads.ThreadGovernor` times the running steps and keeps the faster of the budget's threads
+  and one. A user's own OMP_WAIT_POLICY (set before torch loads) is respected and shown in the log.
 
 Explicit settings win: `train.threads` / `data.num_workers` in a recipe, `--threads` / `--workers` for predict and
 evaluate. The automatic thread count never exceeds what the process already has (torch.set_num_threads by a caller,
@@ -37,9 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-__all__ = ["CGROUP_ROOT", "DATA_SHARES", "MAX_AUTO_WORKERS", "PASSIVE_WAITS", "CoreBudget", "affinity_cores",
-           "cgroup_cpu_limit", "usable_cores", "split_cores", "core_budget", "apply_threads", "prefer_passive_waits",
-           "wait_policy", "single_threaded_worker"]
+__all__ = ["CGROUP_ROOT", "DATA_SHARES", "MAX_AUTO_WORKERS", "CoreBudget", "affinity_cores", "cgroup_cpu_limit",
+           "usable_cores", "split_cores", "core_budget", "apply_threads", "wait_policy", "single_threaded_worker"]
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 # Share of the CPU work that is decoding and augmenting (the rest is the model), by what a run does on which device.
@@ -51,7 +51,6 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 # data is the CPU's work (not run here: no GPU on this machine).
 DATA_SHARES = {("train", "cpu"): 0.1, ("predict", "cpu"): 0.25, ("train", "cuda"): 1.0, ("predict", "cuda"): 1.0}
 MAX_AUTO_WORKERS = 8  # beyond this, workers cost memory and start-up time for little; set data.num_workers to go higher
-PASSIVE_WAITS = {"OMP_WAIT_POLICY": "PASSIVE"}  # OpenMP threads sleep at once instead of spinning at a barrier
 
 
 @dataclass(frozen=True)
@@ -166,17 +165,7 @@ def wait_policy() -> str:
     value = os.environ.get("OMP_WAIT_POLICY")
     if value:
         return f"OMP_WAIT_POLICY={value}"
-    return ("spin, OpenMP's default (the finetune command sets OMP_WAIT_POLICY=PASSIVE before torch loads; in Python "
-            "set it before importing torch)")
-
-
-def prefer_passive_waits() -> bool:
-    """Set PASSIVE_WAITS in the environment where unset, if torch has not loaded yet; True if they are in effect."""
-    if "torch" in sys.modules:
-        return all(os.environ.get(key) == value for key, value in PASSIVE_WAITS.items())
-    for key, value in PASSIVE_WAITS.items():
-        os.environ.setdefault(key, value)
-    return all(os.environ[key] == value for key, value in PASSIVE_WAITS.items())
+    return "OpenMP's default (spin, then sleep)"
 
 
 def core_budget(work: str, device_type: str, threads: Optional[int] = None, workers: Optional[int] = None,

@@ -21,6 +21,7 @@ from finetune.engine.features import FeatureCache, features_in, head_only
 from finetune.engine.optim import base_lr, create_optimizer, create_scheduler, stage_lrs
 from finetune.engine.resume import capture_all_ranks, check_resumable, restore_this_rank
 from finetune.engine.step import autocast, grad_scaler, optimizer_step, to_device, train_precision
+from finetune.engine.threads import ThreadGovernor
 from finetune.errors import FinetuneError
 from finetune.models.unfreezing import UnfreezePlan, describe_beyond, plan_unfreezing
 from finetune.config.recipe import TrainConfig, is_better, worst_value
@@ -269,6 +270,7 @@ class _Loop:
     history: list[dict] = field(default_factory=list)
     per_stage: bool = False  # one lr column per stage
     train_model: Optional[nn.Module] = None  # the model, or the DDP wrapper it trains through
+    governor: Optional[ThreadGovernor] = None  # automatic threads on a CPU: the faster of the budget's and one
 
     @property
     def eval_model(self) -> nn.Module:
@@ -290,6 +292,8 @@ def _prepare(model: nn.Module, parts: TrainingParts, cfg: TrainConfig, run: RunF
     ema = WeightEma(model, cfg.ema_decay) if cfg.ema else None
     loop = _Loop(model, parts, cfg, run, device, log, unfreezing, OptimState(optimizer, scheduler, scaler, ema),
                  Monitor(cfg.monitor), steps_per_epoch, train_model=model)
+    if device.type == "cpu" and cfg.threads is None and torch.get_num_threads() > 1:
+        loop.governor = ThreadGovernor(torch.get_num_threads(), log if distributed.is_main() else None)
     if resume is not None:
         check_resumable(resume, cfg)
         _restore(loop, resume)
@@ -337,6 +341,11 @@ def _passes(loop: _Loop, epoch: int) -> tuple[EpochStats, EpochStats]:
 
     def on_step(loss: float) -> None:
         loop.run.log_step({"step": next(steps), "train_loss": loss, "lr": base_lr(optimizer)})
+        if loop.governor is not None:
+            loop.governor.step()
+
+    if loop.governor is not None:
+        loop.governor.epoch_start()
 
     cached = parts.feature_cache is not None and head_only(loop.unfreezing.trainable_at(epoch))
     epoch_loaders, epoch_cfg = (parts.train_loader, parts.val_loader), cfg
