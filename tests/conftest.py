@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,18 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
 QUICK_CPU = str(RECIPES / "quick_cpu.yaml")  # a str: it goes into CLI argv lists
+
+# A headless browser for the pages' rendering tests (report.html, audit.html); None skips them.
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+# Flags for a sandbox-less root container with no network: nothing may phone home or wait on a GPU.
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage"]
+# Writes each image's decoded width into the DOM once everything has loaded, for --dump-dom to show.
+PROBE = ("<script>window.addEventListener('load',()=>{for(const i of document.images)"
+         "{i.setAttribute('data-natural-width',String(i.naturalWidth))}"
+         "document.body.setAttribute('data-loaded','yes')})</script>")
+
 
 # Three easy classes: the dominant colour channel decides the class.
 COLOURS = {"red": (200, 40, 40), "green": (40, 190, 60), "blue": (50, 60, 210)}

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import COLOURS, TINY_OVERRIDES, make_image, write_folder_dataset
+from conftest import CHROMIUM, CHROMIUM_FLAGS, COLOURS, PROBE, TINY_OVERRIDES, make_image, write_folder_dataset
 from finetune import AuditOptions, FinetuneError, audit
 from finetune.cli import main
 from finetune.config.recipe import load_recipe
@@ -22,13 +22,7 @@ from finetune.workflows.opening import open_training, prepare_data
 
 pytest.importorskip("cleanlab")
 quiet = lambda line: None  # noqa: E731
-CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage"]
-PROBE = ("<script>window.addEventListener('load',()=>{for(const i of document.images)"
-         "{i.setAttribute('data-natural-width',String(i.naturalWidth))}"
-         "document.body.setAttribute('data-loaded','yes')})</script>")
+
 
 
 def _planted(root: Path) -> dict[str, Path]:

@@ -5,27 +5,18 @@ from __future__ import annotations
 import base64
 import io
 import re
-import shutil
 import subprocess
 
 import pytest
 from PIL import Image
 
-from conftest import COLOURS, TINY_OVERRIDES, make_image, write_folder_dataset
+from conftest import CHROMIUM, CHROMIUM_FLAGS, COLOURS, PROBE, TINY_OVERRIDES, make_image, write_folder_dataset
 from finetune import FinetuneError, train
 from finetune.cli import main
 from finetune.workflows.api import report
 
 quiet = lambda line: None  # noqa: E731
-CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
-# Flags for a sandbox-less root container with no network: nothing may phone home or wait on a GPU.
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage"]
-# Writes each image's decoded width into the DOM once everything has loaded, for --dump-dom to show.
-PROBE = ("<script>window.addEventListener('load',()=>{for(const i of document.images)"
-         "{i.setAttribute('data-natural-width',String(i.naturalWidth))}"
-         "document.body.setAttribute('data-loaded','yes')})</script>")
+
 
 
 @pytest.fixture(scope="module")
