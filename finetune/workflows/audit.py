@@ -94,7 +94,7 @@ def audit(
     source: Union[Recipe, str, Path, None] = None,
     data: Optional[Union[str, Path]] = None,
     out: Union[str, Path] = "audit",
-    options: AuditOptions = AuditOptions(),
+    options: Optional[AuditOptions] = None,
     overrides: Optional[list[str]] = None,
     write_manifest: Optional[Union[str, Path]] = None,
     log: Log = print,
@@ -115,6 +115,7 @@ def audit(
             relabelled (--fix); train on it with --set data.layout=csv data.csv=FILE.
     """
     import_cleanlab()  # one line, before any scan or training, when the extra is missing
+    options = options or AuditOptions()
     files = AuditFiles(out)
     files.prepare()
     start = time.perf_counter()
