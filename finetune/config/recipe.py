@@ -333,6 +333,8 @@ class TrainConfig:
     # may use (affinity, cgroup quota, shared among torchrun's local processes) less those the loader needs.
     threads: Optional[int] = None
     channels_last: bool = True  # faster convolutions on CPU and GPU
+    # Seconds between progress lines (step, images/s, time left) when the log is not a terminal; 0 = none.
+    progress_every: float = 60.0
     accumulate: int = 1  # optimiser step every N batches (effective batch = N x data.batch_size)
     ema: bool = False  # keep an exponential moving average of the weights; evaluate and save it
     ema_decay: float = 0.999  # EMA decay per optimiser step (warmed up from 0 over the first steps)
@@ -380,6 +382,9 @@ class TrainConfig:
         if self.threads is not None and self.threads < 1:
             raise FinetuneError(f"recipe key 'train.threads' is {self.threads}; it must be at least 1, or null to let "
                                 "the core budget choose")
+        if self.progress_every < 0:
+            raise FinetuneError(f"recipe key 'train.progress_every' is {self.progress_every}; give the seconds between "
+                                "progress lines, e.g. 60, or 0 for none")
         if not 0.0 < self.ema_decay < 1.0:
             raise FinetuneError("recipe key 'train.ema_decay' must be between 0 and 1, e.g. 0.999")
         if self.patience is not None and self.patience < 1:

@@ -19,6 +19,7 @@ from finetune.engine import distributed
 from finetune.engine.ema import WeightEma
 from finetune.engine.features import FeatureCache, features_in, head_only
 from finetune.engine.optim import base_lr, create_optimizer, create_scheduler, stage_lrs
+from finetune.engine.progress import Progress
 from finetune.engine.resume import capture_all_ranks, check_resumable, restore_this_rank
 from finetune.engine.step import autocast, grad_scaler, optimizer_step, to_device, train_precision
 from finetune.engine.threads import ThreadGovernor
@@ -339,11 +340,6 @@ def _passes(loop: _Loop, epoch: int) -> tuple[EpochStats, EpochStats]:
     model, parts, cfg, device, optimizer = loop.model, loop.parts, loop.cfg, loop.device, loop.optim.optimizer
     steps = itertools.count((epoch - 1) * loop.steps_per_epoch + 1)  # optimiser steps since the run began
 
-    def on_step(loss: float) -> None:
-        loop.run.log_step({"step": next(steps), "train_loss": loss, "lr": base_lr(optimizer)})
-        if loop.governor is not None:
-            loop.governor.step()
-
     if loop.governor is not None:
         loop.governor.epoch_start()
 
@@ -352,6 +348,14 @@ def _passes(loop: _Loop, epoch: int) -> tuple[EpochStats, EpochStats]:
     if cached:
         epoch_loaders = parts.feature_cache.loaders(model, device, cfg, loop.log)
         epoch_cfg = replace(cfg, channels_last=False)  # feature batches are (N, C), not images
+    progress = _progress(loop, epoch, epoch_loaders[0])
+
+    def on_step(loss: float) -> None:
+        loop.run.log_step({"step": next(steps), "train_loss": loss, "lr": base_lr(optimizer)})
+        progress.step()
+        if loop.governor is not None:
+            loop.governor.step()
+
     if hasattr(epoch_loaders[0].sampler, "set_epoch"):
         # The epoch's order: the same on every rank, and on resume.
         epoch_loaders[0].sampler.set_epoch(epoch)
@@ -362,6 +366,15 @@ def _passes(loop: _Loop, epoch: int) -> tuple[EpochStats, EpochStats]:
         distributed.sync_buffers(model, eval_model)  # BN statistics as rank 0 has them, before validating
         val = validate(eval_model, epoch_loaders[1], parts.criterion, device, epoch_cfg, parts.scorer)
     return train, val
+
+
+def _progress(loop: _Loop, epoch: int, loader: DataLoader) -> Progress:
+    """The epoch's progress lines (main process only; the first step's line once per run)."""
+    per_batch = loader.batch_size or getattr(loader.batch_sampler, "batch_size", 1) or 1
+    images_per_step = per_batch * loop.cfg.accumulate * distributed.world_size()
+    log = loop.log if distributed.is_main() else (lambda line: None)
+    return Progress(log, loop.cfg.progress_every, images_per_step, loop.steps_per_epoch,
+                    f"epoch {epoch}/{loop.cfg.epochs}", first_of_run=epoch == loop.first_epoch)
 
 
 def _history_row(loop: _Loop, epoch: int, train: EpochStats, val: EpochStats, lr: float, rates: dict,
