@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections import Counter
 from functools import partial
@@ -57,6 +58,27 @@ def as_targets(targets: Union[int, Targets]) -> Targets:
     return targets if isinstance(targets, Targets) else Targets(targets)
 
 
+class PackedPaths:
+    """Paths kept as one bytes block and an offset array, not a list of Path objects.
+
+    A DataLoader worker is a fork of the main process: reading a Python object writes its reference count, and the
+    page it sits on is copied into the worker. With a list of a million Path objects each worker ends an epoch with
+    its own copy of all of them; reading a slice of one bytes block copies nothing.
+    """
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        encoded = [os.fsencode(path) for path in paths]
+        self.block = b"".join(encoded)
+        self.ends = np.cumsum([len(item) for item in encoded], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def __getitem__(self, index: int) -> Path:
+        start = int(self.ends[index - 1]) if index > 0 else 0
+        return Path(os.fsdecode(self.block[start:int(self.ends[index])]))
+
+
 class ImageDataset(Dataset):
     """Decodes samples with `read` (default `load_rgb`) and applies an albumentations transform.
 
@@ -67,16 +89,24 @@ class ImageDataset(Dataset):
 
     def __init__(self, samples: Sequence[Sample], transform: Callable, read: Optional[Reader] = None,
                  encode: Callable[[Sample], object] = class_index) -> None:
-        self.samples = list(samples)
+        self.paths = PackedPaths([s.path for s in samples])
+        # Class indices as one array; multi-label tuples (or None) stay a list.
+        targets = [s.target for s in samples]
+        self.targets = np.asarray(targets, dtype=np.int64) if all(type(t) is int for t in targets) else targets
         self.transform = transform
         self.read = read or load_rgb
         self.encode = encode
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.paths)
+
+    def sample(self, index: int) -> Sample:
+        """The index-th sample, made when asked for."""
+        target = self.targets[index]
+        return Sample(self.paths[index], int(target) if isinstance(target, np.integer) else target)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | SkippedImage:
-        sample = self.samples[index]
+        sample = self.sample(index)
         try:
             image = self.read(sample.path)
         except FinetuneError as err:

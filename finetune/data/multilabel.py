@@ -16,8 +16,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from finetune.data.images import SkippedImage, file_identity, list_images
-from finetune.data.sources import (DatasetSplits, Keep, Sample, find_child, resolve_manifest_path,
+from finetune.data.images import SkippedImage
+from finetune.data.sources import (DatasetSplits, Keep, Sample, find_child, ManifestImages,
                                    manifest_paths, sort_class_names, TEST_NAMES)
 from finetune.errors import FinetuneError
 from finetune.config.recipe import AugmentConfig, DataConfig
@@ -65,7 +65,7 @@ def read_multilabel_manifest(cfg: DataConfig, root: Path,
     for col in [id_col] + ([label_col] if label_col else []):
         if col not in columns:
             raise FinetuneError(f"column '{col}' not in {manifest}; columns are {', '.join(columns)}")
-    by_stem = {p.stem: p for p in list_images(image_dir, recursive=True)} if image_dir.is_dir() else {}
+    images = ManifestImages(image_dir)
     found: list[tuple[Path, tuple[str, ...]]] = []
     skipped: list[SkippedImage] = []
     seen: dict[tuple, tuple[Path, tuple[str, ...]]] = {}
@@ -75,11 +75,11 @@ def read_multilabel_manifest(cfg: DataConfig, root: Path,
             names = tuple(c for c in per_class if (row.get(c) or "").strip() in ("1", "1.0"))
         else:
             names = tuple(dict.fromkeys(split_labels(row[label_col] or "", cfg.csv_label_sep)))
-        path = resolve_manifest_path(value, image_dir, by_stem)
-        if path is None:
+        hit = images.find(value)
+        if hit is None:
             skipped.append(SkippedImage(image_dir / value, "listed in the manifest but no such image file"))
             continue
-        key = file_identity(path)
+        path, key = hit
         if key in seen:  # one file (symlinks and hard links alike) is one sample, as in every layout
             if set(seen[key][1]) != set(names):
                 raise FinetuneError(f"{path} is listed twice in {manifest} with different labels "

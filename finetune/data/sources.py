@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import csv
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
-from finetune.data.images import SkippedImage, file_identity, list_images
+from finetune.data.images import SkippedImage, file_identity, list_images, scan_images
 from finetune.errors import FinetuneError
 from finetune.config.recipe import DataConfig
 
@@ -17,6 +18,7 @@ __all__ = [
     "resolve_manifest_path",
     "Sample",
     "one_sample_per_file",
+    "ManifestImages",
     "LabelledSet",
     "DatasetSplits",
     "discover",
@@ -54,6 +56,7 @@ class LabelledSet:
 
     items: list[tuple[Path, str]]
     skipped: list[SkippedImage] = field(default_factory=list)
+    identities: Optional[list[tuple]] = None  # each item's file_identity, where it was read with the listing
 
 
 @dataclass
@@ -117,16 +120,22 @@ def _real_class_dirs(folder: Path) -> tuple[list[Path], list[SkippedImage]]:
     return kept, skipped
 
 
+def _identities(found: LabelledSet) -> list[tuple]:
+    """Each item's file identity: as read with the folder listing, else one stat per file."""
+    return found.identities if found.identities is not None else [file_identity(p) for p, _ in found.items]
+
+
 def one_sample_per_file(found: LabelledSet, where: Path) -> LabelledSet:
-    """One file (symlinks and hard links alike) is one sample: repeats are dropped and listed, two labels are an error."""
+    """One file (symlinks and hard links alike) is one sample: repeats are dropped and listed, two labels are an error.
+    The result carries each kept item's file identity."""
     first: dict[tuple, tuple[Path, str]] = {}
-    items, skipped = [], list(found.skipped)
+    items, kept, skipped = [], [], list(found.skipped)
     conflicts: dict[Path, set[str]] = {}
-    for path, name in found.items:
-        key = file_identity(path)
+    for (path, name), key in zip(found.items, _identities(found)):
         if key not in first:
             first[key] = (path, name)
             items.append((path, name))
+            kept.append(key)
         elif first[key][1] == name:
             skipped.append(SkippedImage(path, f"same image as {first[key][0]} with the same label: used once"))
         else:
@@ -137,7 +146,7 @@ def one_sample_per_file(found: LabelledSet, where: Path) -> LabelledSet:
             f"{len(conflicts)} image(s) in {where} have two or more labels, e.g. {examples}; a file is one sample "
             "with one label: remove the wrong rows or copies"
         )
-    return LabelledSet(items, skipped)
+    return LabelledSet(items, skipped, kept)
 
 
 def _only_split_names(class_dirs: Sequence[Path]) -> bool:
@@ -168,6 +177,7 @@ def read_labelled_folder(folder: Path, layout: str, label_regex: str) -> Labelle
         layout = _detect_layout(folder)
     if layout == "folder":
         items: list[tuple[Path, str]] = []
+        identities: list[tuple] = []
         class_dirs, skipped_dirs = _real_class_dirs(folder)
         if detected and _only_split_names(class_dirs):
             names = ", ".join(p.name for p in class_dirs)
@@ -179,31 +189,33 @@ def read_labelled_folder(folder: Path, layout: str, label_regex: str) -> Labelle
         if not class_dirs:
             raise FinetuneError(f"{folder} has no class sub-folders; expected {folder}/<class>/<image>")
         for class_dir in class_dirs:
-            images = list_images(class_dir, recursive=True)
+            images, found_identities = scan_images(class_dir, recursive=True)
             if not images:
                 raise FinetuneError(
                     f"class '{class_dir.name}' has no images in {class_dir}; add images or remove the folder"
                 )
             items.extend((path, class_dir.name) for path in images)
-        return one_sample_per_file(LabelledSet(items, skipped_dirs), folder)
+            identities += found_identities
+        return one_sample_per_file(LabelledSet(items, skipped_dirs, identities), folder)
     try:
         pattern = re.compile(label_regex)
     except re.error as err:
         raise FinetuneError(f"data.label_regex {label_regex!r} is not a valid regex: {err}") from None
     if pattern.groups < 1:
         raise FinetuneError(f"data.label_regex {label_regex!r} needs one group that captures the label")
-    items, skipped = [], []
-    for path in list_images(folder):
+    items, skipped, identities = [], [], []
+    for path, identity in zip(*scan_images(folder)):
         match = pattern.search(path.name)
         if match:
             items.append((path, match.group(1)))
+            identities.append(identity)
         else:
             skipped.append(SkippedImage(path, f"file name does not match label_regex {label_regex!r}"))
     if not items:
         raise FinetuneError(
             f"no file in {folder} matches data.label_regex {label_regex!r} (e.g. '3_120.jpg' → class 3)"
         )
-    return one_sample_per_file(LabelledSet(items, skipped), folder)
+    return one_sample_per_file(LabelledSet(items, skipped, identities), folder)
 
 
 def resolve_manifest_path(value: str, image_dir: Path, by_stem: dict[str, Path]) -> Optional[Path]:
@@ -227,9 +239,36 @@ def manifest_paths(cfg: DataConfig, root: Path) -> tuple[Path, Path]:
     return manifest, image_dir
 
 
+class ManifestImages:
+    """The images a manifest's cells may name, for one look-up per row: the image folder scanned once (paths and
+    file identities; stems only if a cell is an id), instead of stats per row. A cell the scan did not see (a file
+    behind a linked folder, without an image extension, or spelled with '..') is looked up on disk as before."""
+
+    def __init__(self, image_dir: Path) -> None:
+        self.image_dir = image_dir
+        self.base = os.path.normpath(str(image_dir))
+        paths, identities = scan_images(image_dir, recursive=True) if image_dir.is_dir() else ([], [])
+        self.paths = paths
+        self.by_path = {str(path): (path, identity) for path, identity in zip(paths, identities)}
+        self._by_stem: Optional[dict[str, Path]] = None
+
+    def find(self, value: str) -> Optional[tuple[Path, tuple]]:
+        """The image `value` names (a path under the image folder, else a file stem) and its identity, or None."""
+        if value:
+            hit = self.by_path.get(os.path.normpath(os.path.join(self.base, value)))
+            if hit is not None:
+                return hit
+        if self._by_stem is None:
+            self._by_stem = {path.stem: path for path in self.paths}
+        path = resolve_manifest_path(value, self.image_dir, self._by_stem)
+        return None if path is None else (path, file_identity(path))
+
+
 def read_manifest(cfg: DataConfig, root: Path) -> LabelledSet:
-    """Read a CSV manifest: a path (or Kaggle id) column and a label column."""
+    """Read a CSV manifest: a path (or Kaggle id) column and a label column; rows are read as they stream."""
     manifest, image_dir = manifest_paths(cfg, root)
+    images = ManifestImages(image_dir)
+    items, skipped, identities = [], [], []
     with manifest.open(newline="", encoding="utf-8-sig") as handle:  # -sig: a BOM is not part of the header
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
@@ -240,21 +279,19 @@ def read_manifest(cfg: DataConfig, root: Path) -> LabelledSet:
         for col in (id_col, label_col):
             if col not in columns:
                 raise FinetuneError(f"column '{col}' not in {manifest}; columns are {', '.join(columns)}")
-        rows = list(reader)
-    by_stem = {p.stem: p for p in list_images(image_dir, recursive=True)} if image_dir.is_dir() else {}
-    items, skipped = [], []
-    for row in rows:
-        value, label = (row[id_col] or "").strip(), (row[label_col] or "").strip()
-        path = resolve_manifest_path(value, image_dir, by_stem)
-        if path is None:
-            skipped.append(SkippedImage(image_dir / value, "listed in the manifest but no such image file"))
-        elif not label:
-            skipped.append(SkippedImage(path, "empty label in the manifest"))
-        else:
-            items.append((path, label))
+        for row in reader:
+            value, label = (row[id_col] or "").strip(), (row[label_col] or "").strip()
+            hit = images.find(value)
+            if hit is None:
+                skipped.append(SkippedImage(image_dir / value, "listed in the manifest but no such image file"))
+            elif not label:
+                skipped.append(SkippedImage(hit[0], "empty label in the manifest"))
+            else:
+                items.append((hit[0], label))
+                identities.append(hit[1])
     if not items:
         raise FinetuneError(f"no manifest row of {manifest} points to an image in {image_dir}")
-    return one_sample_per_file(LabelledSet(items, skipped), manifest)
+    return one_sample_per_file(LabelledSet(items, skipped, identities), manifest)
 
 
 def _to_samples(labelled: LabelledSet, classes: list[str]) -> list[Sample]:
@@ -289,8 +326,8 @@ def _stratified_split(samples: list[Sample], fraction: float, seed: int,
 
 
 def _check_disjoint(train_set: LabelledSet, val_set: LabelledSet) -> None:
-    val_files = {file_identity(p) for p, _ in val_set.items}
-    both = {p for p, _ in train_set.items if file_identity(p) in val_files}
+    val_files = set(_identities(val_set))
+    both = {p for (p, _), key in zip(train_set.items, _identities(train_set)) if key in val_files}
     if both:
         raise FinetuneError(
             f"{len(both)} image(s) are in both the training and the validation data (e.g. {sorted(both)[0]}); "
