@@ -2,6 +2,7 @@
 
     python benchmarks/audit_benchmark.py [--seeds 0 1 2] [--noise 0.05 0.10 0.20] [--methods features kfold]
         [--per-class 100] [--leaks 10] [--folds 5] [--kfold-noise 0.10] [--train-noise 0.10] [--json audit.json]
+        [--kfold-set train.epochs=10] [--train-set train.epochs=10] [--work DIR]
     python benchmarks/audit_benchmark.py --quick      # features only, one seed, no training
 
 Each seed writes Fashion-MNIST with `finetune datasets` (Debian's dataset-fashion-mnist when installed:
@@ -107,10 +108,12 @@ def test_accuracy(recipe_settings: list[str], data: Path, out: Path, truth: Path
 def run_seed(seed: int, args: argparse.Namespace, work: Path) -> list[dict]:
     """Every noise level and method for one seed; the training comparison at --train-noise."""
     split = FashionMNISTSplit(per_class=args.per_class, val_per_class=args.val_per_class, test_limit=args.test_images)
+    shutil.rmtree(work / f"clean{seed}", ignore_errors=True)  # a kept --work folder: written again, identically
     clean = export_fashion_mnist(work / f"clean{seed}", split, seed=seed).root
     results = []
     for noise in args.noise:
         noisy = work / f"noisy{seed}_{noise}"
+        shutil.rmtree(noisy, ignore_errors=True)
         flipped, planted = plant(clean, noisy, noise, args.leaks, seed)
         for method in args.methods:
             if method == "kfold" and noise != args.kfold_noise:
@@ -118,8 +121,11 @@ def run_seed(seed: int, args: argparse.Namespace, work: Path) -> list[dict]:
             folder = work / f"audit{seed}_{noise}_{method}"
             settings = [f"output={work / 'runs'}", f"name=kfold{seed}_{noise}", "train.loggers=[csv]",
                         *(args.kfold_set if method == "kfold" else [])]
+            # The folds of a kept --work folder are reused, as `finetune audit RUN_FOLDER` does: no second training.
+            folds = work / "runs" / f"kfold{seed}_{noise}"
+            source = folds if method == "kfold" and (folds / "cv_summary.json").is_file() else DEMO
             start = time.perf_counter()
-            audit(DEMO, data=noisy, out=folder, overrides=settings, write_manifest=folder / "drop.csv",
+            audit(source, data=noisy, out=folder, overrides=settings, write_manifest=folder / "drop.csv",
                   options=AuditOptions(method=method, folds=args.folds), log=quiet)
             row = {"seed": seed, "noise": noise, "method": method, **score_audit(folder, flipped, planted),
                    "wall_seconds": round(time.perf_counter() - start, 1)}
@@ -204,13 +210,15 @@ def main() -> None:
                         help="recipe overrides for the training comparison, e.g. train.epochs=10")
     parser.add_argument("--quick", action="store_true", help="features only, seed 0, 10%% noise, no training")
     parser.add_argument("--json", type=Path, help="write every run's figures here")
+    parser.add_argument("--work", type=Path, help="keep the data, audits and runs here (default: a temporary folder)")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.noise, args.methods, args.train_noise = [0], [0.10], ["features"], -1
     results = []
     with tempfile.TemporaryDirectory(prefix="audit-bench-") as tmp:
+        work = args.work or Path(tmp)
         for seed in args.seeds:
-            results += run_seed(seed, args, Path(tmp))
+            results += run_seed(seed, args, work)
     print("\n".join(summarise(results)))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -248,11 +248,14 @@ class SingleLabel(Task):
         return cross_val_predict(model, features, labels, cv=splitter, method="predict_proba")
 
     def judge_labels(self, probs, samples, num_classes):
-        """cleanlab's `find_label_issues` (pruned by the estimated noise rates) flags; the quality is the label's
-        self-confidence (its probability: the top-loss ranking); the suggestion is the top class."""
+        """cleanlab estimates how many labels are wrong (confident learning's calibrated joint) and flags that many
+        with the lowest self-confidence (the label's probability, also the quality: the top-loss ranking); the
+        suggestion is the top class. On the audit benchmark that ranking beat cleanlab's pruning rules (by noise
+        rate, by class, both) at every count, so the flags take the count from confident learning and the order
+        from the ranking."""
         cleanlab = import_cleanlab()
         labels = np.array([_class_index(s) for s in samples])
-        flagged = cleanlab.filter.find_label_issues(labels, probs, n_jobs=1)
+        flagged = cleanlab.filter.find_label_issues(labels, probs, filter_by="low_self_confidence", n_jobs=1)
         quality = cleanlab.rank.get_label_quality_scores(labels, probs)
         order = np.argsort(quality, kind="stable")
         return [LabelIssue(int(i), float(quality[i]), int(probs[i].argmax()), bool(flagged[i])) for i in order]
