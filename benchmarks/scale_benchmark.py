@@ -1,11 +1,12 @@
 """How `finetune train`'s start-up and memory grow with the number of images, per data layout.
 
-    python benchmarks/scale_benchmark.py [--sizes 10000 100000 1000000] [--layouts folder csv] [--work DIR]
+    python benchmarks/scale_benchmark.py [--sizes 10000 100000 1000000] [--layouts folder csv shards] [--work DIR]
 
 For each size the benchmark writes tiny images once (16x16 PNGs in 10 class folders, `--variants` distinct
 images copied byte for byte under new names: writing a million files takes minutes, encoding a million PNGs
 would take far longer, and start-up reads only names, sizes and headers) plus a CSV manifest of the same files.
-Then, per layout, it runs the command a user types,
+The shards layout is that folder written once by `finetune datasets shard` (1 000 images per shard; the time it
+took is printed). Then, per layout, it runs the command a user types,
 
     finetune train scale.yaml --data DIR --set model.backbone=test_resnet --set data.image_size=32 ... --set train.progress_every=5
 
@@ -73,10 +74,25 @@ def write_images(root: Path, count: int, variants: int) -> Path:
     return root
 
 
+def write_shards(root: Path) -> tuple[Path, float]:
+    """root's class folders as shards (`finetune datasets shard`, 1 000 images each) in root/shards, once; the
+    folder and the seconds the command took (0 when they were already written)."""
+    shards = root / "shards"
+    if (shards / "done").exists():
+        return shards, 0.0
+    began = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "finetune", "datasets", "shard", str(root), "--out", str(shards),
+                    "--set", "data.layout=folder"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    (shards / "done").write_text("")
+    return shards, time.perf_counter() - began
+
+
 def layout_settings(layout: str, root: Path) -> list[str]:
     """The recipe settings that read `root` with `layout`."""
     if layout == "folder":
         return ["data.layout=folder"]
+    if layout == "shards":
+        return ["data.layout=shards"]
     if layout == "csv":
         share = VAL_PER_CLASS * len(CLASSES) / sum(1 for _ in (root / "manifest.csv").open()) - 1e-6
         return ["data.layout=csv", f"data.csv={root / 'manifest.csv'}", f"data.val_fraction={max(share, 0.001):.6f}"]
@@ -125,6 +141,7 @@ def run_once(layout: str, root: Path, out: Path, train_seconds: float) -> dict:
     """One `finetune train` until `train_seconds` after its first step: start-up, peak memory, images/s."""
     recipe = out.parent / "scale.yaml"
     recipe.write_text("name: scale\n")
+    root = root / "shards" if layout == "shards" else root
     command = [sys.executable, "-m", "finetune", "train", str(recipe), "--data", str(root), "--set", f"output={out}",
                *[arg for value in [*TRAIN_SETTINGS, *layout_settings(layout, root)] for arg in ("--set", value)]]
     started = time.perf_counter()
@@ -169,7 +186,8 @@ def phases(lines: list[tuple[float, str]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    parser.add_argument("--layouts", nargs="+", default=["folder", "csv"], choices=["folder", "csv"])
+    parser.add_argument("--layouts", nargs="+", default=["folder", "csv", "shards"],
+                        choices=["folder", "csv", "shards"])
     parser.add_argument("--repeats", type=int, default=1, help="runs per layout and size (medians)")
     parser.add_argument("--variants", type=int, default=64, help="distinct images among the copies")
     parser.add_argument("--train-seconds", type=float, default=15.0, help="training time measured after the first step")
@@ -183,6 +201,9 @@ def main() -> None:
             began = time.perf_counter()
             root = write_images(work / f"images{size}", size, args.variants)
             print(f"<!-- {size} images ready in {time.perf_counter() - began:.0f} s -->", flush=True)
+            if "shards" in args.layouts:
+                _, seconds = write_shards(root)
+                print(f"<!-- {size} images written as shards in {seconds:.0f} s (0: written before) -->", flush=True)
             for layout in args.layouts:
                 runs = [run_once(layout, root, work / "runs", args.train_seconds) for _ in range(args.repeats)]
                 startup = statistics.median(r["startup"] for r in runs)

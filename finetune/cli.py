@@ -46,9 +46,10 @@ COMMANDS: dict[str, Command] = {
     "datasets fashion-mnist": Command("finetune.workflows.launch:fashion_mnist_command",
                                       choices={"layout": "finetune.workflows.datasets:LAYOUTS"}),
     "datasets fashion-mnist-multilabel": Command("finetune.workflows.launch:fashion_mnist_multilabel_command"),
+    "datasets shard": Command("finetune.workflows.sharding:shard_command", positional=("data",)),
     "demo": Command("finetune.workflows.demo:run_demo"),
 }
-GROUPS = {"datasets": ("write a ready-made data set as an image folder", "DATASET")}  # help, metavar
+GROUPS = {"datasets": ("write a ready-made data set as an image folder, or a folder as shards", "DATASET")}  # help, metavar
 
 
 class _VersionAction(argparse.Action):

@@ -42,7 +42,7 @@ __all__ = [
     "resolve_recipe",
 ]
 
-LAYOUTS = ("auto", "folder", "filename", "csv")
+LAYOUTS = ("auto", "folder", "filename", "csv", "shards")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
 BN_POLICIES = ("frozen", "train", "fixed")
@@ -159,7 +159,7 @@ class DataConfig:
 
     root: Optional[str] = None  # dataset folder; `--data DIR` overrides it
     task: str = "single"  # single (one label per image) | multilabel (several per image; needs layout: csv)
-    layout: str = "auto"  # auto | folder (train/<class>/) | filename (3_120.jpg) | csv (manifest)
+    layout: str = "auto"  # auto | folder (train/<class>/) | filename (3_120.jpg) | csv (manifest) | shards
     train: str = "auto"  # sub-folder holding training images ("auto": train/ or training/, else root)
     val: Optional[str] = "auto"  # sub-folder with validation images; "auto" finds val/validation/valid
     test: Optional[str] = "auto"  # unlabeled test folder; k-fold names it in the predict command it prints
@@ -202,7 +202,7 @@ class DataConfig:
         _choice("data.cache", self.cache, IMAGE_CACHES)
         _choice("data.balance", self.balance, BALANCE)
         _choice("data.task", self.task, TASKS)
-        if self.task == "multilabel" and self.layout != "csv":
+        if self.task == "multilabel" and self.layout not in ("csv", "shards"):
             raise FinetuneError("data.task is 'multilabel' but data.layout is not 'csv': several labels per image "
                                 "come from a CSV manifest (set data.layout: csv and data.csv: labels.csv)")
         if self.csv_label_sep is not None and not self.csv_label_sep:
@@ -222,6 +222,9 @@ class DataConfig:
                 f"recipe key 'data.image_size' is {self.image_size}; it must be between 8 and {MAX_IMAGE_SIZE} "
                 "pixels (pretrained backbones use 224-600; larger inputs exhaust memory without gaining accuracy)"
             )
+        if self.layout == "shards" and self.exclude:
+            raise FinetuneError("data.exclude lists image files; with data.layout: shards leave the images out when "
+                                "writing the shards (finetune datasets shard with --set data.exclude=FILE)")
         if self.layout == "csv" and not self.csv:
             raise FinetuneError("data.layout is 'csv' but 'data.csv' (the manifest file) is not set")
 

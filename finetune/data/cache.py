@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from finetune.data.images import load_rgb
+from finetune.data.shard_members import member_identity, member_of
 from finetune.errors import FinetuneError
 
 __all__ = ["CACHE_MODES", "ImageCache", "default_cache_dir", "shrink"]
@@ -100,8 +101,11 @@ class ImageCache:
 
     def key(self, path: Path) -> str:
         """The disk cache's file name: a hash of the absolute path, file size, modification time and stored size."""
-        stat = path.stat()
-        text = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{self.min_side}"
+        if member_of(path) is not None:  # a sample in a shard: the shard's size and time, and the member
+            text = f"{member_identity(path)}|{self.min_side}"
+        else:
+            stat = path.stat()
+            text = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{self.min_side}"
         return hashlib.sha1(text.encode()).hexdigest() + ".npy"
 
     def _read_disk(self, path: Path) -> np.ndarray:

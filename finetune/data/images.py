@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from finetune.data.portable import decode_rgb
+from finetune.data.shard_members import image_source, member_of, member_problem
 from finetune.errors import FinetuneError
 
 __all__ = [
@@ -51,8 +52,11 @@ def is_image_file(path: Path) -> bool:
 def not_a_file(path: Path) -> Optional[str]:
     """Why `path` is not a regular file that can be read as an image (None when it is one).
 
-    Checked before opening: reading a FIFO would block forever and a link to /dev/zero never ends.
+    Checked before opening: reading a FIFO would block forever and a link to /dev/zero never ends. A sample in a
+    shard (`.../train-000003.tar/cat/001.jpg`) is checked when it is read.
     """
+    if member_of(path) is not None:
+        return None
     try:
         mode = os.stat(path).st_mode  # follows symlinks
     except FileNotFoundError:
@@ -127,7 +131,7 @@ def load_rgb(path: Path, min_side: Optional[int] = None) -> np.ndarray:
     if problem:
         raise FinetuneError(f"cannot read image {path}: {problem}")
     try:
-        return decode_rgb(path, min_side)
+        return decode_rgb(image_source(path), min_side)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         reason = "empty file" if path.exists() and path.stat().st_size == 0 else str(err) or type(err).__name__
         raise FinetuneError(f"cannot read image {path}: {reason}") from None
@@ -171,6 +175,9 @@ def _first_bytes(path: Path) -> tuple[Optional[bytes], Optional[str]]:
 
 
 def _header_problem(path: Path) -> Optional[SkippedImage]:
+    if member_of(path) is not None:  # a shard's sample: its headers were checked when the shard was written
+        problem = member_problem(path)
+        return SkippedImage(path, problem) if problem else None
     head, problem = _first_bytes(path)
     if problem:
         return SkippedImage(path, problem)

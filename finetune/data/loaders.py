@@ -18,6 +18,7 @@ from finetune.data.cache import ImageCache
 from finetune.data.cores import single_threaded_worker
 from finetune.data.images import SkippedImage, load_rgb
 from finetune.data.preprocessing import Preprocessing
+from finetune.data.shard_members import ShardSamples
 from finetune.data.sources import Sample
 from finetune.data.transforms import (build_eval_transform, build_train_transform, eval_decode_side, seed_transform,
                                       train_decode_side)
@@ -89,23 +90,31 @@ class ImageDataset(Dataset):
 
     def __init__(self, samples: Sequence[Sample], transform: Callable, read: Optional[Reader] = None,
                  encode: Callable[[Sample], object] = class_index) -> None:
-        self.paths = PackedPaths([s.path for s in samples])
+        # A shard set's samples stay lazy (each worker reads the headers of the shards it needs); a list is packed.
+        self.lazy = samples if isinstance(samples, ShardSamples) else None
+        self.paths = PackedPaths([] if self.lazy is not None else [s.path for s in samples])
         # Class indices as one array; multi-label tuples (or None) stay a list.
-        targets = [s.target for s in samples]
+        targets = [] if self.lazy is not None else [s.target for s in samples]
         self.targets = np.asarray(targets, dtype=np.int64) if all(type(t) is int for t in targets) else targets
         self.transform = transform
         self.read = read or load_rgb
         self.encode = encode
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.lazy) if self.lazy is not None else len(self.paths)
 
     def sample(self, index: int) -> Sample:
         """The index-th sample, made when asked for."""
+        if self.lazy is not None:
+            return self.lazy[index]
         target = self.targets[index]
         return Sample(self.paths[index], int(target) if isinstance(target, np.integer) else target)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | SkippedImage:
+        if self.lazy is not None:  # a shard's sample may lack its image or label: listed, like an unreadable file
+            path, _, problem = self.lazy.entry(index)
+            if problem is not None:
+                return SkippedImage(path, problem)
         sample = self.sample(index)
         try:
             image = self.read(sample.path)
@@ -149,7 +158,11 @@ class SkippingLoader(DataLoader):
 
 
 def class_counts(samples: Sequence[Sample], num_classes: int) -> list[int]:
-    """Number of samples per class index (a multi-label sample counts once for each of its classes)."""
+    """Number of samples per class index (a multi-label sample counts once for each of its classes); a shard set's
+    from its index."""
+    known = getattr(samples, "class_counts", None)
+    if known is not None and len(known) == num_classes:
+        return list(known)
     counts = Counter(i for s in samples for i in (s.target if isinstance(s.target, tuple) else (s.target,)))
     return [counts.get(i, 0) for i in range(num_classes)]
 
@@ -286,6 +299,11 @@ def train_reader(recipe: Recipe, preprocessing: Preprocessing, paths: Sequence[P
     return image_reader(recipe.data, train_decode_side(preprocessing, aug.preset, aug.ops), paths)
 
 
+def _cached_paths(recipe: Recipe, samples: Sequence[Sample]) -> Sequence[Path]:
+    """The paths a ram cache fills (a lazy shard set is read through only when a cache is asked for)."""
+    return [s.path for s in samples] if recipe.data.cache == "ram" else ()
+
+
 def train_loader(recipe: Recipe, samples: Sequence[Sample], preprocessing: Preprocessing,
                  targets: Union[int, Targets], rank: int = 0, world: int = 1, seed: Optional[int] = None,
                  on_skip: Optional[Callable[[SkippedImage], None]] = None) -> DataLoader:
@@ -299,7 +317,7 @@ def train_loader(recipe: Recipe, samples: Sequence[Sample], preprocessing: Prepr
     cfg, targets = recipe.data, as_targets(targets)
     seed = recipe.train.seed if seed is None else seed
     sampler = train_sampler(recipe, samples, targets, rank, world)
-    read = train_reader(recipe, preprocessing, [s.path for s in samples])
+    read = train_reader(recipe, preprocessing, _cached_paths(recipe, samples))
     dataset = ImageDataset(samples, train_transform(recipe, preprocessing, seed), read, targets.encode)
     return make_loader(dataset, cfg.batch_size, cfg.num_workers, seed=seed, sampler=sampler,
                        drop_last=len(sampler) > cfg.batch_size, on_skip=on_skip)

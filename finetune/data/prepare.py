@@ -13,7 +13,7 @@ from typing import Callable, Optional, Protocol, Sequence
 
 from finetune.data.images import SkippedImage, check_headers
 from finetune.data.loaders import class_counts
-from finetune.data.sources import VAL_NAMES, DatasetSplits, Keep, Sample, read_labelled_folder
+from finetune.data.sources import VAL_NAMES, DatasetSplits, Keep, Sample, discover_shards, read_labelled_folder
 from finetune.errors import FinetuneError
 from finetune.config.recipe import DataConfig, Recipe
 
@@ -120,7 +120,9 @@ def prepare(recipe: Recipe, task: Discovery, log: Log = print) -> Prepared:
         listed, paths = read_exclusions(recipe.data)
         keep = excluding(listed, paths, openable)
         log(f"data.exclude: leaving out the {len(paths)} image(s) listed in {listed}")
-    splits = task.discover(recipe.data, recipe.train.seed, keep)
+    # Shards were checked when they were written: nothing is listed or opened here but the validation set's headers.
+    splits = (discover_shards(recipe.data) if recipe.data.layout == "shards"
+              else task.discover(recipe.data, recipe.train.seed, keep))
     val_source = splits.val_source
     if val_source == "split":
         val_source = f"{recipe.data.val_fraction:.0%} {task.split_kind} split"

@@ -10,6 +10,9 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 from finetune.data.images import SkippedImage, file_identity, list_images, scan_images
+from finetune.data.samples import Sample
+from finetune.data.shard_members import ShardSamples
+from finetune.data.shards import INDEX_SUFFIX, load_index
 from finetune.errors import FinetuneError
 from finetune.config.recipe import DataConfig
 
@@ -22,6 +25,8 @@ __all__ = [
     "LabelledSet",
     "DatasetSplits",
     "discover",
+    "discover_shards",
+    "shard_set_samples",
     "read_labelled_folder",
     "read_manifest",
     "sort_class_names",
@@ -35,15 +40,6 @@ VAL_NAMES = ("val", "validation", "valid")
 TEST_NAMES = ("test", "testing")
 LABELED_NAMES = ("labeled", "labelled")  # HW03 2021: training/labeled/<class>/ beside training/unlabeled/
 UNLABELED_NAMES = ("unlabeled", "unlabelled")
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One image and its target, as the task encodes it: a class index (one label per image), a tuple of the
-    class indices present (several per image; empty: none), or None when unlabeled."""
-
-    path: Path
-    target: Union[int, tuple[int, ...], None] = None
 
 
 # A filter on samples: (kept, skipped with reasons), e.g. finetune.data.prepare.readable.
@@ -372,6 +368,63 @@ def discover(cfg: DataConfig, seed: int = 0, keep: Optional[Keep] = None) -> Dat
         return DatasetSplits(classes, train, val, "folder", test_dir, skipped + dropped, unlabeled_dir, notes)
     train, val = _stratified_split(train, cfg.val_fraction, seed, classes)
     return DatasetSplits(classes, train, val, "split", test_dir, skipped, unlabeled_dir, notes)
+
+
+def _shard_spec(value: Optional[str], split: str) -> Optional[str]:
+    """What data.train / data.val / data.test name with data.layout: shards ("auto": `{split}-index.json`)."""
+    return f"{split}{INDEX_SUFFIX}" if value == "auto" else value
+
+
+def discover_shards(cfg: DataConfig) -> DatasetSplits:
+    """The training and validation shard sets (data.layout: shards) without opening a training shard: classes,
+    counts and the epoch's length come from the index; validation samples are listed (their shards' headers)."""
+    root = Path(cfg.root).expanduser() if cfg.root else None
+    if root is not None and not root.is_dir():
+        raise FinetuneError(f"dataset folder not found: {root}")
+    train = load_index(_shard_spec(cfg.train, "train") or "train" + INDEX_SUFFIX, root)
+    if train.task != cfg.task:
+        raise FinetuneError(f"{train.path} holds samples written for data.task {train.task!r}, but the recipe says "
+                            f"{cfg.task!r}; set data.task: {train.task} (or write the shards again)")
+    if len(train.classes) < 2:
+        raise FinetuneError(f"{train.path} lists {len(train.classes)} class(es); a classifier needs at least two")
+    val_spec = _shard_spec(cfg.val, "val")
+    if val_spec is None:
+        raise FinetuneError("data.layout is 'shards' but data.val is null: shards hold a fixed validation set "
+                            "(finetune datasets shard writes val-index.json); name it in data.val")
+    val_samples, skipped = shard_set_samples(val_spec, train.classes, root)
+    notes = [f"shards: {train.count} training images in {len(train.shards)} shard(s) ({train.path}), "
+             f"{len(val_samples)} validation images"]
+    skipped = [SkippedImage(Path(item["path"]), item["reason"]) for item in train.skipped] + skipped
+    return DatasetSplits(list(train.classes), ShardSamples(train, len(train.classes)), val_samples,  # type: ignore
+                         "shards", None, skipped, None, notes)
+
+
+def shard_set_samples(spec: Union[str, Path], classes: Sequence[str],
+                      base: Optional[Path] = None) -> tuple[list[Sample], list[SkippedImage]]:
+    """Every sample of a shard set, labelled by `classes` (a checkpoint's, or the training set's), and the samples
+    that cannot be used (no image, no or unknown label), listed with the reason. Reads every shard's headers."""
+    index = load_index(spec, base)
+    if index.labelled:
+        unknown = [name for name in index.classes if name not in set(classes)]
+        if unknown:
+            raise FinetuneError(f"{index.path} has classes {unknown[:10]} that the model does not know; it was "
+                                f"trained on {len(classes)}: {', '.join(list(classes)[:20])}. Use the matching "
+                                "checkpoint or shards")
+    position = {name: classes.index(name) for name in index.classes if name in classes}
+    remap = [position.get(name, -1) for name in index.classes]
+    lazy = ShardSamples(index, len(index.classes))
+    problems = dict(lazy.problems())
+    samples, skipped = [], [SkippedImage(path, reason) for path, reason in problems.items()]
+    for sample in lazy:
+        if sample.path in problems:
+            continue
+        target = sample.target
+        if isinstance(target, tuple):
+            target = tuple(sorted(remap[k] for k in target))
+        elif target is not None:
+            target = remap[target]
+        samples.append(Sample(sample.path, target))
+    return samples, skipped
 
 
 def _unlabeled_folder(path: Path) -> Path:

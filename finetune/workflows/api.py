@@ -17,7 +17,9 @@ from finetune.data.loaders import eval_loader, image_reader, tensor_train_loader
 from finetune.data.preprocessing import Preprocessing
 from finetune.data.transforms import eval_decode_side
 from finetune.data.prepare import Prepared
-from finetune.data.sources import Sample, single_image_subfolder
+from finetune.data.shard_members import ShardSamples
+from finetune.data.shards import is_shard_spec, load_index
+from finetune.data.sources import Sample, shard_set_samples, single_image_subfolder
 from finetune.engine import distributed
 from finetune.engine.features import FeatureCache
 from finetune.engine.files import check_writable, mark_written, was_written_here
@@ -249,7 +251,10 @@ def evaluate(
     inference = inference_cores(inference, device, log)
     loaded = load_model(checkpoint, device, fuse=True)
     task = task_of_model(loaded)
-    samples, skipped = task.labelled_samples(Path(data).expanduser(), loaded.recipe.data, loaded.classes)
+    if is_shard_spec(data):  # a shard set: its index's classes mapped onto the checkpoint's
+        samples, skipped = shard_set_samples(data, loaded.classes)
+    else:
+        samples, skipped = task.labelled_samples(Path(data).expanduser(), loaded.recipe.data, loaded.classes)
     if not samples:
         raise FinetuneError(f"no labelled images that open in {data}")
     run = RunDir.open(checkpoint)
@@ -299,7 +304,7 @@ def predict(
     classes, task = models[0].classes, task_of_model(models[0])  # load_ensemble: one task, one class list
     task.check_submission(options, classes)
     decision = task.ensemble_decision(models, options.threshold)
-    paths = _test_images(Path(images).expanduser(), log)
+    paths = test_image_paths(images, log)
     sample = Path(options.sample_submission).expanduser() if options.sample_submission else None
     plan = plan_submission(paths, classes, options.id_format, options.id_width, options.index_start,
                            options.id_column, options.label_column or task.label_column, sample)
@@ -350,8 +355,13 @@ def _inference_device(inference: InferenceOptions) -> torch.device:
     return distributed.setup(device)
 
 
-def _test_images(folder: Path, log: Log) -> list[Path]:
-    """The images directly in a test folder (HW03 2021's lone sub-folder taken for it); nested images refused."""
+def test_image_paths(images: Union[str, Path], log: Log = print) -> list[Path]:
+    """The images directly in a test folder (HW03 2021's lone sub-folder taken for it; nested images refused), or
+    every sample of a shard set (an index file or a brace pattern of shards)."""
+    if is_shard_spec(images):
+        index = load_index(images)
+        return [sample.path for sample in ShardSamples(index, len(index.classes))]
+    folder = Path(images).expanduser()
     paths = list_images(folder)
     inner = single_image_subfolder(folder) if not paths else None
     if inner is not None:  # HW03 2021: --images food-11/testing means its one sub-folder, testing/00/

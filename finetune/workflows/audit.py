@@ -148,6 +148,7 @@ def _from_recipe(source: Union[Recipe, str, Path, None], data, overrides, option
     """Out-of-sample probabilities from the recipe: K fine-tuned folds, or a linear classifier on frozen features."""
     opening = open_training(source, data, overrides, log)
     recipe, task, dataset = opening.recipe, opening.task, opening.dataset
+    _refuse_shards(recipe)
     log(dataset.describe())
     if options.method == "kfold":
         started = time.perf_counter()
@@ -167,11 +168,19 @@ def _from_run_folder(run: RunDir, data, overrides, options: AuditOptions, log: L
     recipe = load_recipe(run.recipe, overrides)
     if data is not None:
         recipe.data.root = str(Path(data).expanduser().resolve())
+    _refuse_shards(recipe)
     log(f"reusing the k-fold run {run.path}: its fold models score their held-out images (no training)")
     if not distributed.is_main():
         return None
     dataset = prepare_data(recipe, log)
     return _from_folds(run, recipe, task_of(recipe), dataset, options, log)
+
+
+def _refuse_shards(recipe: Recipe) -> None:
+    """The audit compares image files (hashes, thumbnails, a cleaned manifest of paths): it reads folders."""
+    if recipe.data.layout == "shards":
+        raise FinetuneError("finetune audit reads image folders (it hashes files and writes a manifest of their "
+                            "paths); run it on the folder the shards were written from, then shard the cleaned data")
 
 
 def _test_images(dataset: Prepared) -> list[Path]:

@@ -94,7 +94,7 @@ def train_kfold(
     opening = open_training(recipe, data, overrides, log, prepared)
     recipe, task, dataset = opening.recipe, opening.task, opening.dataset
     # The strongest HW03 solutions validated on folds of train+val together: every labelled image trains k-1 models.
-    samples = dataset.train + dataset.val
+    samples = [*dataset.train, *dataset.val]  # a shard set's samples are listed here (every shard's headers)
     plan = task.folds(samples, dataset.classes, folds, recipe.train.seed)
     parent = RunDir.create(recipe.output, recipe.name)
     parent.write_recipe(recipe)

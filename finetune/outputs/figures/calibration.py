@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-from matplotlib.figure import Figure  # not pyplot: see finetune.outputs.figures.plots
+
+from finetune.outputs.figures.canvas import new_figure
 
 __all__ = ["CalibrationBins", "calibration_bins", "plot_reliability", "Coverage", "accuracy_coverage",
            "plot_coverage", "TARGET_ACCURACIES"]
@@ -58,7 +59,7 @@ def plot_reliability(bins: CalibrationBins, path: Path, before: Optional[Calibra
 
     `before`: the bins before temperature scaling, drawn as dotted outlines of their accuracy.
     """
-    fig = Figure(figsize=(5.5, 6.5))
+    fig = new_figure(figsize=(5.5, 6.5))
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     width = bins.edges[1] - bins.edges[0]
     centres = bins.edges[:-1] + width / 2
@@ -140,7 +141,7 @@ def accuracy_coverage(probs: np.ndarray, y_true: Sequence[int]) -> Coverage:
 
 def plot_coverage(curve: Coverage, path: Path) -> None:
     """Accuracy of the kept predictions against the share kept, with the thresholds for the target accuracies."""
-    fig = Figure(figsize=(6, 4.5))
+    fig = new_figure(figsize=(6, 4.5))
     ax = fig.subplots()
     ax.plot(curve.coverage, curve.accuracy, color="#4c72b0")
     for target in TARGET_ACCURACIES:

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-from matplotlib.figure import Figure  # not pyplot: see finetune.outputs.figures.plots
+
+from finetune.outputs.figures.canvas import new_figure
 from PIL import Image
 
 from finetune.errors import FinetuneError
@@ -49,7 +50,7 @@ def plot_gallery(tiles: Sequence[Tile], path: Path, title: str, columns: int = 6
     columns = max(1, min(columns, len(tiles)))
     rows = max(1, -(-len(tiles) // columns))
     # At least 7 inches wide, so the title fits even above a single tile.
-    fig = Figure(figsize=(max(7.0, 2.3 * columns), 2.6 * rows + 0.5))
+    fig = new_figure(figsize=(max(7.0, 2.3 * columns), 2.6 * rows + 0.5))
     axes = fig.subplots(rows, columns, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from matplotlib.figure import Figure  # not pyplot: see finetune.outputs.figures.plots
+from finetune.outputs.figures.canvas import new_figure
 
 if TYPE_CHECKING:  # for the hint only: figures never import engine code
     from finetune.engine.lr_find import LrFindResult
@@ -17,7 +17,7 @@ def plot_lr_find(result: LrFindResult, path: Path) -> Path:
     """Raw and smoothed loss per rate, with the suggested rate marked."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig = Figure(figsize=(7, 4.5))
+    fig = new_figure(figsize=(7, 4.5))
     ax = fig.subplots()
     ax.plot(result.lrs, result.raw_losses, color="0.75", linewidth=0.8, label="loss per batch")
     ax.plot(result.lrs, result.losses, color="C0", label="smoothed loss")

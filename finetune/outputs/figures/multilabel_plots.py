@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from matplotlib.figure import Figure  # not pyplot: see finetune.outputs.figures.plots
+
+from finetune.outputs.figures.canvas import new_figure
 
 __all__ = ["GRID_CLASSES", "plot_label_confusion_grid", "plot_pr_curves"]
 
@@ -23,7 +24,7 @@ def plot_label_confusion_grid(matrices: np.ndarray, classes: Sequence[str], f1: 
         else np.arange(len(classes))
     columns = min(6, len(order))
     rows = -(-len(order) // columns)
-    fig = Figure(figsize=(2.2 * columns, 2.3 * rows + 0.6))
+    fig = new_figure(figsize=(2.2 * columns, 2.3 * rows + 0.6))
     axes = fig.subplots(rows, columns, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
@@ -50,7 +51,7 @@ def plot_pr_curves(targets: np.ndarray, probs: np.ndarray, classes: Sequence[str
     from sklearn.metrics import precision_recall_curve
 
     targets = np.asarray(targets) > 0.5
-    fig = Figure(figsize=(7.5, 6))
+    fig = new_figure(figsize=(7.5, 6))
     ax = fig.subplots()
     if targets.any():
         precision, recall, _ = precision_recall_curve(targets.ravel(), np.asarray(probs).ravel())

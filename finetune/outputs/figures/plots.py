@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-# A bare Figure, not pyplot: savefig renders PNGs through Agg by itself, so neither importing nor drawing
-# touches the process-wide backend (a notebook importing finetune keeps its own).
-from matplotlib.figure import Figure
+
+from finetune.outputs.figures.canvas import new_figure  # a bare Figure, not pyplot, imported when first drawn
 
 __all__ = ["LEGIBLE_CLASSES", "plot_confusion_matrix", "plot_confused_pairs", "plot_class_recall", "plot_curves"]
 
@@ -52,7 +51,7 @@ def plot_confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path: Path
     rows = matrix.sum(axis=1, keepdims=True)
     normalised = np.divide(matrix, rows, out=np.zeros_like(matrix, dtype=float), where=rows > 0)
     side = max(5.0, 0.55 * len(classes) + 2) if len(classes) <= LEGIBLE_CLASSES else MAX_SIDE
-    fig = Figure(figsize=(2 * side + 1, side))
+    fig = new_figure(figsize=(2 * side + 1, side))
     axes = fig.subplots(1, 2)
     _matrix_panel(axes[0], matrix, classes, "confusion matrix (counts)", "d")
     _matrix_panel(axes[1], normalised, classes, "normalised by true class (recall)", ".2f")
@@ -67,7 +66,7 @@ def _bar_height(bars: int) -> float:
 def plot_confused_pairs(pairs: Sequence[tuple[str, str, int]], path: Path) -> None:
     """The most frequent mistakes, 'true → predicted', as labelled horizontal bars (largest on top)."""
     pairs = list(pairs)[:BARS]
-    fig = Figure(figsize=(9, _bar_height(len(pairs))))
+    fig = new_figure(figsize=(9, _bar_height(len(pairs))))
     ax = fig.subplots()
     if pairs:
         labels = [f"{true} \u2192 {predicted}" for true, predicted, _ in pairs]
@@ -92,7 +91,7 @@ def plot_class_recall(matrix: np.ndarray, classes: Sequence[str], path: Path) ->
     present = np.flatnonzero(support > 0)
     order = present[np.argsort(recall[present], kind="stable")][:BARS]  # the weakest classes first
     many = len(present) > BARS
-    fig = Figure(figsize=(14 if many else 9, _bar_height(len(order))))
+    fig = new_figure(figsize=(14 if many else 9, _bar_height(len(order))))
     axes = fig.subplots(1, 2 if many else 1, squeeze=False)[0]
     ax = axes[-1]
     bars = ax.barh(np.arange(len(order)), recall[order], color="tab:blue")
@@ -117,7 +116,7 @@ def plot_class_recall(matrix: np.ndarray, classes: Sequence[str], path: Path) ->
 def plot_curves(history: list[dict], path: Path) -> None:
     """Loss, accuracy and learning rate per epoch."""
     epochs = [int(r["epoch"]) for r in history]
-    fig = Figure(figsize=(14, 4))
+    fig = new_figure(figsize=(14, 4))
     axes = fig.subplots(1, 3)
     for key, label in (("train_loss", "train"), ("val_loss", "val")):
         axes[0].plot(epochs, [float(r[key]) for r in history], marker="o", label=label)

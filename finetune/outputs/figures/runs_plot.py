@@ -5,14 +5,14 @@ from __future__ import annotations
 import io
 from typing import Mapping, Sequence
 
-from matplotlib.figure import Figure
+from finetune.outputs.figures.canvas import new_figure
 
 __all__ = ["plot_runs"]
 
 
 def plot_runs(histories: Mapping[str, Sequence[dict]]) -> bytes:
     """PNG bytes: validation accuracy and loss per epoch, one line per run, overlaid."""
-    fig = Figure(figsize=(13, 4.5))
+    fig = new_figure(figsize=(13, 4.5))
     axes = fig.subplots(1, 2)
     for name, rows in histories.items():
         if not rows:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import io
 from typing import Mapping, Sequence
 
-from matplotlib.figure import Figure
+from finetune.outputs.figures.canvas import new_figure
 
 __all__ = ["plot_importance", "plot_history"]
 
 
-def _png(fig: Figure) -> bytes:
+def _png(fig) -> bytes:
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
@@ -20,7 +20,7 @@ def _png(fig: Figure) -> bytes:
 def plot_importance(importances: Mapping[str, float]) -> bytes:
     """PNG bytes: one horizontal bar per searched recipe key, the most important on top."""
     names = list(importances)[::-1]
-    fig = Figure(figsize=(7, 0.5 * len(names) + 1.5))
+    fig = new_figure(figsize=(7, 0.5 * len(names) + 1.5))
     ax = fig.subplots()
     ax.barh(names, [importances[n] for n in names], color="#4c72b0")
     ax.set_xlabel("importance (Optuna's default evaluator; shares sum to 1)")
@@ -31,7 +31,7 @@ def plot_importance(importances: Mapping[str, float]) -> bytes:
 
 def plot_history(numbers: Sequence[int], values: Sequence[float], metric: str, maximize: bool) -> bytes:
     """PNG bytes: each finished trial's value and the best so far."""
-    fig = Figure(figsize=(8, 4))
+    fig = new_figure(figsize=(8, 4))
     ax = fig.subplots()
     ax.scatter(numbers, values, label="trial", color="#4c72b0")
     best, running = [], None
