@@ -2,8 +2,8 @@
 
 Reading is random access, so the training order, samplers, torchrun's split, exact resume, k-fold and the caches
 work as they do for files: `ShardSamples[i]` is the i-th sample in the order the shards were written (the folder's
-order), and its image is one `pread` at an offset the member table (`{split}-members.npz`, loaded at start-up as a
-few NumPy arrays) gives. A shard the member table does not cover (added by hand, written by another tool) has its
+order), and its image is one `pread` at an offset the member table (`{split}-members.npy` and two more NumPy
+files, memory-mapped at start-up) gives. A shard the member table does not cover (added by hand, written by another tool) has its
 tar headers read the first time one of its samples is wanted. Samples are addressed as *member paths*,
 `.../train-000003.tar/cat/001.jpg`, which `finetune.data.images` opens like files: a sample's Id is its original
 file stem, and what cannot be read is listed with that path.
@@ -54,7 +54,7 @@ class MemberTable:
     label_block: np.ndarray  # int32: every sample's class indices, as written
     label_starts: np.ndarray
     label_ends: np.ndarray
-    flags: np.ndarray  # uint8: NO_IMAGE | NO_LABEL | BAD_LABEL | LABEL_LIST
+    flags: np.ndarray  # NO_IMAGE | NO_LABEL | BAD_LABEL | LABEL_LIST
     _rows: Optional[dict[str, int]] = None
 
     def __len__(self) -> int:
@@ -160,43 +160,53 @@ def scan_table(shard: Path) -> MemberTable:
     return _table(names, offsets, sizes, labels, flags)
 
 
-def save_members(path: Path, shard_names: list[str], tables: list[MemberTable]) -> None:
-    """One member table for a shard set (rows in shard order), written whole or not at all."""
-    merged = _table([], [], [], [], [])
-    if tables:
-        names = np.concatenate([t.name_block for t in tables])
-        name_base = np.cumsum([0] + [len(t.name_block) for t in tables[:-1]])
-        label_base = np.cumsum([0] + [len(t.label_block) for t in tables[:-1]])
-        merged = MemberTable(
-            names, np.concatenate([t.name_starts + b for t, b in zip(tables, name_base)]),
-            np.concatenate([t.name_ends + b for t, b in zip(tables, name_base)]),
-            np.concatenate([t.offsets for t in tables]), np.concatenate([t.sizes for t in tables]),
-            np.concatenate([t.label_block for t in tables]),
-            np.concatenate([t.label_starts + b for t, b in zip(tables, label_base)]),
-            np.concatenate([t.label_ends + b for t, b in zip(tables, label_base)]),
-            np.concatenate([t.flags for t in tables]))
-    temporary = path.with_name(f".{path.name}.partial")
-    with temporary.open("wb") as handle:
-        np.savez(handle, shard_names=np.asarray(shard_names, dtype=str),
-                 shard_rows=np.asarray([len(t) for t in tables], dtype=np.int64),
-                 **{name: getattr(merged, name) for name in _ARRAYS})
-    os.replace(temporary, path)
+def _member_files(folder: Path, split: str) -> tuple[Path, Path, Path]:
+    """The member table's files: one row per sample (name start and end, image offset and size, label start and
+    end, flags: int64), every name (UTF-8 bytes), every label (int32)."""
+    return (folder / f"{split}{MEMBERS_SUFFIX}", folder / f"{split}-member-names.npy",
+            folder / f"{split}-member-labels.npy")
+
+
+def save_members(folder: Path, split: str, tables: list[MemberTable]) -> None:
+    """A shard set's member table (rows in shard order), each file written whole or not at all."""
+    names, labels = [t.name_block for t in tables], [t.label_block for t in tables]
+    name_base = np.cumsum([0] + [len(block) for block in names[:-1]], dtype=np.int64)
+    label_base = np.cumsum([0] + [len(block) for block in labels[:-1]], dtype=np.int64)
+    columns = [[t.name_starts + b for t, b in zip(tables, name_base)],
+               [t.name_ends + b for t, b in zip(tables, name_base)], [t.offsets for t in tables],
+               [t.sizes for t in tables], [t.label_starts + b for t, b in zip(tables, label_base)],
+               [t.label_ends + b for t, b in zip(tables, label_base)], [t.flags.astype(np.int64) for t in tables]]
+    rows = np.stack([np.concatenate(c) if c else np.zeros(0, np.int64) for c in columns], axis=1)
+    arrays = (rows, np.concatenate(names) if names else np.zeros(0, np.uint8),
+              np.concatenate(labels) if labels else np.zeros(0, np.int32))
+    for path, array in zip(_member_files(folder, split), arrays):
+        temporary = path.with_name(f".{path.name}.partial")
+        with temporary.open("wb") as handle:
+            np.save(handle, array, allow_pickle=False)
+        os.replace(temporary, path)
 
 
 def _load_members(index: ShardIndex) -> dict[str, MemberTable]:
-    """Each shard's table from the set's member file (views of its arrays); {} when there is none."""
-    path = index.folder / f"{index.split}{MEMBERS_SUFFIX}"
-    if not path.is_file():
+    """Each shard's table from the set's member files, memory-mapped: nothing is read until a sample is wanted,
+    and forked loader workers share the pages. {} when the set has none."""
+    files = _member_files(index.folder, index.split)
+    if not all(path.is_file() for path in files):
         return {}
     try:
-        with np.load(path, allow_pickle=False) as stored:
-            whole = MemberTable(*(stored[name] for name in _ARRAYS))
-            names, rows = [str(n) for n in stored["shard_names"]], stored["shard_rows"]
-    except (OSError, ValueError, KeyError) as err:
-        raise FinetuneError(f"{path} cannot be read ({err}); write the shard set again with finetune datasets "
+        rows, names, labels = (np.load(path, mmap_mode="r", allow_pickle=False) for path in files)
+        whole = MemberTable(names, rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3], labels, rows[:, 4], rows[:, 5],
+                            rows[:, 6])
+    except (OSError, ValueError, IndexError) as err:
+        raise FinetuneError(f"{files[0]} cannot be read ({err}); write the shard set again with finetune datasets "
                             "shard") from None
-    starts = np.concatenate([[0], np.cumsum(rows)])
-    return {name: whole.rows(int(starts[k]), int(starts[k + 1])) for k, name in enumerate(names)}
+    tables = {}
+    for entry in index.shards:
+        if entry.first_row >= 0:
+            if entry.first_row + entry.count > len(whole):
+                raise FinetuneError(f"{files[0]} holds {len(whole)} samples, fewer than {index.path} says; write the "
+                                    "shard set again")
+            tables[entry.name] = whole.rows(entry.first_row, entry.first_row + entry.count)
+    return tables
 
 
 # ---- member paths -----------------------------------------------------------------------------------------------

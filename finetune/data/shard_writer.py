@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from finetune.data.shard_members import MemberTable, save_members, scan_table
-from finetune.data.shards import INDEX_SUFFIX, MEMBERS_SUFFIX, ShardEntry, ShardIndex, Target, escape_key
+from finetune.data.shards import INDEX_SUFFIX, ShardEntry, ShardIndex, Target, escape_key
 
 __all__ = ["write_shard_set"]
 
@@ -27,7 +27,7 @@ def write_shard_set(items: Sequence[tuple[Path, str, Target]], plan: ShardIndex,
                     log: Log = print) -> ShardIndex:
     """Write `items` (path, relative name, target) as the shard set `plan` describes (its index path, split, task,
     classes, source and skipped files): `{split}-NNNNNN.tar` shards of `shard_size` samples, their member table
-    `{split}-members.npz`, then the index. Streaming: one image in memory at a time. Each shard is written under a
+    (`{split}-members.npy` ...), then the index. Streaming: one image in memory at a time. Each shard is written under a
     temporary name and renamed when complete (a stopped run leaves no half shard); the index is written last."""
     from webdataset import TarWriter  # only here: reading needs no webdataset
 
@@ -52,8 +52,8 @@ def write_shard_set(items: Sequence[tuple[Path, str, Target]], plan: ShardIndex,
             writer.close()
         tables.append(scan_table(temporary))  # where each member landed: one pass over the headers just written
         os.replace(temporary, out / name)
-        entries.append(ShardEntry(name, len(chunk), (out / name).stat().st_size))
-    save_members(out / f"{split}{MEMBERS_SUFFIX}", [entry.name for entry in entries], tables)
+        entries.append(ShardEntry(name, len(chunk), (out / name).stat().st_size, start))
+    save_members(out, split, tables)
     index = ShardIndex(plan.path, split, plan.task, list(plan.classes), entries, counts, plan.source, plan.skipped)
     temporary = out / f".{split}{INDEX_SUFFIX}.partial"
     temporary.write_text(json.dumps(index.to_json(), indent=1), encoding="utf-8")

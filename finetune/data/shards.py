@@ -2,7 +2,8 @@
 
 A shard set is `{split}-000000.tar, {split}-000001.tar, ...` plus `{split}-index.json` (classes, the task, the
 number of samples and of each class, each shard's sample count and size), so a run knows its classes and epoch
-length without opening a shard, and `{split}-members.npz`, where each sample's image sits in its shard. Each sample
+length without opening a shard, and `{split}-members.npy` (with `-member-names.npy`, `-member-labels.npy`),
+where each sample's image sits in its shard. Each sample
 is the image's bytes as they were (`{key}.jpg`, no re-encode) and, when labelled, `{key}.cls` (the class index) or
 `{key}.json` (`{"labels": [indices]}`, several per image); the key is the image's path relative to its data folder
 without the suffix, so webdataset, timm's `wds` datasets and `tar tf` read the same samples. A dot in a name is
@@ -25,7 +26,7 @@ __all__ = ["INDEX_SUFFIX", "MEMBERS_SUFFIX", "FORMAT", "UNLABELLED", "ShardEntry
 FORMAT = "finetune-shards"
 VERSION = 1
 INDEX_SUFFIX = "-index.json"
-MEMBERS_SUFFIX = "-members.npz"  # every sample's name, data offset, size and labels: no tar header read to train
+MEMBERS_SUFFIX = "-members.npy"  # every sample's name, data offset, size and labels: no tar header read to train
 UNLABELLED = "none"  # the index's task for images without labels
 Target = Union[int, tuple[int, ...], None]
 
@@ -49,6 +50,7 @@ class ShardEntry:
     name: str
     count: int
     size: int = -1  # bytes, to tell a truncated copy at start-up (-1: not recorded)
+    first_row: int = -1  # its first sample's row in the set's member table (-1: not in it; its headers are read)
 
 
 @dataclass
@@ -87,7 +89,8 @@ class ShardIndex:
         """The index file's contents."""
         return {"format": FORMAT, "version": VERSION, "split": self.split, "task": self.task,
                 "classes": self.classes, "count": self.count, "class_counts": self.class_counts,
-                "shards": [{"name": e.name, "count": e.count, "bytes": e.size} for e in self.shards], "source": self.source,
+                "shards": [{"name": e.name, "count": e.count, "bytes": e.size, "first_row": e.first_row}
+                           for e in self.shards], "source": self.source,
                 "skipped": self.skipped}
 
 
@@ -137,7 +140,8 @@ def _read_index(path: Path) -> ShardIndex:
         data = json.loads(path.read_text(encoding="utf-8"))
         if data.get("format") != FORMAT:
             raise ValueError(f"format is {data.get('format')!r}, not {FORMAT!r}")
-        shards = [ShardEntry(str(s["name"]), int(s["count"]), int(s.get("bytes", -1))) for s in data["shards"]]
+        shards = [ShardEntry(str(s["name"]), int(s["count"]), int(s.get("bytes", -1)), int(s.get("first_row", -1)))
+                  for s in data["shards"]]
         index = ShardIndex(path, str(data["split"]), str(data["task"]), [str(c) for c in data["classes"]], shards,
                            [int(c) for c in data.get("class_counts", [])], str(data.get("source", "")),
                            list(data.get("skipped", [])))
