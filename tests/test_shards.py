@@ -209,6 +209,8 @@ def test_the_command_line_writes_shards_and_a_bad_index_is_one_line(tmp_path: Pa
                            str(tmp_path / "shards"), "--shard-size", "4"], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     assert "train: 9 images in 3 shard(s)" in done.stdout and "data.layout=shards" in done.stdout
+    with pytest.raises(FinetuneError, match="holds shard sets, not images: name one, e.g. --images .*test-index"):
+        api.test_image_paths(tmp_path / "shards")
     (tmp_path / "shards" / "val-index.json").write_text("{}")
     failed = subprocess.run([sys.executable, "-m", "finetune", "train", QUICK_CPU, "--data", str(tmp_path / "shards"),
                              "--set", "data.layout=shards"], capture_output=True, text=True, env=env)

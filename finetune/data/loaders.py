@@ -90,7 +90,8 @@ class ImageDataset(Dataset):
 
     def __init__(self, samples: Sequence[Sample], transform: Callable, read: Optional[Reader] = None,
                  encode: Callable[[Sample], object] = class_index) -> None:
-        # A shard set's samples stay lazy (each worker reads the headers of the shards it needs); a list is packed.
+        # A shard set's samples stay lazy (a worker makes the ones it reads, from the shared member table); a list
+        # is packed.
         self.lazy = samples if isinstance(samples, ShardSamples) else None
         self.paths = PackedPaths([] if self.lazy is not None else [s.path for s in samples])
         # Class indices as one array; multi-label tuples (or None) stay a list.
@@ -112,10 +113,12 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | SkippedImage:
         if self.lazy is not None:  # a shard's sample may lack its image or label: listed, like an unreadable file
-            path, _, problem = self.lazy.entry(index)
+            path, target, problem = self.lazy.entry(index)
             if problem is not None:
                 return SkippedImage(path, problem)
-        sample = self.sample(index)
+            sample = Sample(path, target)
+        else:
+            sample = self.sample(index)
         try:
             image = self.read(sample.path)
         except FinetuneError as err:

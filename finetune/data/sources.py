@@ -377,7 +377,7 @@ def _shard_spec(value: Optional[str], split: str) -> Optional[str]:
 
 def discover_shards(cfg: DataConfig) -> DatasetSplits:
     """The training and validation shard sets (data.layout: shards) without opening a training shard: classes,
-    counts and the epoch's length come from the index; validation samples are listed (their shards' headers)."""
+    counts and the epoch's length come from the index; validation samples are listed from the member table."""
     root = Path(cfg.root).expanduser() if cfg.root else None
     if root is not None and not root.is_dir():
         raise FinetuneError(f"dataset folder not found: {root}")
@@ -402,7 +402,7 @@ def discover_shards(cfg: DataConfig) -> DatasetSplits:
 def shard_set_samples(spec: Union[str, Path], classes: Sequence[str],
                       base: Optional[Path] = None) -> tuple[list[Sample], list[SkippedImage]]:
     """Every sample of a shard set, labelled by `classes` (a checkpoint's, or the training set's), and the samples
-    that cannot be used (no image, no or unknown label), listed with the reason. Reads every shard's headers."""
+    that cannot be used (no image, no or unknown label), listed with the reason."""
     index = load_index(spec, base)
     if index.labelled:
         unknown = [name for name in index.classes if name not in set(classes)]

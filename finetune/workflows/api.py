@@ -18,7 +18,7 @@ from finetune.data.preprocessing import Preprocessing
 from finetune.data.transforms import eval_decode_side
 from finetune.data.prepare import Prepared
 from finetune.data.shard_members import ShardSamples
-from finetune.data.shards import is_shard_spec, load_index
+from finetune.data.shards import INDEX_SUFFIX, is_shard_spec, load_index
 from finetune.data.sources import Sample, shard_set_samples, single_image_subfolder
 from finetune.engine import distributed
 from finetune.engine.features import FeatureCache
@@ -254,6 +254,7 @@ def evaluate(
     if is_shard_spec(data):  # a shard set: its index's classes mapped onto the checkpoint's
         samples, skipped = shard_set_samples(data, loaded.classes)
     else:
+        _refuse_shard_folder(Path(data).expanduser(), "val", "--data")
         samples, skipped = task.labelled_samples(Path(data).expanduser(), loaded.recipe.data, loaded.classes)
     if not samples:
         raise FinetuneError(f"no labelled images that open in {data}")
@@ -369,8 +370,18 @@ def test_image_paths(images: Union[str, Path], log: Log = print) -> list[Path]:
         folder, paths = inner, list_images(inner)
     _refuse_nested_images(folder, paths)
     if not paths:
+        _refuse_shard_folder(folder, "test", "--images")
         raise FinetuneError(f"no images in {folder} (looked for .jpg/.png/... files, hidden files ignored)")
     return paths
+
+
+def _refuse_shard_folder(folder: Path, split: str, option: str) -> None:
+    """A folder of shard sets given where images were expected: say which index to name instead."""
+    indexes = sorted(folder.glob(f"*{INDEX_SUFFIX}")) if folder.is_dir() else []
+    if indexes:
+        wanted = folder / f"{split}{INDEX_SUFFIX}"
+        raise FinetuneError(f"{folder} holds shard sets, not images: name one, e.g. {option} "
+                            f"{wanted if wanted in indexes else indexes[0]}")
 
 
 def _check_outputs(files: SubmissionFiles, inputs: Sequence[Path], force: bool) -> list[Path]:
