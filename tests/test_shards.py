@@ -89,7 +89,9 @@ def test_shards_train_evaluate_and_predict_as_the_folder(tmp_path: Path, one_tor
     _shard(data, tmp_path / "shards")
     settings = [*TINY_OVERRIDES, f"output={tmp_path / 'runs'}", "train.loggers=[csv]"]
     folder = api.train(QUICK_CPU, data=data, overrides=[*settings, "name=folder"], log=QUIET)
-    shards = api.train(QUICK_CPU, data=tmp_path / "shards", overrides=[*settings, *SHARDS, "name=shards"], log=QUIET)
+    # data.layout: auto finds the shard sets' index (the run's recipe.yaml then says shards).
+    shards = api.train(QUICK_CPU, data=tmp_path / "shards", overrides=[*settings, "name=shards"], log=QUIET)
+    assert "layout: shards" in (shards.run_dir / "recipe.yaml").read_text()
     assert _history(shards.run_dir) == _history(folder.run_dir)
     assert [s.path.name for s in shards.skipped] == ["notes.v2.jpg"]
     assert shards.evaluation["accuracy"] == pytest.approx(folder.evaluation["accuracy"])

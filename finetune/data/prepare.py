@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Optional, Protocol, Sequence
 
 from finetune.data.images import SkippedImage, check_headers
+from finetune.data.shards import INDEX_SUFFIX
 from finetune.data.loaders import class_counts
 from finetune.data.sources import VAL_NAMES, DatasetSplits, Keep, Sample, discover_shards, read_labelled_folder
 from finetune.errors import FinetuneError
@@ -120,7 +121,12 @@ def prepare(recipe: Recipe, task: Discovery, log: Log = print) -> Prepared:
         listed, paths = read_exclusions(recipe.data)
         keep = excluding(listed, paths, openable)
         log(f"data.exclude: leaving out the {len(paths)} image(s) listed in {listed}")
-    # Shards were checked when they were written: nothing is listed or opened here but the validation set's headers.
+    if recipe.data.layout == "auto" and recipe.data.root and (Path(recipe.data.root).expanduser() /
+                                                              f"train{INDEX_SUFFIX}").is_file():
+        recipe.data.layout = "shards"  # filled in, like data.image_size: the run's recipe.yaml says what was read
+        recipe.data.validate()  # what shards refuse (data.exclude) is refused here too
+        log(f"data.layout: shards ({recipe.data.root} holds train{INDEX_SUFFIX})")
+    # Shards were checked when they were written: nothing is listed or opened here.
     splits = (discover_shards(recipe.data) if recipe.data.layout == "shards"
               else task.discover(recipe.data, recipe.train.seed, keep))
     val_source = splits.val_source
