@@ -18,7 +18,7 @@ from finetune.data.sources import VAL_NAMES, DatasetSplits, Keep, Sample, discov
 from finetune.errors import FinetuneError
 from finetune.config.recipe import DataConfig, Recipe
 
-__all__ = ["Prepared", "Discovery", "prepare", "openable", "labelled", "read_exclusions", "excluding"]
+__all__ = ["Prepared", "Discovery", "discover_splits", "prepare", "openable", "labelled", "read_exclusions", "excluding"]
 
 Log = Callable[[str], None]
 
@@ -111,6 +111,12 @@ class Discovery(Protocol):
     def discover(self, cfg: DataConfig, seed: int, keep: Keep) -> DatasetSplits: ...
 
 
+def discover_splits(cfg: DataConfig, task: Discovery, seed: int, keep: Keep) -> DatasetSplits:
+    """The data as `task` reads it (`keep` filters files), or a shard set's, which were checked when they were
+    written: nothing is listed or opened for shards."""
+    return discover_shards(cfg) if cfg.layout == "shards" else task.discover(cfg, seed, keep)
+
+
 def prepare(recipe: Recipe, task: Discovery, log: Log = print) -> Prepared:
     """The recipe's data as `task` reads it: discovered, header-checked (non-images dropped and kept in `skipped`),
     counted."""
@@ -126,9 +132,7 @@ def prepare(recipe: Recipe, task: Discovery, log: Log = print) -> Prepared:
         recipe.data.layout = "shards"  # filled in, like data.image_size: the run's recipe.yaml says what was read
         recipe.data.validate()  # what shards refuse (data.exclude) is refused here too
         log(f"data.layout: shards ({recipe.data.root} holds train{INDEX_SUFFIX})")
-    # Shards were checked when they were written: nothing is listed or opened here.
-    splits = (discover_shards(recipe.data) if recipe.data.layout == "shards"
-              else task.discover(recipe.data, recipe.train.seed, keep))
+    splits = discover_splits(recipe.data, task, recipe.train.seed, keep)
     val_source = splits.val_source
     if val_source == "split":
         val_source = f"{recipe.data.val_fraction:.0%} {task.split_kind} split"

@@ -12,7 +12,7 @@ from typing import Callable, Optional, Union
 import yaml
 
 from finetune.data.images import list_images
-from finetune.data.prepare import openable
+from finetune.data.prepare import discover_splits, openable
 from finetune.data.sources import Sample
 from finetune.errors import FinetuneError
 from finetune.engine.files import check_writable
@@ -48,7 +48,7 @@ def quantize_inputs(loaded: LoadedModel, calibration: Optional[Path] = None, cou
     if root is None or not root.is_dir():
         raise FinetuneError(f"the run's training data ({root or 'not recorded in the checkpoint'}) is not here to "
                             "calibrate the int8 model on; pass --calibration DIR (a few hundred training images)")
-    splits = task_of_model(loaded).discover(recipe.data, recipe.train.seed, openable)
+    splits = discover_splits(recipe.data, task_of_model(loaded), recipe.train.seed, openable)
     train = [s.path for s in splits.train]
     rng.shuffle(train)
     return QuantizeInputs(train[:count], splits.val[:CHECK_IMAGES], f"the run's training data ({root})")
