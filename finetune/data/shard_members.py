@@ -300,8 +300,14 @@ class ShardSamples(SequenceABC):
             if table is not None:
                 _OWNERS[path] = table
 
-    def __setstate__(self, state: dict) -> None:  # a spawned loader worker knows the tables too
+    def __getstate__(self) -> dict:
+        # A spawned loader worker maps the member files itself: pickled, every shard's view would carry a copy.
+        return {**self.__dict__, "_tables": None}
+
+    def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        members = _load_members(self.index)
+        self._tables = [members.get(entry.name) for entry in self.index.shards]
         self._register()
 
     @property
