@@ -221,3 +221,21 @@ def test_the_command_line_writes_shards_and_a_bad_index_is_one_line(tmp_path: Pa
                              "--set", "data.layout=shards"], capture_output=True, text=True, env=env)
     assert failed.returncode != 0 and "Traceback" not in failed.stderr
     assert "is not a shard index written by finetune datasets shard" in failed.stderr
+
+
+def test_a_run_on_shards_resumes_exactly(tmp_path: Path, one_torch_thread) -> None:
+    data = write_folder_dataset(tmp_path / "data", per_class=6, val_per_class=2, test=0)
+    _shard(data, tmp_path / "shards")
+    settings = [*TINY_OVERRIDES, *SHARDS, "train.epochs=3", "train.loggers=[csv]", "augment.mixup=0.2"]
+    whole = api.train(QUICK_CPU, data=tmp_path / "shards", overrides=[*settings, f"output={tmp_path / 'whole'}"],
+                      log=QUIET)
+
+    def stop_after_epoch_2(message: str) -> None:
+        if message.startswith("epoch 2/3"):
+            raise KeyboardInterrupt  # as Ctrl-C would, right after epoch 2 was saved
+
+    with pytest.raises(KeyboardInterrupt):
+        api.train(QUICK_CPU, data=tmp_path / "shards", overrides=[*settings, f"output={tmp_path / 'cut'}"],
+                  log=stop_after_epoch_2)
+    resumed = api.train(resume=tmp_path / "cut" / "quick_cpu", log=QUIET)
+    assert _history(resumed.run_dir) == _history(whole.run_dir)
