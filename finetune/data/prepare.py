@@ -18,7 +18,8 @@ from finetune.data.sources import VAL_NAMES, DatasetSplits, Keep, Sample, discov
 from finetune.errors import FinetuneError
 from finetune.config.recipe import DataConfig, Recipe
 
-__all__ = ["Prepared", "Discovery", "discover_splits", "prepare", "openable", "labelled", "read_exclusions", "excluding"]
+__all__ = ["Prepared", "Discovery", "discover_splits", "prepare", "openable", "labelled", "read_exclusions",
+           "excluding"]
 
 Log = Callable[[str], None]
 

@@ -3,8 +3,8 @@
 Reading is random access, so the training order, samplers, torchrun's split, exact resume, k-fold and the caches
 work as they do for files: `ShardSamples[i]` is the i-th sample in the order the shards were written (the folder's
 order), and its image is one `pread` at an offset the member table (`{split}-members.npy` and two more NumPy
-files, memory-mapped at start-up) gives. A shard the member table does not cover (added by hand, written by another tool) has its
-tar headers read the first time one of its samples is wanted. Samples are addressed as *member paths*,
+files, memory-mapped at start-up) gives. A shard the member table does not cover (added by hand, written by
+another tool) has its tar headers read the first time one of its samples is wanted. Samples are addressed as *member paths*,
 `.../train-000003.tar/cat/001.jpg`, which `finetune.data.images` opens like files: a sample's Id is its original
 file stem, and what cannot be read is listed with that path.
 """
