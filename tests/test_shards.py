@@ -111,6 +111,8 @@ def test_keys_escape_dots_and_names_come_back_whole(tmp_path: Path) -> None:
     for name in ["cat/001", "a.b/c.d", "100%", "%2E"]:
         assert "." not in escape_key(name) and unescape_key(escape_key(name)) == name
     data = write_folder_dataset(tmp_path / "data", per_class=3, val_per_class=1, test=0)
+    with pytest.raises(FinetuneError, match="overlap; write the shards to a folder outside the data"):
+        _shard(data, data / "shards")
     make_image((200, 40, 40), 5).save(data / "train" / "red" / "x.y.jpg")
     _shard(data, tmp_path / "shards", size=100)
     with tarfile.open(tmp_path / "shards" / "train-000000.tar") as tar:

@@ -83,8 +83,10 @@ def shard_dataset(
     if resolved.data.layout == "shards":
         raise FinetuneError("the data is already shards (data.layout: shards); give the image folder it came from")
     root, target = Path(resolved.data.root or ".").resolve(), Path(out).expanduser().resolve()
-    if target == root or root.is_relative_to(target):
-        raise FinetuneError(f"--out {target} would hold the data folder {root}; write the shards to another folder")
+    if target.is_relative_to(root) or root.is_relative_to(target):
+        # Inside the data, the shard folder would be read as data the next time (a class of no images).
+        raise FinetuneError(f"--out {target} and the data folder {root} overlap; write the shards to a folder outside "
+                            "the data")
     task = task_of(resolved)
     prepared = prepare(resolved, task, log)
     source = f"{root} ({resolved.data.layout} layout)"
