@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +14,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from finetune.data.portable import decode_rgb
-from finetune.data.shard_members import image_source, member_of, member_problem
+from finetune.data.shard_members import member_of, member_problem, read_member
 from finetune.errors import FinetuneError
 
 __all__ = [
@@ -127,11 +128,15 @@ def load_rgb(path: Path, min_side: Optional[int] = None) -> np.ndarray:
     With `min_side`, a JPEG may be decoded at reduced scale, its shorter side still >= `min_side`.
     Raises FinetuneError when the file is empty, truncated or not an image.
     """
-    problem = not_a_file(path)
-    if problem:
-        raise FinetuneError(f"cannot read image {path}: {problem}")
+    if member_of(path) is not None:  # a shard's sample: its bytes, one pread (read_member words its problems)
+        source: object = io.BytesIO(read_member(path))
+    else:
+        problem = not_a_file(path)
+        if problem:
+            raise FinetuneError(f"cannot read image {path}: {problem}")
+        source = path
     try:
-        return decode_rgb(image_source(path), min_side)
+        return decode_rgb(source, min_side)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         reason = "empty file" if path.exists() and path.stat().st_size == 0 else str(err) or type(err).__name__
         raise FinetuneError(f"cannot read image {path}: {reason}") from None

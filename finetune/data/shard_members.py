@@ -11,7 +11,6 @@ file stem, and what cannot be read is listed with that path.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tarfile
@@ -19,18 +18,17 @@ from bisect import bisect_right
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Iterator, Optional
 
 import numpy as np
 
 from finetune.data.samples import Sample
-from finetune.data.shards import MEMBERS_SUFFIX, ShardIndex, unescape_key
+from finetune.data.shards import MEMBERS_SUFFIX, ShardIndex, Target, unescape_key
 from finetune.errors import FinetuneError
 
 __all__ = ["MemberTable", "ShardSamples", "read_table", "scan_table", "save_members", "member_of", "member_problem",
-           "read_member", "member_identity", "image_source"]
+           "read_member", "member_identity"]
 
-Target = Union[int, tuple[int, ...], None]
 IMAGE_MEMBERS = frozenset({"jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff", "ppm", "pgm"})
 # A sample's flags: what it lacks, and whether its labels came as a list (.json: several per image).
 NO_IMAGE, NO_LABEL, BAD_LABEL, LABEL_LIST = 1, 2, 4, 8
@@ -271,11 +269,6 @@ def member_identity(path: Path) -> tuple:
     shard, name = member_of(path) or (path, "")
     info = shard.stat()
     return (str(shard.resolve()), info.st_size, info.st_mtime_ns, name)
-
-
-def image_source(path: Path) -> Union[Path, io.BytesIO]:
-    """What Pillow opens for `path`: the path itself, or a member path's bytes."""
-    return io.BytesIO(read_member(path)) if member_of(path) is not None else path
 
 
 # ---- the samples of a shard set ---------------------------------------------------------------------------------
